@@ -1,0 +1,87 @@
+//! The admin HTTP port: `/healthz` (process alive), `/readyz` (a key list is loaded,
+//! so Checks give real answers) and `/metrics` (Prometheus text format).
+//!
+//! Nothing here prints a key, a fingerprint or the MQTT password.
+
+pub mod metrics;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::keys::KeyStore;
+use crate::mqtt::MqttStatus;
+use metrics::Metrics;
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub keys: Arc<KeyStore>,
+    pub metrics: Arc<Metrics>,
+    pub mqtt: Arc<MqttStatus>,
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .with_state(state)
+}
+
+/// Ready once a key list is loaded. A lost broker connection does not make keymeter
+/// unready: Checks keep answering from the key store (fail-static); the body says so.
+async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
+    let ready = s.keys.is_loaded();
+    let view = s.keys.view();
+    let mqtt = if s.mqtt.is_connected() {
+        "connected".to_string()
+    } else {
+        match s.mqtt.last_error() {
+            Some(e) => format!("disconnected ({e})"),
+            None => "connecting".to_string(),
+        }
+    };
+    let body = format!(
+        "{}\nkeys: {} ({} blocked){}\nmqtt: {mqtt}\n",
+        if ready { "ready" } else { "not ready" },
+        view.len(),
+        view.blocked(),
+        if ready {
+            ""
+        } else {
+            ", no key list loaded yet"
+        },
+    );
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, body)
+}
+
+async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    state: AdminState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}

@@ -1,0 +1,722 @@
+//! Configuration: one TOML file, environment overrides for secrets and deploy-time
+//! values, typed fields, unknown keys rejected, and every error naming its key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Exit code for a bad configuration or command line (sysexits.h `EX_USAGE`).
+pub const EXIT_USAGE: i32 = 64;
+
+/// A configuration error, always naming the offending key (or env var, or file).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: &'static str, message: String },
+}
+
+impl ConfigError {
+    fn invalid(key: &str, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub listen: ListenConfig,
+    /// The billing system's broker. Required outside dev mode: without it nothing is
+    /// metered and no key list arrives.
+    pub mqtt: MqttConfig,
+    #[serde(default)]
+    pub topics: Topics,
+    #[serde(default)]
+    pub keys: KeysConfig,
+    #[serde(default)]
+    pub check: CheckConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    /// gRPC: ext_authz Check and grpc.health.v1.
+    #[serde(default = "default_grpc_addr")]
+    pub grpc: SocketAddr,
+    /// Admin HTTP: /healthz, /readyz, /metrics.
+    #[serde(default = "default_admin_addr")]
+    pub admin: SocketAddr,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            grpc: default_grpc_addr(),
+            admin: default_admin_addr(),
+        }
+    }
+}
+
+fn default_grpc_addr() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 9191))
+}
+
+fn default_admin_addr() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 9192))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttConfig {
+    pub host: String,
+    #[serde(default = "default_mqtt_port")]
+    pub port: u16,
+    #[serde(default)]
+    pub username: String,
+    /// Prefer `KEYMETER_MQTT_PASSWORD`; never printed.
+    #[serde(default, skip_serializing)]
+    pub password: Secret,
+    /// Empty means `keymeter-<hostname>`: unique per replica, stable across restarts.
+    #[serde(default)]
+    pub client_id: String,
+    #[serde(default = "default_keep_alive")]
+    pub keep_alive_secs: u64,
+    /// Reconnect backoff doubles from 100 ms up to this cap.
+    #[serde(default = "default_reconnect_max")]
+    pub reconnect_max_secs: u64,
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat_interval_secs: u64,
+    #[serde(default)]
+    pub tls: TlsConfig,
+}
+
+fn default_mqtt_port() -> u16 {
+    8883
+}
+fn default_keep_alive() -> u64 {
+    30
+}
+fn default_reconnect_max() -> u64 {
+    30
+}
+fn default_heartbeat() -> u64 {
+    10
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// TLS to the broker; on by default like the billing SDK.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// PEM CA bundle; empty means the system's trust roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_cert_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_key_file: Option<PathBuf>,
+    /// Accept any broker certificate. Dangerous; logged as a warning at start-up.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            enabled: true,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
+            insecure_skip_verify: false,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Topics {
+    #[serde(default = "default_report_topic")]
+    pub report: String,
+    #[serde(default = "default_keys_request_topic")]
+    pub keys_request: String,
+    #[serde(default = "default_keys_update_topic")]
+    pub keys_update: String,
+    #[serde(default = "default_heartbeat_topic")]
+    pub heartbeat: String,
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Topics {
+            report: default_report_topic(),
+            keys_request: default_keys_request_topic(),
+            keys_update: default_keys_update_topic(),
+            heartbeat: default_heartbeat_topic(),
+        }
+    }
+}
+
+fn default_report_topic() -> String {
+    "billing/report".into()
+}
+fn default_keys_request_topic() -> String {
+    "billing/keys/request".into()
+}
+fn default_keys_update_topic() -> String {
+    "billing/keys/update".into()
+}
+fn default_heartbeat_topic() -> String {
+    "billing/heartbeat".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeysConfig {
+    /// Local keys file (`{"keys": [...]}`), reloaded on change and on SIGHUP.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    /// How often the keys file is checked for changes.
+    #[serde(default = "default_file_poll_ms")]
+    pub file_poll_interval_ms: u64,
+    /// Where the last key list from the billing system is kept for fail-static restarts.
+    #[serde(default)]
+    pub snapshot: Option<PathBuf>,
+    /// Larger `billing/keys/update` payloads are rejected whole.
+    #[serde(default = "default_max_update_bytes")]
+    pub max_update_bytes: usize,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        KeysConfig {
+            file: None,
+            file_poll_interval_ms: default_file_poll_ms(),
+            snapshot: None,
+            max_update_bytes: default_max_update_bytes(),
+        }
+    }
+}
+
+fn default_file_poll_ms() -> u64 {
+    1000
+}
+fn default_max_update_bytes() -> usize {
+    64 * 1024 * 1024
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckConfig {
+    /// Request headers searched for the key, in order; the first present wins.
+    #[serde(default = "default_key_headers")]
+    pub key_headers: Vec<String>,
+    /// Also accept `authorization: Bearer <key>` (after `key_headers`).
+    #[serde(default)]
+    pub accept_bearer: bool,
+    /// Header set on allowed requests with the key's app id (overwrites a client's own).
+    #[serde(default = "default_app_id_header")]
+    pub app_id_header: String,
+    /// Remove the key headers before the request reaches the backend.
+    #[serde(default)]
+    pub strip_key_header: bool,
+    /// Realm in `www-authenticate` on 401 answers.
+    #[serde(default = "default_realm")]
+    pub realm: String,
+}
+
+impl Default for CheckConfig {
+    fn default() -> Self {
+        CheckConfig {
+            key_headers: default_key_headers(),
+            accept_bearer: false,
+            app_id_header: default_app_id_header(),
+            strip_key_header: false,
+            realm: default_realm(),
+        }
+    }
+}
+
+fn default_key_headers() -> Vec<String> {
+    vec!["api-key".into(), "apikey".into()]
+}
+fn default_app_id_header() -> String {
+    "x-billing-app-id".into()
+}
+fn default_realm() -> String {
+    "keymeter".into()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default = "default_log_format")]
+    pub format: LogFormat,
+    /// A tracing filter (`info`, `keymeter=debug,info`); `RUST_LOG` overrides it.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: default_log_format(),
+            level: default_log_level(),
+        }
+    }
+}
+
+fn default_log_format() -> LogFormat {
+    LogFormat::Text
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+/// A secret string: deserializes like a `String`, prints as `<redacted>`.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "<empty>"
+        } else {
+            "<redacted>"
+        })
+    }
+}
+
+/// What an environment override holds, so `KEYMETER_MQTT_PORT=abc` is an error naming
+/// the variable instead of a type error deep in serde.
+#[derive(Clone, Copy)]
+enum EnvKind {
+    Str,
+    Int,
+    Bool,
+}
+
+/// Environment overrides: secrets and values that differ per deployment.
+const ENV_OVERRIDES: &[(&str, &[&str], EnvKind)] = &[
+    ("KEYMETER_MQTT_HOST", &["mqtt", "host"], EnvKind::Str),
+    ("KEYMETER_MQTT_PORT", &["mqtt", "port"], EnvKind::Int),
+    (
+        "KEYMETER_MQTT_USERNAME",
+        &["mqtt", "username"],
+        EnvKind::Str,
+    ),
+    (
+        "KEYMETER_MQTT_PASSWORD",
+        &["mqtt", "password"],
+        EnvKind::Str,
+    ),
+    (
+        "KEYMETER_MQTT_CLIENT_ID",
+        &["mqtt", "client_id"],
+        EnvKind::Str,
+    ),
+    (
+        "KEYMETER_MQTT_TLS_ENABLED",
+        &["mqtt", "tls", "enabled"],
+        EnvKind::Bool,
+    ),
+    (
+        "KEYMETER_MQTT_TLS_CA_FILE",
+        &["mqtt", "tls", "ca_file"],
+        EnvKind::Str,
+    ),
+    ("KEYMETER_GRPC_LISTEN", &["listen", "grpc"], EnvKind::Str),
+    ("KEYMETER_ADMIN_LISTEN", &["listen", "admin"], EnvKind::Str),
+    ("KEYMETER_KEYS_FILE", &["keys", "file"], EnvKind::Str),
+    (
+        "KEYMETER_KEYS_SNAPSHOT",
+        &["keys", "snapshot"],
+        EnvKind::Str,
+    ),
+    ("KEYMETER_LOG_FORMAT", &["log", "format"], EnvKind::Str),
+    ("KEYMETER_LOG_LEVEL", &["log", "level"], EnvKind::Str),
+];
+
+/// Names of the environment overrides, for `--help` and the README.
+pub fn env_override_names() -> impl Iterator<Item = &'static str> {
+    ENV_OVERRIDES.iter().map(|(var, _, _)| *var)
+}
+
+impl Config {
+    /// Reads `path`, applies environment overrides from the process environment, validates.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, path, |var| std::env::var(var).ok())
+    }
+
+    /// Parses TOML text with overrides from `env`; `path` only names the source in errors.
+    pub fn parse(
+        text: &str,
+        path: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut value: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_path_buf(),
+            message: e.message().to_string(),
+        })?;
+        for (var, key_path, kind) in ENV_OVERRIDES {
+            if let Some(raw) = env(var) {
+                let v = env_value(var, &raw, *kind)?;
+                set_path(&mut value, key_path, v);
+            }
+        }
+        if !value.contains_key("mqtt") {
+            return Err(ConfigError::invalid(
+                "mqtt",
+                "missing: keymeter needs the billing system's MQTT broker ([mqtt] host = ...) \
+                 to receive keys and deliver usage. To try keymeter locally without a broker, \
+                 run `keymeter dev`",
+            ));
+        }
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(value)).map_err(|e| {
+                let key = e.path().to_string();
+                ConfigError::Invalid {
+                    key,
+                    message: e.into_inner().message().to_string(),
+                }
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Semantic checks serde cannot express; each names its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let m = &self.mqtt;
+        if m.host.trim().is_empty() {
+            return Err(ConfigError::invalid("mqtt.host", "must not be empty"));
+        }
+        if m.port == 0 {
+            return Err(ConfigError::invalid("mqtt.port", "must be 1-65535"));
+        }
+        if m.keep_alive_secs < 5 || m.keep_alive_secs > 65535 {
+            return Err(ConfigError::invalid(
+                "mqtt.keep_alive_secs",
+                "must be 5-65535 seconds",
+            ));
+        }
+        if m.reconnect_max_secs == 0 {
+            return Err(ConfigError::invalid(
+                "mqtt.reconnect_max_secs",
+                "must be at least 1",
+            ));
+        }
+        if m.heartbeat_interval_secs == 0 {
+            return Err(ConfigError::invalid(
+                "mqtt.heartbeat_interval_secs",
+                "must be at least 1",
+            ));
+        }
+        if m.client_id.len() > 128 {
+            return Err(ConfigError::invalid(
+                "mqtt.client_id",
+                "longer than 128 bytes",
+            ));
+        }
+        let tls = &m.tls;
+        if tls.client_cert_file.is_some() != tls.client_key_file.is_some() {
+            return Err(ConfigError::invalid(
+                "mqtt.tls.client_cert_file",
+                "client_cert_file and client_key_file must be set together",
+            ));
+        }
+        for (key, file) in [
+            ("mqtt.tls.ca_file", &tls.ca_file),
+            ("mqtt.tls.client_cert_file", &tls.client_cert_file),
+            ("mqtt.tls.client_key_file", &tls.client_key_file),
+        ] {
+            if let Some(f) = file
+                && tls.enabled
+                && !f.is_file()
+            {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("{} is not a readable file", f.display()),
+                ));
+            }
+        }
+        for (key, topic) in [
+            ("topics.report", &self.topics.report),
+            ("topics.keys_request", &self.topics.keys_request),
+            ("topics.keys_update", &self.topics.keys_update),
+            ("topics.heartbeat", &self.topics.heartbeat),
+        ] {
+            if topic.is_empty() || topic.contains(['+', '#', '\0']) {
+                return Err(ConfigError::invalid(
+                    key,
+                    "must be a non-empty topic name without wildcards",
+                ));
+            }
+        }
+        if self.keys.file_poll_interval_ms < 10 {
+            return Err(ConfigError::invalid(
+                "keys.file_poll_interval_ms",
+                "must be at least 10",
+            ));
+        }
+        if self.keys.max_update_bytes < 1024 {
+            return Err(ConfigError::invalid(
+                "keys.max_update_bytes",
+                "must be at least 1024",
+            ));
+        }
+        if self.check.key_headers.is_empty() && !self.check.accept_bearer {
+            return Err(ConfigError::invalid(
+                "check.key_headers",
+                "empty and accept_bearer is false: no request could carry a key",
+            ));
+        }
+        for h in &self.check.key_headers {
+            check_header_name("check.key_headers", h)?;
+        }
+        check_header_name("check.app_id_header", &self.check.app_id_header)?;
+        if self
+            .log
+            .level
+            .parse::<tracing_subscriber::EnvFilter>()
+            .is_err()
+        {
+            return Err(ConfigError::invalid(
+                "log.level",
+                format!("`{}` is not a valid tracing filter", self.log.level),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The MQTT client id: configured, or `keymeter-<hostname>`.
+    pub fn client_id(&self) -> String {
+        if !self.mqtt.client_id.is_empty() {
+            return self.mqtt.client_id.clone();
+        }
+        let host = gethostname::gethostname().to_string_lossy().into_owned();
+        let host: String = host
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
+            .take(100)
+            .collect();
+        format!("keymeter-{host}")
+    }
+
+    /// A configuration for a broker on loopback without TLS: dev mode and tests.
+    pub fn for_local_broker(host: &str, port: u16) -> Config {
+        Config {
+            listen: ListenConfig {
+                grpc: SocketAddr::from(([127, 0, 0, 1], 0)),
+                admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+            },
+            mqtt: MqttConfig {
+                host: host.into(),
+                port,
+                username: String::new(),
+                password: Secret::default(),
+                client_id: String::new(),
+                keep_alive_secs: default_keep_alive(),
+                reconnect_max_secs: 2,
+                heartbeat_interval_secs: default_heartbeat(),
+                tls: TlsConfig {
+                    enabled: false,
+                    ..TlsConfig::default()
+                },
+            },
+            topics: Topics::default(),
+            keys: KeysConfig::default(),
+            check: CheckConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// HTTP/2 header names as Envoy hands them over: lowercase token characters.
+fn check_header_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            key,
+            format!("`{name}` is not a lowercase header name"),
+        ))
+    }
+}
+
+fn env_value(var: &'static str, raw: &str, kind: EnvKind) -> Result<toml::Value, ConfigError> {
+    match kind {
+        EnvKind::Str => Ok(toml::Value::String(raw.to_string())),
+        EnvKind::Int => raw
+            .trim()
+            .parse::<i64>()
+            .map(toml::Value::Integer)
+            .map_err(|_| ConfigError::Env {
+                var,
+                message: format!("`{raw}` is not an integer"),
+            }),
+        EnvKind::Bool => match raw.trim() {
+            "true" | "1" => Ok(toml::Value::Boolean(true)),
+            "false" | "0" => Ok(toml::Value::Boolean(false)),
+            _ => Err(ConfigError::Env {
+                var,
+                message: format!("`{raw}` is not true/false"),
+            }),
+        },
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[&str], value: toml::Value) {
+    let (last, parents) = path.split_last().expect("override paths are non-empty");
+    let mut t = table;
+    for p in parents {
+        let entry = t
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if !entry.is_table() {
+            // A scalar where a table belongs: replace it so serde reports the real key.
+            *entry = toml::Value::Table(toml::Table::new());
+        }
+        t = entry.as_table_mut().expect("just made a table");
+    }
+    t.insert(last.to_string(), value);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("test.toml"), |_| None)
+    }
+
+    const MINIMAL: &str = "[mqtt]\nhost = \"broker.example\"\n";
+
+    #[test]
+    fn minimal_config_gets_safe_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.mqtt.port, 8883);
+        assert!(c.mqtt.tls.enabled);
+        assert!(!c.mqtt.tls.insecure_skip_verify);
+        assert_eq!(c.check.key_headers, ["api-key", "apikey"]);
+        assert!(!c.check.strip_key_header);
+        assert_eq!(c.topics, Topics::default());
+    }
+
+    #[test]
+    fn missing_mqtt_mentions_dev_mode() {
+        let e = parse("").unwrap_err().to_string();
+        assert!(e.contains("keymeter dev"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = parse("[mqtt]\nhost = \"b\"\nportt = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("portt"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_named_with_its_path() {
+        let e = parse("[mqtt]\nhost = \"b\"\n[mqtt.tls]\nenabled = \"yes\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mqtt.tls.enabled"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_apply_and_bad_values_name_the_variable() {
+        let c = Config::parse(MINIMAL, Path::new("t"), |v| match v {
+            "KEYMETER_MQTT_PASSWORD" => Some("s3cret".into()),
+            "KEYMETER_MQTT_PORT" => Some("1883".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!(c.mqtt.password.expose(), "s3cret");
+        assert_eq!(c.mqtt.port, 1883);
+        let e = Config::parse(MINIMAL, Path::new("t"), |v| {
+            (v == "KEYMETER_MQTT_PORT").then(|| "abc".to_string())
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("KEYMETER_MQTT_PORT"), "{e}");
+    }
+
+    #[test]
+    fn password_is_never_serialized() {
+        let c = Config::parse(MINIMAL, Path::new("t"), |v| {
+            (v == "KEYMETER_MQTT_PASSWORD").then(|| "s3cret".to_string())
+        })
+        .unwrap();
+        let dumped = toml::to_string(&c).unwrap();
+        assert!(!dumped.contains("s3cret"), "{dumped}");
+        let debugged = format!("{c:?}");
+        assert!(!debugged.contains("s3cret"), "{debugged}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_key() {
+        let e = parse("[mqtt]\nhost = \"b\"\n[check]\napp_id_header = \"X Bad\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("check.app_id_header"), "{e}");
+        let e = parse("[mqtt]\nhost = \"b\"\n[topics]\nreport = \"billing/#\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("topics.report"), "{e}");
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/keymeter.example.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let c = Config::parse(&text, &path, |_| None);
+        // The example names a CA file that only exists in a deployment.
+        match c {
+            Ok(_) => {}
+            Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "mqtt.tls.ca_file"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! keymeter: API-key checks and usage metering for an MQTT billing system, as an
+//! Envoy ext_authz and access-log service.
+//!
+//! [`run`] is the whole server; `main` only parses the command line and calls it.
+
+pub mod admin;
+pub mod authz;
+pub mod config;
+pub mod dev;
+pub mod keys;
+pub mod mqtt;
+mod server;
+pub mod telemetry;
+
+pub use config::Config;
+pub use server::{Listeners, RunError, run};
+
+/// keymeter's own gRPC API (`proto/`).
+pub mod proto {
+    pub mod v1 {
+        tonic::include_proto!("keymeter.v1");
+    }
+}

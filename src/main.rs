@@ -1,0 +1,196 @@
+//! The `keymeter` command: parses the command line and calls [`keymeter::run`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use keymeter::config::{Config, EXIT_USAGE, LogFormat};
+use keymeter::{Listeners, dev, telemetry};
+
+#[derive(Parser)]
+#[command(
+    name = "keymeter",
+    version,
+    about = "Envoy ext_authz API-key checks and usage metering for an MQTT billing system",
+    after_help = "Environment overrides: KEYMETER_MQTT_HOST, KEYMETER_MQTT_PORT, \
+KEYMETER_MQTT_USERNAME, KEYMETER_MQTT_PASSWORD, KEYMETER_MQTT_CLIENT_ID, \
+KEYMETER_MQTT_TLS_ENABLED, KEYMETER_MQTT_TLS_CA_FILE, KEYMETER_GRPC_LISTEN, \
+KEYMETER_ADMIN_LISTEN, KEYMETER_KEYS_FILE, KEYMETER_KEYS_SNAPSHOT, KEYMETER_LOG_FORMAT, \
+KEYMETER_LOG_LEVEL (RUST_LOG overrides the log level).\n\n\
+Try it locally without a broker: `keymeter dev`."
+)]
+struct Cli {
+    /// Configuration file (TOML); see deploy/keymeter.example.toml.
+    #[arg(short, long, env = "KEYMETER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Validate the configuration and exit.
+    #[arg(long)]
+    check_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Local sandbox, NOT for production: an in-process MQTT broker, a billing-system
+    /// stand-in serving keys from a file and printing every billing/report, and keymeter.
+    Dev {
+        /// Keys the billing stand-in serves.
+        #[arg(long, default_value = "examples/keys.json")]
+        keys: PathBuf,
+        /// gRPC listener (ext_authz Check, health).
+        #[arg(long, default_value = "127.0.0.1:9191")]
+        grpc: SocketAddr,
+        /// Admin HTTP listener (/healthz, /readyz, /metrics).
+        #[arg(long, default_value = "127.0.0.1:9192")]
+        admin: SocketAddr,
+        /// Embedded MQTT broker (port 0 picks a free one).
+        #[arg(long, default_value = "127.0.0.1:0")]
+        broker: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("keymeter: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Some(Command::Dev {
+            keys,
+            grpc,
+            admin,
+            broker,
+        }) => runtime.block_on(run_dev(keys, grpc, admin, broker)),
+        None => runtime.block_on(run_configured(cli.config, cli.check_config)),
+    }
+}
+
+async fn run_configured(path: Option<PathBuf>, check_only: bool) -> ExitCode {
+    let Some(path) = path else {
+        eprintln!(
+            "keymeter: no configuration given.\n  \
+             Production: keymeter --config /etc/keymeter/keymeter.toml (see deploy/keymeter.example.toml)\n  \
+             Local sandbox with an embedded broker and billing stand-in: keymeter dev"
+        );
+        return ExitCode::from(EXIT_USAGE as u8);
+    };
+    let config = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("keymeter: {e}");
+            return ExitCode::from(EXIT_USAGE as u8);
+        }
+    };
+    if check_only {
+        println!("{}: configuration is valid", path.display());
+        return ExitCode::SUCCESS;
+    }
+    telemetry::init(config.log.format, &config.log.level);
+    serve(config).await
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let listeners = match Listeners::bind(&config).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, grpc = %config.listen.grpc, admin = %config.listen.admin, "cannot bind listeners");
+            return ExitCode::FAILURE;
+        }
+    };
+    match keymeter::run(listeners, config, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "keymeter stopped with an error");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_dev(
+    keys: PathBuf,
+    grpc: SocketAddr,
+    admin: SocketAddr,
+    broker_addr: SocketAddr,
+) -> ExitCode {
+    telemetry::init(LogFormat::Text, "info");
+    let entries = match dev::load_keys_file(&keys) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("keymeter dev: {e}");
+            return ExitCode::from(EXIT_USAGE as u8);
+        }
+    };
+    let broker = match dev::broker::EmbeddedBroker::start(broker_addr) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("keymeter dev: cannot start the embedded MQTT broker on {broker_addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut config =
+        Config::for_local_broker(&broker.addr().ip().to_string(), broker.addr().port());
+    config.listen.grpc = grpc;
+    config.listen.admin = admin;
+    let standin = match dev::billing::BillingStandIn::start(dev::billing::StandInOptions {
+        host: broker.addr().ip().to_string(),
+        port: broker.addr().port(),
+        topics: config.topics.clone(),
+        keys: entries.clone(),
+        print_reports: true,
+    })
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("keymeter dev: cannot start the billing stand-in: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!(
+        "\n==================== keymeter dev mode — NOT FOR PRODUCTION ====================\n\
+         ext_authz Check (gRPC)   {grpc}\n\
+         admin HTTP               http://{admin}/readyz  /metrics  /healthz\n\
+         embedded MQTT broker     {} (no TLS, no auth)\n\
+         billing stand-in         serves {} keys from {}; prints every billing/report\n\
+         Point Envoy's ext_authz at {grpc}, or run ./scripts/demo.sh for Envoy in front.\n\
+         Ctrl-C stops everything.\n\
+         ================================================================================\n",
+        broker.addr(),
+        entries.len(),
+        keys.display(),
+    );
+    let code = serve(config).await;
+    standin.stop().await;
+    code
+}
+
+/// Resolves on SIGINT or SIGTERM (Kubernetes' stop signal).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,153 @@
+//! Wiring: builds every part from the configuration, serves until shutdown, then
+//! waits for every task to finish.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::admin::{self, AdminState, metrics::Metrics};
+use crate::authz::AuthzService;
+use crate::config::Config;
+use crate::keys::{KeyStore, sync};
+use crate::mqtt;
+
+/// gRPC service names reported through grpc.health.v1.
+const AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
+
+/// Already-bound listeners, so tests can bind `127.0.0.1:0` and read the ports.
+pub struct Listeners {
+    pub grpc: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the addresses from the configuration.
+    pub async fn bind(config: &Config) -> std::io::Result<Listeners> {
+        Ok(Listeners {
+            grpc: TcpListener::bind(config.listen.grpc).await?,
+            admin: TcpListener::bind(config.listen.admin).await?,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Mqtt(#[from] mqtt::MqttSetupError),
+    #[error("keys.file: {0}")]
+    KeysFile(sync::Rejected),
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("admin server: {0}")]
+    Admin(#[from] std::io::Error),
+}
+
+/// Runs keymeter until `shutdown` resolves, then stops every task and returns.
+pub async fn run(
+    listeners: Listeners,
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let token = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let metrics = Arc::new(Metrics::new());
+    let keys = Arc::new(KeyStore::new());
+
+    // Fail-static: the last list from the billing system answers until it speaks again.
+    if let Some(path) = &config.keys.snapshot {
+        sync::load_snapshot(&keys, &metrics, path);
+        tracker.spawn(sync::run_snapshot_writer(
+            keys.clone(),
+            metrics.clone(),
+            path.clone(),
+            token.clone(),
+        ));
+    }
+    if let Some(path) = &config.keys.file {
+        // A broken file at start-up is an operator error worth stopping for.
+        sync::load_keys_file(&keys, &metrics, path).map_err(RunError::KeysFile)?;
+        tracker.spawn(sync::run_file_watcher(
+            keys.clone(),
+            metrics.clone(),
+            path.clone(),
+            std::time::Duration::from_millis(config.keys.file_poll_interval_ms),
+            token.clone(),
+        ));
+    }
+
+    let link = mqtt::start(
+        &config,
+        keys.clone(),
+        metrics.clone(),
+        &tracker,
+        token.clone(),
+    )?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_not_serving::<AuthorizationServer<AuthzService>>()
+        .await;
+    {
+        let keys = keys.clone();
+        let metrics = metrics.clone();
+        let token = token.clone();
+        let health = health.clone();
+        tracker.spawn(async move {
+            tokio::select! {
+                _ = token.cancelled() => {}
+                _ = keys.wait_loaded() => {
+                    metrics.ready.set(1);
+                    health.set_serving::<AuthorizationServer<AuthzService>>().await;
+                    tracing::info!(keys = keys.view().len(), "ready: answering Checks");
+                }
+            }
+        });
+    }
+
+    let grpc_addr = listeners.grpc.local_addr()?;
+    let admin_addr = listeners.admin.local_addr()?;
+    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, service = AUTHZ_SERVICE, "keymeter listening");
+
+    let admin_task = tracker.spawn(admin::serve(
+        listeners.admin,
+        AdminState {
+            keys: keys.clone(),
+            metrics: metrics.clone(),
+            mqtt: link.status.clone(),
+        },
+        token.clone(),
+    ));
+
+    let authz = AuthzService::new(keys.clone(), metrics.clone(), config.check.clone());
+    let incoming =
+        tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+    let grpc = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(AuthorizationServer::new(authz))
+        .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
+
+    tokio::pin!(grpc);
+    let result = tokio::select! {
+        r = &mut grpc => r,
+        _ = shutdown => {
+            // Graceful: stop accepting, let in-flight Checks finish.
+            token.cancel();
+            grpc.await
+        }
+    };
+    tracing::info!("shutting down");
+    token.cancel();
+    tracker.close();
+    tracker.wait().await;
+    result?;
+    match admin_task.await {
+        Ok(r) => r?,
+        Err(e) => tracing::error!(error = %e, "admin server task failed"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
