@@ -101,6 +101,10 @@ pub struct MqttConfig {
     pub reconnect_max_secs: u64,
     #[serde(default = "default_heartbeat")]
     pub heartbeat_interval_secs: u64,
+    /// Ask for the key list again when no `keys_update` answered the last request
+    /// within this time (the billing system may have been down when we connected).
+    #[serde(default = "default_keys_request_retry")]
+    pub keys_request_retry_secs: u64,
     #[serde(default)]
     pub tls: TlsConfig,
 }
@@ -116,6 +120,9 @@ fn default_reconnect_max() -> u64 {
 }
 fn default_heartbeat() -> u64 {
     10
+}
+fn default_keys_request_retry() -> u64 {
+    30
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -448,6 +455,12 @@ impl Config {
                 "must be at least 1",
             ));
         }
+        if m.keys_request_retry_secs == 0 {
+            return Err(ConfigError::invalid(
+                "mqtt.keys_request_retry_secs",
+                "must be at least 1",
+            ));
+        }
         if m.client_id.len() > 128 {
             return Err(ConfigError::invalid(
                 "mqtt.client_id",
@@ -555,6 +568,7 @@ impl Config {
                 keep_alive_secs: default_keep_alive(),
                 reconnect_max_secs: 2,
                 heartbeat_interval_secs: default_heartbeat(),
+                keys_request_retry_secs: default_keys_request_retry(),
                 tls: TlsConfig {
                     enabled: false,
                     ..TlsConfig::default()

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use keymeter::config::{Config, EXIT_USAGE, LogFormat};
-use keymeter::{Listeners, dev, telemetry};
+use keymeter::{Listeners, RunError, dev, telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -91,6 +91,11 @@ async fn run_configured(path: Option<PathBuf>, check_only: bool) -> ExitCode {
         }
     };
     if check_only {
+        // Also load the TLS files, so a bad certificate fails here and not at start-up.
+        if let Err(e) = keymeter::mqtt::options(&config) {
+            eprintln!("keymeter: {e}");
+            return ExitCode::from(EXIT_USAGE as u8);
+        }
         println!("{}: configuration is valid", path.display());
         return ExitCode::SUCCESS;
     }
@@ -108,6 +113,10 @@ async fn serve(config: Config) -> ExitCode {
     };
     match keymeter::run(listeners, config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e @ (RunError::Mqtt(_) | RunError::KeysFile(_))) => {
+            tracing::error!(error = %e, "bad configuration");
+            ExitCode::from(EXIT_USAGE as u8)
+        }
         Err(e) => {
             tracing::error!(error = %e, "keymeter stopped with an error");
             ExitCode::FAILURE
@@ -121,7 +130,7 @@ async fn run_dev(
     admin: SocketAddr,
     broker_addr: SocketAddr,
 ) -> ExitCode {
-    telemetry::init(LogFormat::Text, "info");
+    telemetry::init(LogFormat::Text, "info,rumqttd=warn");
     let entries = match dev::load_keys_file(&keys) {
         Ok(k) => k,
         Err(e) => {

