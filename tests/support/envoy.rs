@@ -1,0 +1,282 @@
+//! A real Envoy started from `deploy/envoy/envoy.yaml` (or a custom config).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::process::{ChildGuard, TestDir};
+use super::{STARTUP_TIMEOUT, envoy_bin, http_client, port_accepts};
+
+/// Where the upstreams of the deployed config live in a test.
+#[derive(Debug, Clone, Copy)]
+pub struct EnvoyPorts {
+    /// keymeter's gRPC port (ext_authz `Check`, health).
+    pub keymeter_grpc: u16,
+    /// The HTTP/1.1 backend behind the proxy (see `Backend`).
+    pub backend: u16,
+}
+
+/// Port numbers in `deploy/envoy/envoy.yaml`, each present exactly once.
+const DEPLOY_LISTENER_PORT: u16 = 10000;
+const DEPLOY_KEYMETER_PORT: u16 = 9191;
+const DEPLOY_BACKEND_PORT: u16 = 8080;
+const DEPLOY_ADMIN_PORT: u16 = 9901;
+
+pub fn deploy_config_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/envoy/envoy.yaml")
+}
+
+/// `deploy/envoy/envoy.yaml` adapted to a test: upstream ports replaced, and
+/// the listener and admin on port 0 of 127.0.0.1. Port 0 lets the kernel pick
+/// (no race with other tests); [`Envoy`] reads the real ports back from the
+/// admin API. Handy as a base for [`Envoy::start_with_config`] when a test
+/// needs a tweaked config.
+pub fn render_deploy_config(ports: EnvoyPorts) -> String {
+    let yaml = std::fs::read_to_string(deploy_config_path()).expect("read deploy/envoy/envoy.yaml");
+    let replacements = [
+        (DEPLOY_LISTENER_PORT, 0),
+        (DEPLOY_KEYMETER_PORT, ports.keymeter_grpc),
+        (DEPLOY_BACKEND_PORT, ports.backend),
+        (DEPLOY_ADMIN_PORT, 0),
+    ];
+    let mut seen = [0usize; 4];
+    // One pass over whole lines, so a new port can never be re-replaced.
+    let out: String = yaml
+        .lines()
+        .map(|line| {
+            let trimmed = line.trim_start();
+            let indent = &line[..line.len() - trimmed.len()];
+            for (i, (from, to)) in replacements.iter().enumerate() {
+                if trimmed == format!("port_value: {from}") {
+                    seen[i] += 1;
+                    return format!("{indent}port_value: {to}\n");
+                }
+            }
+            // Tests never expose the listener beyond loopback.
+            if trimmed == "address: 0.0.0.0" {
+                return format!("{indent}address: 127.0.0.1\n");
+            }
+            format!("{line}\n")
+        })
+        .collect();
+    for (i, (from, _)) in replacements.iter().enumerate() {
+        assert_eq!(
+            seen[i], 1,
+            "deploy/envoy/envoy.yaml must contain `port_value: {from}` exactly once"
+        );
+    }
+    out
+}
+
+/// Runs `envoy --mode validate -c path` and asserts that it succeeds.
+pub fn validate_envoy_config(path: impl AsRef<Path>) {
+    let path = path.as_ref();
+    let out = Command::new(envoy_bin())
+        .args([
+            "--mode",
+            "validate",
+            "--disable-hot-restart",
+            "-l",
+            "warning",
+            "-c",
+        ])
+        .arg(path)
+        .output()
+        .expect("run envoy --mode validate");
+    assert!(
+        out.status.success(),
+        "envoy rejected {}:\n{}{}",
+        path.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+pub struct Envoy {
+    // Field order matters: the process must die before its dir is removed.
+    process: ChildGuard,
+    admin_port: u16,
+    /// `(listener name, bound port)`, in config order.
+    listeners: Vec<(String, u16)>,
+    config_path: PathBuf,
+    dir: TestDir,
+}
+
+impl Envoy {
+    /// Envoy with the deployed config, routing to the given upstream ports.
+    pub async fn start(ports: EnvoyPorts) -> Envoy {
+        Self::start_with_config(render_deploy_config(ports)).await
+    }
+
+    /// Envoy with any bootstrap config. It must have an `admin` section; ports
+    /// may be fixed or 0 (the bound ports are read back from the admin API).
+    /// Returns once `/ready` answers 200 and every listener accepts TCP.
+    ///
+    /// Log level is `warning`; set `ENVOY_LOG_LEVEL=debug` to see more.
+    pub async fn start_with_config(yaml: String) -> Envoy {
+        let dir = TestDir::new("envoy");
+        let config_path = dir.path().join("envoy.yaml");
+        std::fs::write(&config_path, yaml).expect("write envoy.yaml");
+        let admin_address_file = dir.path().join("admin-address.txt");
+        let level = std::env::var("ENVOY_LOG_LEVEL").unwrap_or_else(|_| "warning".into());
+
+        let mut command = Command::new(envoy_bin());
+        command
+            .arg("-c")
+            .arg(&config_path)
+            // Several Envoys run at once under `cargo test`: without this the
+            // second one fails on the hot-restart shared memory (base id 0).
+            .arg("--disable-hot-restart")
+            .args(["-l", &level])
+            // Envoy writes the bound admin address here once it listens.
+            .arg("--admin-address-path")
+            .arg(&admin_address_file);
+        let mut process = ChildGuard::spawn("envoy", command, dir.path());
+
+        let read_admin_port = || {
+            std::fs::read_to_string(&admin_address_file)
+                .ok()
+                .and_then(|s| s.trim().rsplit_once(':')?.1.parse::<u16>().ok())
+        };
+        process
+            .wait_for("envoy admin address file", STARTUP_TIMEOUT, || {
+                std::future::ready(read_admin_port().is_some())
+            })
+            .await;
+        let admin_port = read_admin_port().expect("admin port");
+
+        let client = http_client();
+        let ready_url = format!("http://127.0.0.1:{admin_port}/ready");
+        process
+            .wait_for("envoy /ready to return 200", STARTUP_TIMEOUT, || {
+                let ready = client.get(&ready_url).send();
+                async move {
+                    ready
+                        .await
+                        .is_ok_and(|r| r.status() == reqwest::StatusCode::OK)
+                }
+            })
+            .await;
+
+        let listeners = match fetch_listeners(admin_port).await {
+            Ok(listeners) => listeners,
+            Err(e) => process.fail(&format!("reading /listeners: {e}")),
+        };
+        for (name, port) in &listeners {
+            let port = *port;
+            process
+                .wait_for(
+                    &format!("envoy listener {name} to accept on port {port}"),
+                    STARTUP_TIMEOUT,
+                    || port_accepts(port),
+                )
+                .await;
+        }
+
+        Envoy {
+            process,
+            admin_port,
+            listeners,
+            config_path,
+            dir,
+        }
+    }
+
+    /// URL on the first listener, e.g. `url("/v1/chat")`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.listener_port())
+    }
+
+    /// Port of the first listener in the config.
+    pub fn listener_port(&self) -> u16 {
+        self.listeners.first().expect("config has no listener").1
+    }
+
+    /// Port of the listener called `name` (custom configs with several).
+    pub fn listener_port_named(&self, name: &str) -> u16 {
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no listener {name:?} in {:?}", self.listeners))
+            .1
+    }
+
+    pub fn admin_port(&self) -> u16 {
+        self.admin_port
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// The process guard, e.g. for `logs()` or `terminate()`.
+    pub fn process(&mut self) -> &mut ChildGuard {
+        &mut self.process
+    }
+
+    /// GET an admin endpoint, returning the body (panics on non-2xx).
+    pub async fn admin_get(&self, path: &str) -> String {
+        let response = http_client()
+            .get(self.admin_url(path))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET admin {path}: {e}"));
+        assert!(
+            response.status().is_success(),
+            "GET admin {path}: {}",
+            response.status()
+        );
+        response.text().await.expect("admin body")
+    }
+
+    /// Value of one counter or gauge (e.g. `http.ingress_http.ext_authz.denied`);
+    /// 0 if Envoy has not created it yet (stats appear lazily).
+    pub async fn stat(&self, name: &str) -> u64 {
+        let body = self.admin_get("/stats").await;
+        body.lines()
+            .filter_map(|line| line.split_once(": "))
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Whether every host of `cluster` currently passes active health checks.
+    pub async fn cluster_healthy(&self, cluster: &str) -> bool {
+        let body = self.admin_get("/clusters").await;
+        let flags: Vec<&str> = body
+            .lines()
+            .filter(|l| l.starts_with(&format!("{cluster}::")) && l.contains("::health_flags::"))
+            .filter_map(|l| l.rsplit("::").next())
+            .collect();
+        !flags.is_empty() && flags.iter().all(|f| *f == "healthy")
+    }
+}
+
+async fn fetch_listeners(admin_port: u16) -> Result<Vec<(String, u16)>, String> {
+    let url = format!("http://127.0.0.1:{admin_port}/listeners?format=json");
+    let json: serde_json::Value = http_client()
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())?;
+    let statuses = json["listener_statuses"]
+        .as_array()
+        .ok_or_else(|| format!("unexpected /listeners answer: {json}"))?;
+    statuses
+        .iter()
+        .map(|s| {
+            let name = s["name"].as_str().unwrap_or_default().to_owned();
+            let port = s["local_address"]["socket_address"]["port_value"]
+                .as_u64()
+                .and_then(|p| u16::try_from(p).ok())
+                .ok_or_else(|| format!("listener without TCP port: {s}"))?;
+            Ok((name, port))
+        })
+        .collect()
+}

@@ -1,0 +1,199 @@
+//! keymeter itself, in-process: `keymeter::run` on `127.0.0.1:0` listeners, stopped by
+//! a shutdown future, plus clients for its gRPC Check and admin port.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::auth::v3::{
+    AttributeContext, CheckRequest, CheckResponse,
+    attribute_context::{HttpRequest, Request as AttrRequest},
+};
+use keymeter::dev::billing::{BillingStandIn, StandInOptions};
+use keymeter::{Config, Listeners};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use super::{STARTUP_TIMEOUT, http_client, wait_until};
+
+/// A running keymeter. Dropping it stops it (the shutdown sender is dropped).
+pub struct Keymeter {
+    grpc_port: u16,
+    admin_port: u16,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), keymeter::RunError>>>,
+}
+
+impl Keymeter {
+    /// Starts keymeter with `config` (its listen addresses are ignored: loopback port 0).
+    pub async fn start(config: Config) -> Keymeter {
+        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Keymeter::start_on(grpc, config).await
+    }
+
+    /// Starts keymeter with its gRPC server on an already bound listener.
+    pub async fn start_on(grpc: TcpListener, config: Config) -> Keymeter {
+        init_logs();
+        let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let grpc_port = grpc.local_addr().unwrap().port();
+        let admin_port = admin.local_addr().unwrap().port();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(keymeter::run(Listeners { grpc, admin }, config, async {
+            let _ = stopped.await;
+        }));
+        Keymeter {
+            grpc_port,
+            admin_port,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Starts keymeter and waits until `/readyz` says a key list is loaded.
+    pub async fn start_ready(config: Config) -> Keymeter {
+        let k = Keymeter::start(config).await;
+        k.wait_ready().await;
+        k
+    }
+
+    pub async fn wait_ready(&self) {
+        wait_until("keymeter /readyz returns 200", STARTUP_TIMEOUT, || async {
+            self.readyz().await.0 == 200
+        })
+        .await;
+    }
+
+    pub fn grpc_port(&self) -> u16 {
+        self.grpc_port
+    }
+
+    pub fn admin_port(&self) -> u16 {
+        self.admin_port
+    }
+
+    /// Graceful stop; returns what `run` returned.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("keymeter stops within 10 s")
+                .expect("keymeter task panicked")
+                .expect("keymeter run returned an error");
+        }
+    }
+
+    pub async fn readyz(&self) -> (u16, String) {
+        self.admin_get("/readyz").await
+    }
+
+    pub async fn admin_get(&self, path: &str) -> (u16, String) {
+        match http_client()
+            .get(format!("http://127.0.0.1:{}{path}", self.admin_port))
+            .send()
+            .await
+        {
+            Ok(r) => (r.status().as_u16(), r.text().await.unwrap_or_default()),
+            Err(_) => (0, String::new()),
+        }
+    }
+
+    /// The value of one sample in `/metrics`, e.g.
+    /// `keymeter_check_requests_total{outcome="allowed"}`; 0 when absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let (_, text) = self.admin_get("/metrics").await;
+        metric_value(&text, sample)
+    }
+
+    /// A gRPC Check straight at keymeter, with the given request headers.
+    pub async fn check(&self, headers: &[(&str, &str)]) -> CheckResponse {
+        let mut client =
+            AuthorizationClient::connect(format!("http://127.0.0.1:{}", self.grpc_port))
+                .await
+                .expect("connect to keymeter gRPC");
+        client
+            .check(check_request(headers))
+            .await
+            .expect("Check never fails with a gRPC error for a domain outcome")
+            .into_inner()
+    }
+}
+
+impl Drop for Keymeter {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// A billing-system stand-in (a real MQTT client) on the broker at `port`, serving `keys`.
+pub async fn billing(port: u16, keys: Vec<keymeter::keys::KeyEntry>) -> BillingStandIn {
+    BillingStandIn::start(StandInOptions {
+        host: "127.0.0.1".into(),
+        port,
+        topics: Default::default(),
+        keys,
+        print_reports: false,
+    })
+    .await
+    .expect("billing stand-in starts")
+}
+
+/// A CheckRequest as Envoy builds it, with lowercase header names.
+pub fn check_request(headers: &[(&str, &str)]) -> CheckRequest {
+    let headers: HashMap<String, String> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(AttrRequest {
+                http: Some(HttpRequest {
+                    method: "GET".into(),
+                    path: "/".into(),
+                    headers,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+/// The HTTP status a CheckResponse tells Envoy to answer with (200 when allowed).
+pub fn http_status(r: &CheckResponse) -> i32 {
+    use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
+    match &r.http_response {
+        Some(HttpResponse::DeniedResponse(d)) => d.status.as_ref().map_or(403, |s| s.code),
+        _ if r.status.as_ref().map_or(0, |s| s.code) == 0 => 200,
+        _ => 403,
+    }
+}
+
+/// Parses one sample's value out of Prometheus text.
+pub fn metric_value(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let rest = l.strip_prefix(sample)?;
+            let rest = rest.strip_prefix(' ')?;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// keymeter's logs in test output (shown for failing tests), once per test binary.
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "keymeter=debug,info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}

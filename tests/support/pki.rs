@@ -1,0 +1,84 @@
+//! A throwaway PKI generated at test time (nothing secret is checked in).
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose,
+};
+
+use super::process::TestDir;
+
+/// PEM files in a temp dir:
+/// - `ca_cert`/`ca_key`: the test CA;
+/// - `server_cert`/`server_key`: for `localhost` and `127.0.0.1`, signed by the CA;
+/// - `other_ca_cert`/`other_ca_key`: an unrelated CA, for "untrusted" tests.
+pub struct TestPki {
+    pub ca_cert: PathBuf,
+    pub ca_key: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub other_ca_cert: PathBuf,
+    pub other_ca_key: PathBuf,
+    dir: TestDir,
+}
+
+impl TestPki {
+    pub fn generate() -> TestPki {
+        let dir = TestDir::new("pki");
+        let write = |name: &str, pem: String| -> PathBuf {
+            let path = dir.path().join(name);
+            std::fs::write(&path, pem).expect("write PEM");
+            path
+        };
+
+        let (ca, ca_key) = new_ca("keymeter test CA");
+        let (other_ca, other_ca_key) = new_ca("keymeter unrelated CA");
+
+        let mut params = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+            .expect("valid SANs");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "localhost");
+        params.use_authority_key_identifier_extension = true;
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let server_key = KeyPair::generate().expect("generate key");
+        let server = params
+            .signed_by(&server_key, &ca, &ca_key)
+            .expect("sign server cert");
+
+        TestPki {
+            ca_cert: write("ca.pem", ca.pem()),
+            ca_key: write("ca.key", ca_key.serialize_pem()),
+            server_cert: write("server.pem", server.pem()),
+            server_key: write("server.key", server_key.serialize_pem()),
+            other_ca_cert: write("other-ca.pem", other_ca.pem()),
+            other_ca_key: write("other-ca.key", other_ca_key.serialize_pem()),
+            dir,
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+fn new_ca(common_name: &str) -> (rcgen::Certificate, KeyPair) {
+    let mut params = CertificateParams::new(Vec::<String>::new()).expect("no SANs");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let key = KeyPair::generate().expect("generate key");
+    let cert = params.self_signed(&key).expect("self-sign CA");
+    (cert, key)
+}
