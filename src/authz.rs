@@ -90,6 +90,7 @@ pub fn decide<'v>(key: Option<&str>, keys: &'v KeyView) -> Decision<'v> {
 /// Precomputed parts of every answer, so a Check allocates only what varies.
 struct Answers {
     app_id_header: String,
+    missing_key_message: String,
     headers_to_remove: Vec<String>,
     www_authenticate: String,
 }
@@ -105,6 +106,7 @@ impl AuthzService {
     pub fn new(keys: Arc<KeyStore>, metrics: Arc<Metrics>, config: CheckConfig) -> Self {
         let answers = Answers {
             app_id_header: config.app_id_header.clone(),
+            missing_key_message: missing_key_message(&config),
             headers_to_remove: if config.strip_key_header {
                 let mut h = config.key_headers.clone();
                 if config.accept_bearer {
@@ -150,7 +152,7 @@ impl AuthzService {
                     401,
                     GRPC_UNAUTHENTICATED,
                     "missing_api_key",
-                    "an API key is required in the api-key header",
+                    &self.answers.missing_key_message,
                 )
             }
             Decision::InvalidKey => {
@@ -234,6 +236,24 @@ impl AuthzService {
             })),
         }
     }
+}
+
+/// Tells the client where the key goes, from the configured header names.
+fn missing_key_message(config: &CheckConfig) -> String {
+    let mut places: Vec<String> = config
+        .key_headers
+        .iter()
+        .map(|h| format!("the {h} header"))
+        .collect();
+    if config.accept_bearer {
+        places.push("an authorization: Bearer header".into());
+    }
+    let places = match places.split_last() {
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} or {last}", rest.join(", ")),
+        None => "a request header".into(),
+    };
+    format!("an API key is required in {places}")
 }
 
 /// A header from Envoy's request attributes: the `headers` map, or `header_map` when
@@ -424,6 +444,14 @@ mod tests {
         }
         let r = svc.check(&request(&[("api-key", "sk-blocked")]));
         assert!(denied(&r).body.contains("balance"));
+        let r = svc.check(&request(&[]));
+        assert!(
+            denied(&r)
+                .body
+                .contains("the api-key header or the apikey header"),
+            "{}",
+            denied(&r).body
+        );
     }
 
     #[test]

@@ -24,13 +24,24 @@ async fn malformed_updates_leave_the_store_unchanged() {
         ],
     )
     .await;
-    let keymeter =
-        Keymeter::start_ready(Config::for_local_broker("127.0.0.1", broker.port())).await;
+    let mut config = Config::for_local_broker("127.0.0.1", broker.port());
+    config.keys.max_update_bytes = 4096;
+    let keymeter = Keymeter::start_ready(config).await;
     let before = keymeter.admin_get("/metrics").await.1;
     let keys_ok = support::keymeter::metric_value(&before, "keymeter_keys{status=\"ok\"}");
     assert_eq!(keys_ok, 1.0);
 
+    // Valid, but over keys.max_update_bytes: it would block sk-good.
+    let oversized = serde_json::to_vec(&keymeter::keys::KeyUpdate {
+        updates: std::iter::once(KeyEntry::blocked("app-1", "sk-good", "x"))
+            .chain((0..100).map(|i| KeyEntry::ok("app-1", &format!("sk-filler-{i:04}"))))
+            .collect(),
+        timestamp: 1,
+    })
+    .unwrap();
+    assert!(oversized.len() > 4096);
     let malformed: Vec<(&str, Vec<u8>)> = vec![
+        ("too_large", oversized),
         ("bad_json", b"{not json".to_vec()),
         ("bad_json", vec![0xff, 0xfe, 0x00]),
         ("wrong_shape", br#"{"updates": "sk-good", "timestamp": 1}"#.to_vec()),
@@ -54,7 +65,7 @@ async fn malformed_updates_leave_the_store_unchanged() {
     let total = malformed.len() as f64;
     wait_until("every malformed update is counted", WAIT, || async {
         let text = keymeter.admin_get("/metrics").await.1;
-        ["bad_json", "wrong_shape", "invalid_entry"]
+        ["bad_json", "wrong_shape", "invalid_entry", "too_large"]
             .iter()
             .map(|r| {
                 support::keymeter::metric_value(

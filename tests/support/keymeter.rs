@@ -110,15 +110,7 @@ impl Keymeter {
 
     /// A gRPC Check straight at keymeter, with the given request headers.
     pub async fn check(&self, headers: &[(&str, &str)]) -> CheckResponse {
-        let mut client =
-            AuthorizationClient::connect(format!("http://127.0.0.1:{}", self.grpc_port))
-                .await
-                .expect("connect to keymeter gRPC");
-        client
-            .check(check_request(headers))
-            .await
-            .expect("Check never fails with a gRPC error for a domain outcome")
-            .into_inner()
+        check(self.grpc_port, headers).await
     }
 }
 
@@ -141,6 +133,18 @@ pub async fn billing(port: u16, keys: Vec<keymeter::keys::KeyEntry>) -> BillingS
     })
     .await
     .expect("billing stand-in starts")
+}
+
+/// A gRPC Check at the keymeter listening on `grpc_port`.
+pub async fn check(grpc_port: u16, headers: &[(&str, &str)]) -> CheckResponse {
+    let mut client = AuthorizationClient::connect(format!("http://127.0.0.1:{grpc_port}"))
+        .await
+        .expect("connect to keymeter gRPC");
+    client
+        .check(check_request(headers))
+        .await
+        .expect("Check never fails with a gRPC error for a domain outcome")
+        .into_inner()
 }
 
 /// A CheckRequest as Envoy builds it, with lowercase header names.
