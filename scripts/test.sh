@@ -8,6 +8,6 @@ source scripts/lib.sh
 
 ensure_mosquitto
 ensure_envoy
-echo "using envoy:     $ENVOY_BIN ($("$ENVOY_BIN" --version 2>/dev/null | grep -o '[0-9]*\.[0-9]*\.[0-9]*/[A-Z]*' | head -1))"
+echo "using envoy:     $ENVOY_BIN ($("$ENVOY_BIN" --version 2>/dev/null | grep -oE "[0-9a-f]{40}/[0-9.]+" | cut -d/ -f2))"
 echo "using mosquitto: $MOSQUITTO_BIN"
 cargo test --locked "$@"
