@@ -1,0 +1,801 @@
+//! The outbox's I/O thread: the only code that touches the files after open. It group
+//! commits appends, fsyncs by policy, reads records back into the window, deletes
+//! acknowledged segments and persists the ack watermark.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use super::frame::{self, ReadFrame};
+use super::{
+    AppendError, Durability, FsyncPolicy, NewRecord, OutboxConfig, Shared,
+    WATERMARK_PERSIST_INTERVAL, WINDOW_MAX_BYTES, WINDOW_MAX_RECORDS,
+};
+
+/// Payload bytes gathered into one group commit before writing it: bounds the write
+/// buffer and how long the first append of a busy group waits.
+const GROUP_MAX_BYTES: usize = 4 * 1024 * 1024;
+/// A full outbox is logged at `error!` at most this often; the rest is counted.
+const FULL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Read-back buffer: sequential reads of many small frames.
+const READ_BUFFER: usize = 256 * 1024;
+
+pub(super) enum Command {
+    Append(AppendRequest),
+    /// Acks made a refill or a segment deletion possible.
+    Wake,
+    Close(oneshot::Sender<()>),
+}
+
+pub(super) struct AppendRequest {
+    pub records: Vec<NewRecord>,
+    pub durability: Durability,
+    pub reply: oneshot::Sender<Result<Vec<u64>, AppendError>>,
+}
+
+/// One segment file as the I/O thread knows it; every segment holds at least one record.
+pub(super) struct SegmentMeta {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub records: u64,
+    /// Valid bytes (whole frames); the file is never longer except after a failed undo.
+    pub bytes: u64,
+}
+
+/// Where a record is: its segment, byte offset and index among the segment's records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct TailPos {
+    pub first_seq: u64,
+    pub offset: u64,
+    pub index: u64,
+}
+
+/// The disk side of a recovered outbox.
+pub(super) struct DiskState {
+    pub segments: VecDeque<SegmentMeta>,
+    /// The first unacknowledged record that is not in the window.
+    pub tail: Option<TailPos>,
+    /// Seqs acknowledged out of order before the stop, skipped when read back.
+    pub acked_above: BTreeSet<u64>,
+    /// The ack file as it is on disk.
+    pub persisted: frame::Acked,
+}
+
+pub(super) struct IoThread {
+    dir: PathBuf,
+    dir_handle: File,
+    shared: Arc<Shared>,
+    commands: Receiver<Command>,
+    max_bytes: u64,
+    segment_bytes: u64,
+    fsync: FsyncPolicy,
+    segments: VecDeque<SegmentMeta>,
+    /// The file appends go to; when set, it is `segments.back()`. `None` until the first
+    /// append after open, so a new run never appends behind a tail it just truncated.
+    active: Option<File>,
+    /// Rolled-away segment files with data not yet fsynced.
+    unsynced: Vec<File>,
+    /// Data was written but not fsynced since then.
+    dirty_since: Option<Instant>,
+    /// A segment file was created since the directory was last fsynced.
+    dir_dirty: bool,
+    tail: Option<TailPos>,
+    reader: Option<SegmentReader>,
+    read_buf: Vec<u8>,
+    next_seq: u64,
+    disk_bytes: u64,
+    /// Acknowledged before the last stop and not in the window: skipped on read-back,
+    /// and persisted again until the watermark passes them.
+    acked_above: BTreeSet<u64>,
+    persisted: frame::Acked,
+    /// `State::ack_generation` when the ack file was last written.
+    persisted_generation: u64,
+    last_persist: Instant,
+    last_full_log: Option<Instant>,
+    full_suppressed: u64,
+}
+
+struct SegmentReader {
+    first_seq: u64,
+    pos: u64,
+    reader: BufReader<File>,
+}
+
+/// One segment's share of a group commit.
+struct Chunk {
+    new_segment: bool,
+    first_seq: u64,
+    /// The segment's length, and its record count, before this chunk.
+    start_offset: u64,
+    base_index: u64,
+    buf: Vec<u8>,
+    records: Vec<Written>,
+}
+
+struct Written {
+    seq: u64,
+    created_ms: i64,
+    payload: Bytes,
+    pos: TailPos,
+}
+
+/// An append that passed the budget, waiting for its chunk to be written.
+struct Accepted {
+    reply: oneshot::Sender<Result<Vec<u64>, AppendError>>,
+    seqs: Vec<u64>,
+    chunk: usize,
+    needs_sync: bool,
+}
+
+impl IoThread {
+    pub fn new(
+        config: &OutboxConfig,
+        shared: Arc<Shared>,
+        commands: Receiver<Command>,
+        disk: DiskState,
+    ) -> io::Result<Self> {
+        let dir_handle = File::open(&config.dir)?;
+        let (next_seq, disk_bytes) = {
+            let st = shared.lock();
+            (st.next_seq, st.disk_bytes)
+        };
+        let io = IoThread {
+            dir: config.dir.clone(),
+            dir_handle,
+            shared,
+            commands,
+            max_bytes: config.max_bytes,
+            segment_bytes: config.effective_segment_bytes(),
+            fsync: config.fsync,
+            segments: disk.segments,
+            active: None,
+            unsynced: Vec::new(),
+            dirty_since: None,
+            dir_dirty: false,
+            tail: disk.tail,
+            reader: None,
+            read_buf: Vec::new(),
+            next_seq,
+            disk_bytes,
+            acked_above: disk.acked_above,
+            persisted: disk.persisted,
+            persisted_generation: 0,
+            last_persist: Instant::now(),
+            last_full_log: None,
+            full_suppressed: 0,
+        };
+        io.shared.lock().reclaim_at = io.reclaim_at();
+        Ok(io)
+    }
+
+    pub fn run(mut self) {
+        loop {
+            let first = match self.commands.recv_timeout(self.idle_timeout()) {
+                Ok(command) => Some(command),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.abandon();
+                    return;
+                }
+            };
+            let mut appends = Vec::new();
+            let mut close = None;
+            let mut group_bytes = 0;
+            let mut next = first;
+            while let Some(command) = next.take() {
+                match command {
+                    Command::Append(request) => {
+                        group_bytes += request
+                            .records
+                            .iter()
+                            .map(|r| r.payload.len())
+                            .sum::<usize>();
+                        appends.push(request);
+                    }
+                    Command::Wake => {}
+                    Command::Close(reply) => {
+                        close = Some(reply);
+                        break;
+                    }
+                }
+                if group_bytes < GROUP_MAX_BYTES {
+                    next = self.commands.try_recv().ok();
+                }
+            }
+            // Cleared before the work, so acks arriving meanwhile wake the next round.
+            self.shared.lock().wake_pending = false;
+            // Space freed by acks counts for the appends of this round.
+            self.reclaim();
+            if !appends.is_empty() {
+                self.commit(appends);
+            }
+            self.sync_if_due();
+            self.refill();
+            self.persist_acked_if_due();
+            if let Some(reply) = close {
+                self.shutdown();
+                let _ = reply.send(());
+                return;
+            }
+        }
+    }
+
+    /// How long to sleep when idle: until the interval fsync is due, and at least once
+    /// per watermark interval to persist acks.
+    fn idle_timeout(&self) -> Duration {
+        let mut timeout = WATERMARK_PERSIST_INTERVAL;
+        if let (Some(since), FsyncPolicy::Interval(interval)) = (self.dirty_since, self.fsync) {
+            timeout = timeout.min((since + interval).saturating_duration_since(Instant::now()));
+        }
+        timeout
+    }
+
+    /// Writes a group of appends: budget checks and seqs in arrival order, one write per
+    /// segment touched, one sync round when any append needs it, then every answer.
+    fn commit(&mut self, requests: Vec<AppendRequest>) {
+        let mut chunks: Vec<Chunk> = Vec::new();
+        let mut accepted = Vec::with_capacity(requests.len());
+        let mut disk_after = self.disk_bytes;
+        // Length of the segment the next record would go to; `None`: none open yet.
+        let mut active_len = self
+            .active
+            .as_ref()
+            .and_then(|_| self.segments.back())
+            .map(|s| s.bytes);
+        for request in requests {
+            if request.records.is_empty() {
+                let _ = request.reply.send(Ok(Vec::new()));
+                continue;
+            }
+            if let Some(r) = request
+                .records
+                .iter()
+                .find(|r| r.payload.len() > frame::MAX_PAYLOAD)
+            {
+                let _ = request.reply.send(Err(AppendError::TooLarge {
+                    len: r.payload.len(),
+                    max: frame::MAX_PAYLOAD,
+                }));
+                continue;
+            }
+            let needed: u64 = request
+                .records
+                .iter()
+                .map(|r| frame::frame_len(r.payload.len()))
+                .sum();
+            if disk_after + needed > self.max_bytes {
+                let available = self.max_bytes.saturating_sub(disk_after);
+                // Counted before the answer, so the caller sees it in `stats`.
+                self.shared.lock().rejected_full_total += 1;
+                self.log_full(needed, available);
+                let _ = request
+                    .reply
+                    .send(Err(AppendError::Full { needed, available }));
+                continue;
+            }
+            let roll = match active_len {
+                None => true,
+                Some(len) => len > 0 && len + needed > self.segment_bytes,
+            };
+            if roll || chunks.is_empty() {
+                chunks.push(match (roll, self.segments.back()) {
+                    (false, Some(seg)) => Chunk {
+                        new_segment: false,
+                        first_seq: seg.first_seq,
+                        start_offset: seg.bytes,
+                        base_index: seg.records,
+                        buf: Vec::new(),
+                        records: Vec::new(),
+                    },
+                    _ => Chunk {
+                        new_segment: true,
+                        first_seq: self.next_seq,
+                        start_offset: 0,
+                        base_index: 0,
+                        buf: Vec::new(),
+                        records: Vec::new(),
+                    },
+                });
+            }
+            let chunk_index = chunks.len() - 1;
+            let chunk = &mut chunks[chunk_index];
+            let mut seqs = Vec::with_capacity(request.records.len());
+            for record in request.records {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                let pos = TailPos {
+                    first_seq: chunk.first_seq,
+                    offset: chunk.start_offset + chunk.buf.len() as u64,
+                    index: chunk.base_index + chunk.records.len() as u64,
+                };
+                frame::encode(&mut chunk.buf, seq, record.created_ms, &record.payload);
+                chunk.records.push(Written {
+                    seq,
+                    created_ms: record.created_ms,
+                    payload: record.payload,
+                    pos,
+                });
+                seqs.push(seq);
+            }
+            active_len = Some(chunk.start_offset + chunk.buf.len() as u64);
+            disk_after += needed;
+            accepted.push(Accepted {
+                reply: request.reply,
+                seqs,
+                chunk: chunk_index,
+                needs_sync: self.fsync == FsyncPolicy::EveryBatch
+                    || request.durability == Durability::Synced,
+            });
+        }
+
+        let mut written_chunks = chunks.len();
+        let mut write_error = None;
+        for (i, chunk) in chunks.iter().enumerate() {
+            if let Err(e) = self.write_chunk(chunk) {
+                tracing::error!(
+                    dir = %self.dir.display(),
+                    error = %e,
+                    records = chunks[i..].iter().map(|c| c.records.len()).sum::<usize>(),
+                    "outbox write failed; the appends fail"
+                );
+                written_chunks = i;
+                write_error = Some(e);
+                break;
+            }
+        }
+        let needs_sync = accepted
+            .iter()
+            .any(|a| a.needs_sync && a.chunk < written_chunks);
+        let sync_error = if needs_sync {
+            self.sync_all().err()
+        } else {
+            None
+        };
+
+        let mut st = self.shared.lock();
+        let mut new_unsent = false;
+        for chunk in chunks.into_iter().take(written_chunks) {
+            for w in chunk.records {
+                st.pending_records += 1;
+                st.pending_bytes += frame::frame_len(w.payload.len());
+                st.appended_total += 1;
+                if self.tail.is_none() && st.window_has_room(w.payload.len()) {
+                    st.push_unsent(w.seq, w.created_ms, w.payload);
+                    new_unsent = true;
+                } else {
+                    // The window is full: this record is read back from disk later.
+                    if self.tail.is_none() {
+                        self.tail = Some(w.pos);
+                        st.tail_head = Some((w.seq, w.created_ms));
+                    }
+                    st.tail_records += 1;
+                }
+            }
+        }
+        st.next_seq = self.next_seq;
+        st.disk_bytes = self.disk_bytes;
+        st.reclaim_at = self.reclaim_at();
+        drop(st);
+        if new_unsent {
+            self.shared.unsent.notify_waiters();
+        }
+
+        for a in accepted {
+            let result = if a.chunk >= written_chunks {
+                Err(AppendError::Io(copy_error(write_error.as_ref())))
+            } else if a.needs_sync && sync_error.is_some() {
+                Err(AppendError::Io(copy_error(sync_error.as_ref())))
+            } else {
+                Ok(a.seqs)
+            };
+            // The caller may have stopped waiting; the records are written all the same.
+            let _ = a.reply.send(result);
+        }
+    }
+
+    fn write_chunk(&mut self, chunk: &Chunk) -> io::Result<()> {
+        if chunk.new_segment {
+            self.retire_active();
+            let path = frame::segment_path(&self.dir, chunk.first_seq);
+            // Append mode: after an undo (`set_len`), the next write lands at the new end.
+            let file = OpenOptions::new()
+                .append(true)
+                .create_new(true)
+                .open(&path)?;
+            self.dir_dirty = true;
+            self.active = Some(file);
+            self.segments.push_back(SegmentMeta {
+                first_seq: chunk.first_seq,
+                last_seq: chunk.first_seq,
+                records: 0,
+                bytes: 0,
+            });
+        }
+        let (Some(file), Some(seg)) = (self.active.as_mut(), self.segments.back_mut()) else {
+            return Err(io::Error::other("no open outbox segment"));
+        };
+        if let Err(e) = file.write_all(&chunk.buf) {
+            // Undo a partial write, so the next frame does not land behind a torn one.
+            let undone = file.set_len(seg.bytes);
+            let (empty, first_seq) = (seg.records == 0, seg.first_seq);
+            if let Err(undo) = undone {
+                tracing::error!(
+                    error = %undo,
+                    "outbox could not undo a failed write; starting a new segment (the torn bytes are truncated on the next open)"
+                );
+                self.retire_active();
+            }
+            if empty {
+                self.segments.pop_back();
+                self.active = None;
+                let _ = fs::remove_file(frame::segment_path(&self.dir, first_seq));
+            }
+            return Err(e);
+        }
+        seg.bytes += chunk.buf.len() as u64;
+        seg.records += chunk.records.len() as u64;
+        if let Some(last) = chunk.records.last() {
+            seg.last_seq = last.seq;
+        }
+        self.disk_bytes += chunk.buf.len() as u64;
+        self.dirty_since.get_or_insert_with(Instant::now);
+        Ok(())
+    }
+
+    /// Stops appending to the active segment; its unsynced data is synced later.
+    fn retire_active(&mut self) {
+        if let Some(file) = self.active.take()
+            && self.dirty_since.is_some()
+        {
+            self.unsynced.push(file);
+        }
+    }
+
+    /// Fsyncs every file with unsynced data, and the directory when a segment was
+    /// created.
+    fn sync_all(&mut self) -> io::Result<()> {
+        let mut syncs = 0;
+        let result = self.sync_files(&mut syncs);
+        self.shared.lock().fsyncs_total += syncs;
+        if let Err(e) = &result {
+            tracing::error!(dir = %self.dir.display(), error = %e, "outbox fsync failed");
+        }
+        result
+    }
+
+    fn sync_files(&mut self, syncs: &mut u64) -> io::Result<()> {
+        if self.dirty_since.is_some() {
+            for file in std::mem::take(&mut self.unsynced) {
+                file.sync_data()?;
+                *syncs += 1;
+            }
+            if let Some(file) = &self.active {
+                file.sync_data()?;
+                *syncs += 1;
+            }
+            self.dirty_since = None;
+        }
+        if self.dir_dirty {
+            self.dir_handle.sync_all()?;
+            *syncs += 1;
+            self.dir_dirty = false;
+        }
+        Ok(())
+    }
+
+    fn sync_if_due(&mut self) {
+        if let (Some(since), FsyncPolicy::Interval(interval)) = (self.dirty_since, self.fsync)
+            && since.elapsed() >= interval
+        {
+            let _ = self.sync_all();
+        }
+    }
+
+    /// Reads records behind the window back from disk once the window has drained.
+    fn refill(&mut self) {
+        let (room_records, room_bytes, window_empty, mut last_seq) = {
+            let st = self.shared.lock();
+            if !st.wants_refill() {
+                return;
+            }
+            (
+                WINDOW_MAX_RECORDS.saturating_sub(st.window.len()),
+                WINDOW_MAX_BYTES.saturating_sub(st.window_bytes),
+                st.window.is_empty(),
+                st.window.back().map(|s| s.seq),
+            )
+        };
+        let mut loaded: Vec<(u64, i64, Bytes)> = Vec::new();
+        let mut loaded_bytes = 0u64;
+        let mut lost_records = 0u64;
+        let mut lost_bytes = 0u64;
+        let mut head = None;
+        while let Some(pos) = self.tail {
+            let Some(seg) = self.segment(pos.first_seq) else {
+                tracing::error!(
+                    segment = pos.first_seq,
+                    "outbox lost track of a segment; records behind the window are skipped"
+                );
+                self.tail = None;
+                break;
+            };
+            let (seg_bytes, seg_records) = (seg.bytes, seg.records);
+            if pos.offset >= seg_bytes {
+                self.tail = self.next_segment_start(pos.first_seq);
+                continue;
+            }
+            let reason = match self.read_at(pos, seg_bytes) {
+                Ok(ReadFrame::Frame(h)) if self.acked_above.contains(&h.seq) => {
+                    self.tail = Some(TailPos {
+                        offset: pos.offset + h.frame_len(),
+                        index: pos.index + 1,
+                        ..pos
+                    });
+                    continue;
+                }
+                Ok(ReadFrame::Frame(h)) if last_seq.is_none_or(|last| h.seq > last) => {
+                    let full = loaded.len() >= room_records
+                        || loaded_bytes + h.payload_len as u64 > room_bytes;
+                    if full && !(window_empty && loaded.is_empty()) {
+                        head = Some((h.seq, h.created_ms));
+                        break;
+                    }
+                    loaded.push((h.seq, h.created_ms, Bytes::copy_from_slice(&self.read_buf)));
+                    loaded_bytes += h.payload_len as u64;
+                    last_seq = Some(h.seq);
+                    self.tail = Some(TailPos {
+                        offset: pos.offset + h.frame_len(),
+                        index: pos.index + 1,
+                        ..pos
+                    });
+                    continue;
+                }
+                Ok(ReadFrame::Frame(_)) => "record seq out of order",
+                Ok(ReadFrame::Bad(reason)) => reason,
+                Ok(ReadFrame::End) => "segment shorter than written",
+                Err(e) => {
+                    // Perhaps transient: retried on the next round (at least every second).
+                    tracing::error!(segment = pos.first_seq, offset = pos.offset, error = %e,
+                        "outbox could not read records back from disk; retrying");
+                    break;
+                }
+            };
+            // Verified when written or opened, unreadable now: the disk changed under us.
+            let records = seg_records.saturating_sub(pos.index);
+            tracing::error!(
+                segment = pos.first_seq,
+                offset = pos.offset,
+                records,
+                reason,
+                "outbox segment is corrupt; its remaining records are lost"
+            );
+            lost_records += records;
+            lost_bytes += seg_bytes - pos.offset;
+            self.reader = None;
+            self.tail = self.next_segment_start(pos.first_seq);
+        }
+
+        let mut st = self.shared.lock();
+        let appeared = !loaded.is_empty();
+        st.tail_records = st
+            .tail_records
+            .saturating_sub(loaded.len() as u64 + lost_records);
+        st.pending_records = st.pending_records.saturating_sub(lost_records);
+        st.pending_bytes = st.pending_bytes.saturating_sub(lost_bytes);
+        st.corrupt_bytes_total += lost_bytes;
+        for (seq, created_ms, payload) in loaded {
+            st.push_unsent(seq, created_ms, payload);
+        }
+        if self.tail.is_none() {
+            if st.tail_records != 0 {
+                tracing::error!(
+                    records = st.tail_records,
+                    "outbox miscounted records behind the window; correcting"
+                );
+                st.pending_records = st.pending_records.saturating_sub(st.tail_records);
+                st.tail_records = 0;
+            }
+            st.tail_head = None;
+        } else if head.is_some() {
+            st.tail_head = head;
+        }
+        drop(st);
+        if appeared {
+            self.shared.unsent.notify_waiters();
+        }
+    }
+
+    fn segment(&self, first_seq: u64) -> Option<&SegmentMeta> {
+        let i = self
+            .segments
+            .binary_search_by_key(&first_seq, |s| s.first_seq)
+            .ok()?;
+        self.segments.get(i)
+    }
+
+    fn next_segment_start(&self, first_seq: u64) -> Option<TailPos> {
+        let next = self.segments.iter().find(|s| s.first_seq > first_seq)?;
+        Some(TailPos {
+            first_seq: next.first_seq,
+            offset: 0,
+            index: 0,
+        })
+    }
+
+    /// Reads the frame at `pos` into `read_buf`, reusing the open reader when it is
+    /// already there.
+    fn read_at(&mut self, pos: TailPos, seg_bytes: u64) -> io::Result<ReadFrame> {
+        let reader = match &mut self.reader {
+            Some(r) if r.first_seq == pos.first_seq => r,
+            _ => {
+                let file = File::open(frame::segment_path(&self.dir, pos.first_seq))?;
+                self.reader.insert(SegmentReader {
+                    first_seq: pos.first_seq,
+                    pos: 0,
+                    reader: BufReader::with_capacity(READ_BUFFER, file),
+                })
+            }
+        };
+        if reader.pos != pos.offset {
+            reader.reader.seek(SeekFrom::Start(pos.offset))?;
+            reader.pos = pos.offset;
+        }
+        let result = frame::read_frame(
+            &mut reader.reader,
+            seg_bytes - pos.offset,
+            &mut self.read_buf,
+        );
+        match &result {
+            Ok(ReadFrame::Frame(h)) => reader.pos += h.frame_len(),
+            // Position unknown after a partial read.
+            _ => self.reader = None,
+        }
+        result
+    }
+
+    /// Where the watermark must reach before the oldest segment can be deleted; the
+    /// segment being appended to is never deleted.
+    fn reclaim_at(&self) -> Option<u64> {
+        let front = self.segments.front()?;
+        if self.active.is_some() && self.segments.len() == 1 {
+            return None;
+        }
+        Some(front.last_seq + 1)
+    }
+
+    /// Deletes segments whose records are all acknowledged.
+    fn reclaim(&mut self) {
+        let watermark = self.shared.lock().watermark();
+        let mut deletable = self
+            .segments
+            .iter()
+            .take_while(|s| s.last_seq < watermark)
+            .count();
+        if self.active.is_some() {
+            deletable = deletable.min(self.segments.len().saturating_sub(1));
+        }
+        if deletable == 0 {
+            return;
+        }
+        // On disk before the records below it disappear: a restart must not hand their
+        // seqs out again.
+        if self.persist_acked(true).is_err() {
+            return;
+        }
+        for _ in 0..deletable {
+            let Some(seg) = self.segments.front() else {
+                break;
+            };
+            let path = frame::segment_path(&self.dir, seg.first_seq);
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::error!(segment = %path.display(), error = %e,
+                        "outbox could not delete an acknowledged segment; retrying later");
+                    break;
+                }
+            }
+            if self.reader.as_ref().map(|r| r.first_seq) == Some(seg.first_seq) {
+                self.reader = None;
+            }
+            self.disk_bytes -= seg.bytes;
+            self.segments.pop_front();
+        }
+        let mut st = self.shared.lock();
+        st.disk_bytes = self.disk_bytes;
+        st.reclaim_at = self.reclaim_at();
+    }
+
+    fn persist_acked_if_due(&mut self) {
+        if self.last_persist.elapsed() >= WATERMARK_PERSIST_INTERVAL {
+            let _ = self.persist_acked(false);
+        }
+    }
+
+    /// Writes the ack file if anything was acknowledged since the last write; `force`
+    /// also rewrites it when only the watermark moved without an ack.
+    fn persist_acked(&mut self, force: bool) -> io::Result<()> {
+        let (acked, generation) = {
+            let st = self.shared.lock();
+            if !force && st.ack_generation == self.persisted_generation {
+                return Ok(());
+            }
+            let watermark = st.watermark();
+            let mut above: Vec<u64> = self
+                .acked_above
+                .range(watermark..)
+                .copied()
+                .chain(st.acked_in_window())
+                .collect();
+            above.sort_unstable();
+            (frame::Acked { watermark, above }, st.ack_generation)
+        };
+        if acked == self.persisted {
+            self.persisted_generation = generation;
+            return Ok(());
+        }
+        let result = frame::write_acked(&self.dir, &self.dir_handle, &acked);
+        self.last_persist = Instant::now();
+        match &result {
+            Ok(()) => {
+                self.acked_above = self.acked_above.split_off(&acked.watermark);
+                self.persisted = acked;
+                self.persisted_generation = generation;
+                self.shared.lock().fsyncs_total += 2;
+            }
+            Err(e) => tracing::error!(dir = %self.dir.display(), error = %e,
+                "outbox could not persist the ack watermark; acknowledged records may be re-published after a restart"),
+        }
+        result
+    }
+
+    fn log_full(&mut self, needed: u64, available: u64) {
+        if self
+            .last_full_log
+            .is_some_and(|at| at.elapsed() < FULL_LOG_INTERVAL)
+        {
+            self.full_suppressed += 1;
+            return;
+        }
+        tracing::error!(
+            dir = %self.dir.display(),
+            needed,
+            available,
+            max_bytes = self.max_bytes,
+            also_rejected_since_last_log = self.full_suppressed,
+            "outbox full: usage records rejected; the broker has not acknowledged enough records to free disk space"
+        );
+        self.last_full_log = Some(Instant::now());
+        self.full_suppressed = 0;
+    }
+
+    /// `close`: everything written reaches the disk, acknowledged segments go, the
+    /// watermark is persisted.
+    fn shutdown(&mut self) {
+        let _ = self.sync_all();
+        self.reclaim();
+        let _ = self.persist_acked(true);
+    }
+
+    /// Every handle was dropped without `close`: sync what was written (cheap insurance)
+    /// and stop, leaving the watermark as it is, like a crash would.
+    fn abandon(&mut self) {
+        let _ = self.sync_all();
+    }
+}
+
+/// `io::Error` is not `Clone`; every waiter of a failed group gets its own copy.
+fn copy_error(e: Option<&io::Error>) -> io::Error {
+    match e {
+        Some(e) => io::Error::new(e.kind(), e.to_string()),
+        None => io::Error::other("outbox write failed"),
+    }
+}

@@ -1,0 +1,195 @@
+//! Opening an outbox: scan every segment, truncate torn tails, and rebuild what is
+//! pending from the records above the ack watermark.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader};
+use std::path::Path;
+
+use bytes::Bytes;
+
+use super::State;
+use super::frame::{self, ReadFrame};
+use super::io::{DiskState, SegmentMeta, TailPos};
+
+/// Read buffer for the start-up scan: large sequential reads.
+const SCAN_BUFFER: usize = 256 * 1024;
+
+pub(super) struct Recovered {
+    pub state: State,
+    pub disk: DiskState,
+}
+
+pub(super) fn recover(dir: &Path) -> io::Result<Recovered> {
+    frame::remove_watermark_tmp(dir);
+    let acked = frame::read_acked(dir)?;
+    let watermark = acked.watermark;
+    let mut firsts = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let Some(first_seq) = entry
+            .file_name()
+            .to_str()
+            .and_then(frame::parse_segment_name)
+        else {
+            continue;
+        };
+        if entry.file_type()?.is_file() {
+            firsts.push(first_seq);
+        }
+    }
+    firsts.sort_unstable();
+
+    let mut scan = Scan {
+        watermark,
+        acked_above: acked
+            .above
+            .iter()
+            .copied()
+            .filter(|&s| s >= watermark)
+            .collect(),
+        last_seq: None,
+        state: State::default(),
+        tail: None,
+        payload: Vec::new(),
+    };
+    let mut segments = VecDeque::new();
+    for first_seq in firsts {
+        let path = frame::segment_path(dir, first_seq);
+        let Some(meta) = scan.segment(&path, first_seq)? else {
+            continue;
+        };
+        if meta.last_seq < watermark {
+            // Acknowledged before the stop; the deletion did not happen yet.
+            match fs::remove_file(&path) {
+                Ok(()) => continue,
+                // Kept and counted; the I/O thread deletes it again.
+                Err(e) => tracing::warn!(segment = %path.display(), error = %e,
+                    "outbox could not delete an acknowledged segment"),
+            }
+        }
+        scan.state.disk_bytes += meta.bytes;
+        segments.push_back(meta);
+    }
+
+    let mut state = scan.state;
+    // Seqs never go back: not below what is on disk, nor below what was acknowledged
+    // (whose segments may be gone). 0 is never used.
+    state.next_seq = scan
+        .last_seq
+        .map_or(1, |last| last.saturating_add(1))
+        .max(watermark)
+        .max(1);
+    state.replayed_on_open = state.pending_records;
+    Ok(Recovered {
+        state,
+        disk: DiskState {
+            segments,
+            tail: scan.tail,
+            acked_above: scan.acked_above,
+            persisted: acked,
+        },
+    })
+}
+
+struct Scan {
+    watermark: u64,
+    /// Acknowledged out of order before the stop: not pending.
+    acked_above: BTreeSet<u64>,
+    /// Highest seq seen so far, across segments.
+    last_seq: Option<u64>,
+    state: State,
+    tail: Option<TailPos>,
+    payload: Vec<u8>,
+}
+
+impl Scan {
+    /// Scans one segment, truncating it at the first bad frame. `None` when nothing
+    /// valid is left in it (the file is removed).
+    fn segment(&mut self, path: &Path, first_seq: u64) -> io::Result<Option<SegmentMeta>> {
+        let file = File::open(path)?;
+        let len = file.metadata()?.len();
+        let mut reader = BufReader::with_capacity(SCAN_BUFFER, &file);
+        let mut meta = SegmentMeta {
+            first_seq,
+            last_seq: first_seq,
+            records: 0,
+            bytes: 0,
+        };
+        loop {
+            let offset = meta.bytes;
+            let reason = match frame::read_frame(&mut reader, len - offset, &mut self.payload)? {
+                ReadFrame::End => break,
+                ReadFrame::Bad(reason) => reason,
+                ReadFrame::Frame(h) if h.seq < first_seq || self.last_seq >= Some(h.seq) => {
+                    "record seq out of order"
+                }
+                ReadFrame::Frame(h) => {
+                    self.record(
+                        h,
+                        TailPos {
+                            first_seq,
+                            offset,
+                            index: meta.records,
+                        },
+                    );
+                    meta.records += 1;
+                    meta.last_seq = h.seq;
+                    meta.bytes += h.frame_len();
+                    continue;
+                }
+            };
+            tracing::warn!(
+                segment = %path.display(),
+                offset,
+                dropped_bytes = len - offset,
+                reason,
+                "outbox segment ends in a torn or corrupt record (crash mid-write?); truncating it there"
+            );
+            // Not fatal: nothing is ever appended to a segment from before the open, and
+            // only `meta.bytes` of it are read; the next open tries again.
+            if let Err(e) = truncate(path, offset) {
+                tracing::warn!(segment = %path.display(), error = %e,
+                    "outbox could not truncate a torn segment");
+            }
+            self.state.corrupt_bytes_total += len - offset;
+            break;
+        }
+        if meta.records == 0 {
+            drop(reader);
+            if let Err(e) = fs::remove_file(path) {
+                tracing::warn!(segment = %path.display(), error = %e,
+                    "outbox could not delete an empty segment");
+            }
+            return Ok(None);
+        }
+        Ok(Some(meta))
+    }
+
+    /// One valid record at `pos`.
+    fn record(&mut self, h: frame::FrameHeader, pos: TailPos) {
+        self.last_seq = Some(h.seq);
+        if h.seq < self.watermark || self.acked_above.contains(&h.seq) {
+            return;
+        }
+        let st = &mut self.state;
+        st.pending_records += 1;
+        st.pending_bytes += h.frame_len();
+        if self.tail.is_none() && st.window_has_room(h.payload_len) {
+            st.push_unsent(h.seq, h.created_ms, Bytes::copy_from_slice(&self.payload));
+        } else {
+            // Past the memory window: read back later, as the publisher catches up.
+            if self.tail.is_none() {
+                self.tail = Some(pos);
+                st.tail_head = Some((h.seq, h.created_ms));
+            }
+            st.tail_records += 1;
+        }
+    }
+}
+
+fn truncate(path: &Path, len: u64) -> io::Result<()> {
+    let file = OpenOptions::new().write(true).open(path)?;
+    file.set_len(len)?;
+    file.sync_all()
+}

@@ -1,0 +1,786 @@
+//! The outbox as the access log and the publisher use it: durable appends, replay after
+//! a clean stop, a crash and a torn write, the disk budget, group commit, and a memory
+//! window that stays bounded while the broker is away.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use keymeter::outbox::{
+    AppendError, Durability, FsyncPolicy, NewRecord, Outbox, OutboxConfig, OutboxStats,
+    PendingRecord, WINDOW_MAX_BYTES, WINDOW_MAX_RECORDS,
+};
+
+/// Set in the child process of the crash test: the directory it appends to.
+const CRASH_DIR_ENV: &str = "KEYMETER_OUTBOX_CRASH_DIR";
+const CRASH_RECORDS: u64 = 500;
+const WAIT: Duration = Duration::from_secs(10);
+
+fn config(dir: &Path) -> OutboxConfig {
+    OutboxConfig {
+        fsync: FsyncPolicy::EveryBatch,
+        ..OutboxConfig::new(dir)
+    }
+}
+
+/// A usage-record-like payload that names its index, padded to `len` bytes.
+fn payload(i: u64, len: usize) -> Vec<u8> {
+    let mut p = format!("{{\"n\": {i}, \"pad\": \"").into_bytes();
+    p.resize(len.saturating_sub(2).max(p.len()), b'x');
+    p.extend_from_slice(b"\"}");
+    p
+}
+
+fn record(i: u64, len: usize) -> NewRecord {
+    NewRecord::new(payload(i, len), 1_700_000_000_000 + i as i64)
+}
+
+fn records(range: std::ops::Range<u64>, len: usize) -> Vec<NewRecord> {
+    range.map(|i| record(i, len)).collect()
+}
+
+/// The index a payload names.
+fn index_of(r: &PendingRecord) -> u64 {
+    let text = std::str::from_utf8(&r.payload).unwrap();
+    let start = text.find(": ").unwrap() + 2;
+    let end = text[start..].find(',').unwrap() + start;
+    text[start..end].parse().unwrap()
+}
+
+fn segment_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "seg"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Takes everything unsent right now.
+fn take_all(outbox: &Outbox) -> Vec<PendingRecord> {
+    outbox.take_unsent(usize::MAX)
+}
+
+/// Segment deletion is the I/O thread's job; wait for it.
+async fn wait_stats(outbox: &Outbox, what: &str, ok: impl Fn(&OutboxStats) -> bool) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let stats = outbox.stats();
+        if ok(&stats) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn append_take_ack_drains_and_deletes_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(OutboxConfig {
+        segment_bytes: 1024,
+        ..config(dir.path())
+    })
+    .unwrap();
+    let mut seqs = Vec::new();
+    for batch in 0..10 {
+        let got = outbox
+            .append(records(batch * 5..batch * 5 + 5, 100), Durability::Synced)
+            .await
+            .unwrap();
+        seqs.extend(got);
+    }
+    assert_eq!(
+        seqs,
+        (1..=50).collect::<Vec<u64>>(),
+        "seqs start at 1 and are dense"
+    );
+    let stats = outbox.stats();
+    assert_eq!(stats.pending_records, 50);
+    assert_eq!(stats.appended_total, 50);
+    assert_eq!(stats.oldest_pending_created_ms, Some(1_700_000_000_000));
+    assert!(segment_files(dir.path()).len() > 3, "small segments roll");
+
+    let taken = take_all(&outbox);
+    assert_eq!(taken.iter().map(|r| r.seq).collect::<Vec<_>>(), seqs);
+    assert_eq!(
+        taken.iter().map(index_of).collect::<Vec<_>>(),
+        (0..50).collect::<Vec<_>>()
+    );
+    assert_eq!(outbox.stats().inflight_records, 50);
+    assert!(
+        take_all(&outbox).is_empty(),
+        "in-flight records are not taken twice"
+    );
+
+    for r in &taken {
+        outbox.ack(r.seq);
+    }
+    let stats = outbox.stats();
+    assert_eq!(
+        (
+            stats.pending_records,
+            stats.pending_bytes,
+            stats.inflight_records
+        ),
+        (0, 0, 0)
+    );
+    assert_eq!(stats.acked_total, 50);
+    assert_eq!(stats.oldest_pending_created_ms, None);
+    // Everything but the segment still being appended to goes.
+    wait_stats(&outbox, "acknowledged segments deleted", |s| {
+        s.disk_bytes <= 1024 + 5 * 124
+    })
+    .await;
+    assert_eq!(segment_files(dir.path()).len(), 1);
+    outbox.close().await;
+}
+
+#[tokio::test]
+async fn restart_replays_exactly_the_unacked_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(config(dir.path())).unwrap();
+    let seqs = outbox
+        .append(records(0..20, 64), Durability::Written)
+        .await
+        .unwrap();
+    let taken = take_all(&outbox);
+    // A contiguous prefix, and some out of order above it.
+    let acked: HashSet<u64> = [1, 2, 3, 6, 9, 10, 17].into();
+    for &seq in [9, 2, 17, 1, 6, 3, 10].iter() {
+        outbox.ack(seq);
+    }
+    outbox.close().await;
+    assert!(matches!(
+        outbox.append(records(0..1, 10), Durability::Written).await,
+        Err(AppendError::Closed)
+    ));
+
+    let outbox = Outbox::open(config(dir.path())).unwrap();
+    let expected: Vec<&PendingRecord> = taken.iter().filter(|r| !acked.contains(&r.seq)).collect();
+    let stats = outbox.stats();
+    assert_eq!(stats.replayed_on_open, expected.len() as u64);
+    assert_eq!(stats.pending_records, expected.len() as u64);
+    assert_eq!(
+        stats.oldest_pending_created_ms,
+        Some(expected[0].created_ms)
+    );
+    let replayed = take_all(&outbox);
+    assert_eq!(replayed.len(), expected.len());
+    for (got, want) in replayed.iter().zip(&expected) {
+        assert_eq!(got, *want, "same seq, payload and created_ms");
+    }
+    let next = outbox
+        .append(records(100..101, 10), Durability::Written)
+        .await
+        .unwrap();
+    assert!(
+        next[0] > *seqs.last().unwrap(),
+        "new seqs continue above the old ones"
+    );
+    outbox.close().await;
+}
+
+#[tokio::test]
+async fn out_of_order_acks_survive_several_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(config(dir.path())).unwrap();
+    outbox
+        .append(records(0..20, 30), Durability::Written)
+        .await
+        .unwrap();
+    take_all(&outbox);
+    for seq in [1, 2, 3, 6, 9, 10, 17] {
+        outbox.ack(seq);
+    }
+    outbox.close().await;
+
+    let outbox = Outbox::open(config(dir.path())).unwrap();
+    let seqs: Vec<u64> = take_all(&outbox).iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, [4, 5, 7, 8, 11, 12, 13, 14, 15, 16, 18, 19, 20]);
+    // 4 and 5 move the watermark past 6; 9, 10 and 17 were acked before the restart.
+    for seq in [5, 4, 12] {
+        outbox.ack(seq);
+    }
+    outbox.close().await;
+
+    let outbox = Outbox::open(config(dir.path())).unwrap();
+    let seqs: Vec<u64> = take_all(&outbox).iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, [7, 8, 11, 13, 14, 15, 16, 18, 19, 20]);
+    outbox.close().await;
+}
+
+#[tokio::test]
+async fn seqs_keep_increasing_after_everything_was_acked_and_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = OutboxConfig {
+        segment_bytes: 256,
+        ..config(dir.path())
+    };
+    let outbox = Outbox::open(cfg.clone()).unwrap();
+    let seqs = outbox
+        .append(records(0..10, 100), Durability::Synced)
+        .await
+        .unwrap();
+    // One more batch, so that the first segment is no longer the one being written.
+    let more = outbox
+        .append(records(10..11, 100), Durability::Synced)
+        .await
+        .unwrap();
+    for r in take_all(&outbox) {
+        outbox.ack(r.seq);
+    }
+    outbox.close().await;
+    drop(outbox);
+
+    let outbox = Outbox::open(cfg).unwrap();
+    assert_eq!(outbox.stats().pending_records, 0);
+    assert!(segment_files(dir.path()).len() <= 1);
+    let next = outbox
+        .append(records(0..1, 10), Durability::Written)
+        .await
+        .unwrap();
+    assert!(next[0] > more[0] && next[0] > *seqs.last().unwrap());
+    outbox.close().await;
+}
+
+#[tokio::test]
+async fn dropped_without_close_keeps_every_written_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = OutboxConfig {
+        // Nothing is fsynced during the test: `Written` alone must be enough.
+        fsync: FsyncPolicy::Interval(Duration::from_secs(3600)),
+        ..config(dir.path())
+    };
+    let outbox = Outbox::open(cfg.clone()).unwrap();
+    for i in 0..10 {
+        outbox
+            .append(records(i * 10..i * 10 + 10, 80), Durability::Written)
+            .await
+            .unwrap();
+    }
+    let taken = outbox.take_unsent(5);
+    outbox.ack(taken[0].seq);
+    drop(outbox);
+
+    let outbox = Outbox::open(cfg).unwrap();
+    let replayed = take_all(&outbox);
+    // The ack was never persisted: replaying it is allowed (at least once).
+    assert!(
+        replayed.len() == 100 || replayed.len() == 99,
+        "{}",
+        replayed.len()
+    );
+    let first = 100 - replayed.len() as u64;
+    assert_eq!(
+        replayed.iter().map(index_of).collect::<Vec<_>>(),
+        (first..100).collect::<Vec<_>>()
+    );
+    outbox.close().await;
+}
+
+/// Not a test on its own: the child process of `killed_process_loses_nothing_written`.
+#[tokio::test]
+async fn crash_child() {
+    let Some(dir) = std::env::var_os(CRASH_DIR_ENV) else {
+        return;
+    };
+    let outbox = Outbox::open(OutboxConfig {
+        fsync: FsyncPolicy::Interval(Duration::from_secs(3600)),
+        segment_bytes: 4096,
+        ..OutboxConfig::new(PathBuf::from(dir))
+    })
+    .unwrap();
+    for i in 0..CRASH_RECORDS / 10 {
+        outbox
+            .append(records(i * 10..i * 10 + 10, 120), Durability::Written)
+            .await
+            .unwrap();
+    }
+    // No close, no destructors, no flush of anything: like SIGKILL.
+    std::process::abort();
+}
+
+#[tokio::test]
+async fn killed_process_loses_nothing_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "crash_child", "--nocapture", "--test-threads=1"])
+        .env(CRASH_DIR_ENV, dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(
+        !status.success(),
+        "the child must die, not finish: {status:?}"
+    );
+
+    let outbox = Outbox::open(config(dir.path())).unwrap();
+    assert_eq!(outbox.stats().replayed_on_open, CRASH_RECORDS);
+    let replayed = take_all(&outbox);
+    assert_eq!(
+        replayed.iter().map(index_of).collect::<Vec<_>>(),
+        (0..CRASH_RECORDS).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        replayed.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (1..=CRASH_RECORDS).collect::<Vec<_>>()
+    );
+    assert_eq!(replayed[7].payload.as_ref(), payload(7, 120).as_slice());
+    outbox.close().await;
+}
+
+#[tokio::test]
+async fn torn_tail_is_truncated_and_earlier_records_survive() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(config(dir.path())).unwrap();
+    outbox
+        .append(records(0..10, 50), Durability::Synced)
+        .await
+        .unwrap();
+    outbox.close().await;
+    let segment = segment_files(dir.path()).pop().unwrap();
+    let good_len = std::fs::metadata(&segment).unwrap().len();
+
+    // A crash mid-write: the last frame is cut short.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&segment)
+        .unwrap();
+    file.set_len(good_len - 7).unwrap();
+    drop(file);
+    let outbox = Outbox::open(config(dir.path())).unwrap();
+    let replayed = take_all(&outbox);
+    assert_eq!(
+        replayed.iter().map(index_of).collect::<Vec<_>>(),
+        (0..9).collect::<Vec<_>>()
+    );
+    assert_eq!(outbox.stats().corrupt_bytes_total, 74 - 7);
+    assert_eq!(std::fs::metadata(&segment).unwrap().len(), good_len - 74);
+    outbox.close().await;
+
+    // Garbage behind the last frame (a torn header, or a preallocated tail).
+    let mut bytes = std::fs::read(&segment).unwrap();
+    bytes.extend_from_slice(&[0xB7, 0x42, 0x00, 0x00, 0xde, 0xad]);
+    bytes.extend_from_slice(&[0u8; 100]);
+    std::fs::write(&segment, &bytes).unwrap();
+    let outbox = Outbox::open(config(dir.path())).unwrap();
+    assert_eq!(take_all(&outbox).len(), 9);
+    assert_eq!(std::fs::metadata(&segment).unwrap().len(), good_len - 74);
+    let next = outbox
+        .append(records(50..51, 10), Durability::Written)
+        .await
+        .unwrap();
+    assert_eq!(
+        next,
+        vec![10],
+        "the torn record's seq was never handed out durably"
+    );
+    outbox.close().await;
+
+    // A segment created just before a crash (empty), one that is pure junk, and files
+    // that are not segments at all.
+    let empty = dir.path().join("00000000000000000500.seg");
+    let junk = dir.path().join("00000000000000000600.seg");
+    std::fs::write(&empty, b"").unwrap();
+    std::fs::write(&junk, [0xFFu8; 33]).unwrap();
+    std::fs::write(dir.path().join("notes.txt"), b"hello").unwrap();
+    std::fs::create_dir(dir.path().join("00000000000000000700.seg")).unwrap();
+    let outbox = Outbox::open(config(dir.path())).unwrap();
+    assert_eq!(take_all(&outbox).len(), 10);
+    assert!(!empty.exists() && !junk.exists());
+    assert!(dir.path().join("notes.txt").exists());
+    outbox.close().await;
+}
+
+#[tokio::test]
+async fn corruption_in_an_old_segment_loses_only_the_rest_of_that_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = OutboxConfig {
+        segment_bytes: 500,
+        ..config(dir.path())
+    };
+    let outbox = Outbox::open(cfg.clone()).unwrap();
+    for i in 0..30 {
+        outbox
+            .append(records(i..i + 1, 76), Durability::Written)
+            .await
+            .unwrap();
+    }
+    outbox.close().await;
+    let segments = segment_files(dir.path());
+    assert!(segments.len() >= 3);
+    // Flip a payload bit of the second record of the first segment (frames are 100 bytes).
+    let mut bytes = std::fs::read(&segments[0]).unwrap();
+    let per_segment = bytes.len() as u64 / 100;
+    bytes[100 + 30] ^= 0x01;
+    std::fs::write(&segments[0], &bytes).unwrap();
+
+    let outbox = Outbox::open(cfg).unwrap();
+    let got: Vec<u64> = take_all(&outbox).iter().map(index_of).collect();
+    let want: Vec<u64> = std::iter::once(0).chain(per_segment..30).collect();
+    assert_eq!(got, want);
+    assert_eq!(outbox.stats().corrupt_bytes_total, (per_segment - 1) * 100);
+    outbox.close().await;
+}
+
+#[tokio::test]
+async fn full_budget_rejects_whole_batches_until_acks_free_space() {
+    let dir = tempfile::tempdir().unwrap();
+    // 100-byte frames; segments of 1 KiB (max_bytes / 8).
+    let outbox = Outbox::open(OutboxConfig {
+        max_bytes: 8 * 1024,
+        segment_bytes: 1 << 20,
+        ..config(dir.path())
+    })
+    .unwrap();
+    let mut accepted = 0;
+    loop {
+        match outbox
+            .append(records(accepted..accepted + 1, 76), Durability::Written)
+            .await
+        {
+            Ok(_) => accepted += 1,
+            Err(AppendError::Full { needed, available }) => {
+                assert_eq!(needed, 100);
+                assert!(available < 100);
+                break;
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    assert_eq!(accepted, 81, "8 KiB holds 81 frames of 100 bytes");
+    let before = outbox.stats();
+    assert_eq!(before.rejected_full_total, 1);
+    assert_eq!(before.disk_bytes, 8100);
+    let files_before = segment_files(dir.path());
+
+    // Acking one record frees nothing while its segment holds unacked ones.
+    let taken = take_all(&outbox);
+    outbox.ack(taken[0].seq);
+    let err = outbox
+        .append(records(1000..1002, 76), Durability::Synced)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, AppendError::Full { needed: 200, .. }),
+        "{err:?}"
+    );
+    let after = outbox.stats();
+    assert_eq!(after.rejected_full_total, 2);
+    assert_eq!(after.disk_bytes, before.disk_bytes);
+    assert_eq!(after.appended_total, before.appended_total);
+    assert_eq!(segment_files(dir.path()), files_before);
+
+    for r in &taken[1..] {
+        outbox.ack(r.seq);
+    }
+    // Acked segments are deleted before the next append is judged against the budget
+    // (all but the segment being written, which holds one record).
+    let seqs = outbox
+        .append(records(2000..2050, 76), Durability::Synced)
+        .await
+        .unwrap();
+    assert_eq!(outbox.stats().disk_bytes, 100 + 5000);
+    assert_eq!(seqs.len(), 50);
+    assert!(seqs[0] > taken.last().unwrap().seq);
+    outbox.close().await;
+}
+
+#[tokio::test]
+async fn oversized_payload_is_refused_without_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(config(dir.path())).unwrap();
+    let huge = NewRecord::new(vec![b'x'; keymeter::outbox::MAX_PAYLOAD + 1], 0);
+    let err = outbox
+        .append(vec![record(0, 10), huge], Durability::Written)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AppendError::TooLarge { .. }), "{err:?}");
+    assert_eq!(outbox.stats().pending_records, 0);
+    assert!(
+        outbox
+            .append(Vec::new(), Durability::Synced)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    outbox.close().await;
+}
+
+#[tokio::test]
+async fn requeued_records_come_back_first_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(config(dir.path())).unwrap();
+    outbox
+        .append(records(0..10, 20), Durability::Written)
+        .await
+        .unwrap();
+    let first = outbox.take_unsent(4);
+    let second = outbox.take_unsent(3);
+    assert_eq!(
+        first
+            .iter()
+            .chain(&second)
+            .map(index_of)
+            .collect::<Vec<_>>(),
+        (0..7).collect::<Vec<_>>()
+    );
+    outbox.ack(second[0].seq);
+    outbox.ack(first[1].seq);
+    assert_eq!(outbox.stats().inflight_records, 5);
+
+    outbox.requeue_inflight();
+    assert_eq!(outbox.stats().inflight_records, 0);
+    let again: Vec<u64> = outbox.take_unsent(6).iter().map(index_of).collect();
+    assert_eq!(again, vec![0, 2, 3, 5, 6, 7]);
+    let rest: Vec<u64> = take_all(&outbox).iter().map(index_of).collect();
+    assert_eq!(rest, vec![8, 9]);
+
+    // A late ack for a requeued record is taken as is: the broker has it.
+    outbox.requeue_inflight();
+    outbox.ack(first[0].seq);
+    let again: Vec<u64> = take_all(&outbox).iter().map(index_of).collect();
+    assert_eq!(again, vec![2, 3, 5, 6, 7, 8, 9]);
+    outbox.close().await;
+}
+
+#[tokio::test]
+async fn unsent_available_wakes_the_publisher() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(config(dir.path())).unwrap();
+    let waiter = tokio::spawn({
+        let outbox = outbox.clone();
+        async move {
+            outbox.unsent_available().await;
+            outbox.take_unsent(10)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!waiter.is_finished(), "nothing to send yet");
+    outbox
+        .append(records(0..3, 20), Durability::Written)
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(WAIT, waiter).await.unwrap().unwrap();
+    assert_eq!(got.len(), 3);
+
+    // Requeueing makes records available again, and so wakes a waiter.
+    let waiter = tokio::spawn({
+        let outbox = outbox.clone();
+        async move { outbox.unsent_available().await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!waiter.is_finished());
+    outbox.requeue_inflight();
+    tokio::time::timeout(WAIT, waiter).await.unwrap().unwrap();
+    outbox.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_appends_are_group_committed() {
+    const TASKS: u64 = 64;
+    const APPENDS: u64 = 100;
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(config(dir.path())).unwrap();
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let outbox = outbox.clone();
+            tokio::spawn(async move {
+                let mut seqs = Vec::new();
+                for i in 0..APPENDS {
+                    let n = t * APPENDS + i;
+                    let got = outbox
+                        .append(vec![record(n, 100)], Durability::Written)
+                        .await
+                        .unwrap();
+                    seqs.push((n, got[0]));
+                }
+                seqs
+            })
+        })
+        .collect();
+    let mut seq_of = std::collections::HashMap::new();
+    for task in tasks {
+        for (n, seq) in task.await.unwrap() {
+            assert!(
+                seq_of.insert(seq, n).is_none(),
+                "seq {seq} handed out twice"
+            );
+        }
+    }
+    assert_eq!(seq_of.len() as u64, TASKS * APPENDS);
+    let stats = outbox.stats();
+    println!(
+        "{} appends (EveryBatch) took {} fsyncs",
+        TASKS * APPENDS,
+        stats.fsyncs_total
+    );
+    assert!(
+        stats.fsyncs_total < TASKS * APPENDS / 2,
+        "group commit: {} fsyncs for {} appends",
+        stats.fsyncs_total,
+        TASKS * APPENDS
+    );
+    // Every record is stored under the seq its append returned.
+    for r in take_all(&outbox) {
+        assert_eq!(seq_of[&r.seq], index_of(&r));
+    }
+    outbox.close().await;
+}
+
+#[tokio::test]
+async fn segments_roll_and_all_survive_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = OutboxConfig {
+        segment_bytes: 512,
+        ..config(dir.path())
+    };
+    let outbox = Outbox::open(cfg.clone()).unwrap();
+    for i in 0..20 {
+        outbox
+            .append(records(i * 5..i * 5 + 5, 40), Durability::Written)
+            .await
+            .unwrap();
+    }
+    outbox.close().await;
+    let files = segment_files(dir.path());
+    assert!(files.len() >= 10, "{} segments", files.len());
+    for pair in files.windows(2) {
+        assert!(pair[0] < pair[1]);
+    }
+
+    let outbox = Outbox::open(cfg).unwrap();
+    let replayed = take_all(&outbox);
+    assert_eq!(
+        replayed.iter().map(index_of).collect::<Vec<_>>(),
+        (0..100).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        replayed.iter().map(|r| r.seq).collect::<Vec<_>>(),
+        (1..=100).collect::<Vec<_>>()
+    );
+    outbox.close().await;
+}
+
+/// The broker is away while far more than the memory window is appended: memory stays
+/// bounded, and everything comes back from disk in order, across a restart too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stays_bounded_while_the_backlog_is_on_disk() {
+    const RECORDS: u64 = 24_000;
+    const LEN: usize = 1000;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = OutboxConfig {
+        max_bytes: 64 << 20,
+        segment_bytes: 1 << 20,
+        fsync: FsyncPolicy::Interval(Duration::from_millis(50)),
+        ..OutboxConfig::new(dir.path())
+    };
+    let outbox = Outbox::open(cfg.clone()).unwrap();
+    for i in 0..RECORDS / 100 {
+        outbox
+            .append(records(i * 100..i * 100 + 100, LEN), Durability::Written)
+            .await
+            .unwrap();
+    }
+    let stats = outbox.stats();
+    assert_eq!(stats.pending_records, RECORDS);
+    assert!(
+        stats.memory_records <= WINDOW_MAX_RECORDS as u64,
+        "{stats:?}"
+    );
+    assert!(stats.memory_bytes <= WINDOW_MAX_BYTES, "{stats:?}");
+    assert!(stats.memory_records < RECORDS / 2, "{stats:?}");
+
+    // Publish a third, then restart with the rest still behind the window.
+    let mut next = 0;
+    next = drain(&outbox, next, RECORDS / 3).await;
+    outbox.close().await;
+    let outbox = Outbox::open(cfg).unwrap();
+    let stats = outbox.stats();
+    assert_eq!(stats.replayed_on_open, RECORDS - next);
+    assert!(stats.memory_bytes <= WINDOW_MAX_BYTES, "{stats:?}");
+    next = drain(&outbox, next, RECORDS).await;
+    assert_eq!(next, RECORDS);
+    wait_stats(&outbox, "backlog deleted", |s| s.disk_bytes < 2 << 20).await;
+    outbox.close().await;
+}
+
+/// A record behind the memory window that went bad on disk after it was written is
+/// reported and skipped with the rest of its segment; everything else is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corruption_found_on_read_back_skips_the_rest_of_that_segment() {
+    const RECORDS: u64 = 12_000;
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = Outbox::open(OutboxConfig {
+        segment_bytes: 1 << 20,
+        ..config(dir.path())
+    })
+    .unwrap();
+    for i in 0..RECORDS / 100 {
+        outbox
+            .append(records(i * 100..i * 100 + 100, 1000), Durability::Written)
+            .await
+            .unwrap();
+    }
+    // 1000 frames of 1024 bytes per segment; records 10000.. (seq 10001..) are far
+    // behind the window. Flip a payload byte of record 10500.
+    assert!(outbox.stats().memory_records < 10_000);
+    let segment = dir.path().join("00000000000000010001.seg");
+    let mut bytes = std::fs::read(&segment).unwrap();
+    assert_eq!(bytes.len(), 1000 * 1024);
+    bytes[500 * 1024 + 24 + 10] ^= 0x20;
+    std::fs::write(&segment, &bytes).unwrap();
+
+    let mut got = Vec::new();
+    while outbox.stats().pending_records > 0 {
+        let batch = outbox.take_unsent(500);
+        if batch.is_empty() {
+            tokio::time::timeout(WAIT, outbox.unsent_available())
+                .await
+                .expect("read back");
+            continue;
+        }
+        for r in batch {
+            got.push(index_of(&r));
+            outbox.ack(r.seq);
+        }
+    }
+    let want: Vec<u64> = (0..10_500).chain(11_000..RECORDS).collect();
+    assert_eq!(got, want);
+    let stats = outbox.stats();
+    assert_eq!(stats.corrupt_bytes_total, 500 * 1024);
+    assert_eq!(stats.acked_total, RECORDS - 500);
+    outbox.close().await;
+}
+
+/// Publishes and acks in order until record index `until`, checking order and memory;
+/// returns the next index expected.
+async fn drain(outbox: &Outbox, mut next: u64, until: u64) -> u64 {
+    while next < until {
+        let batch = outbox.take_unsent(((until - next) as usize).min(300));
+        if batch.is_empty() {
+            tokio::time::timeout(WAIT, outbox.unsent_available())
+                .await
+                .expect("records behind the window are read back");
+            continue;
+        }
+        for r in &batch {
+            assert_eq!(index_of(r), next);
+            assert_eq!(r.payload.len(), 1000);
+            next += 1;
+            outbox.ack(r.seq);
+        }
+        let stats = outbox.stats();
+        assert!(
+            stats.memory_bytes <= WINDOW_MAX_BYTES
+                && stats.memory_records <= WINDOW_MAX_RECORDS as u64
+        );
+    }
+    next
+}
