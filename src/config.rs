@@ -49,6 +49,10 @@ pub struct Config {
     #[serde(default)]
     pub check: CheckConfig,
     #[serde(default)]
+    pub usage: UsageConfig,
+    #[serde(default)]
+    pub outbox: OutboxSettings,
+    #[serde(default)]
     pub log: LogConfig,
 }
 
@@ -271,6 +275,223 @@ fn default_app_id_header() -> String {
 }
 fn default_realm() -> String {
     "keymeter".into()
+}
+
+/// The header contract for backends and how usage records are built.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageConfig {
+    #[serde(default)]
+    pub headers: UsageHeaders,
+    /// Dynamic-metadata namespace where Envoy's `header_to_metadata` puts usage fields
+    /// (keys `module`, `model`, `usage`, `metadata`, `records`).
+    #[serde(default = "default_metadata_namespace")]
+    pub metadata_namespace: String,
+    /// Larger `metadata` objects are rejected.
+    #[serde(default = "default_max_metadata_bytes")]
+    pub max_metadata_bytes: usize,
+    /// At most this many records per response (`records` header).
+    #[serde(default = "default_max_records")]
+    pub max_records_per_response: usize,
+    /// Name of the extra top-level field carrying the record id in `billing/report`;
+    /// empty leaves it out (the payload is then exactly the SDK's).
+    #[serde(default = "default_record_id_field")]
+    pub record_id_field: String,
+    /// Defaults for responses whose backend sets no usage headers; first match wins.
+    #[serde(default)]
+    pub routes: Vec<RouteRule>,
+}
+
+impl Default for UsageConfig {
+    fn default() -> Self {
+        UsageConfig {
+            headers: UsageHeaders::default(),
+            metadata_namespace: default_metadata_namespace(),
+            max_metadata_bytes: default_max_metadata_bytes(),
+            max_records_per_response: default_max_records(),
+            record_id_field: default_record_id_field(),
+            routes: Vec::new(),
+        }
+    }
+}
+
+fn default_metadata_namespace() -> String {
+    "keymeter".into()
+}
+fn default_max_metadata_bytes() -> usize {
+    8 * 1024
+}
+fn default_max_records() -> usize {
+    16
+}
+fn default_record_id_field() -> String {
+    "record_id".into()
+}
+
+/// Response header (and trailer) names of the backend contract.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageHeaders {
+    #[serde(default = "default_module_header")]
+    pub module: String,
+    #[serde(default = "default_model_header")]
+    pub model: String,
+    #[serde(default = "default_usage_header")]
+    pub usage: String,
+    #[serde(default = "default_metadata_header")]
+    pub metadata: String,
+    /// A JSON array of `{module, model, usage, metadata}` for several records.
+    #[serde(default = "default_records_header")]
+    pub records: String,
+}
+
+impl Default for UsageHeaders {
+    fn default() -> Self {
+        UsageHeaders {
+            module: default_module_header(),
+            model: default_model_header(),
+            usage: default_usage_header(),
+            metadata: default_metadata_header(),
+            records: default_records_header(),
+        }
+    }
+}
+
+fn default_module_header() -> String {
+    "x-billing-module".into()
+}
+fn default_model_header() -> String {
+    "x-billing-model".into()
+}
+fn default_usage_header() -> String {
+    "x-billing-usage".into()
+}
+fn default_metadata_header() -> String {
+    "x-billing-metadata".into()
+}
+fn default_records_header() -> String {
+    "x-billing-records".into()
+}
+
+/// Which response statuses a route default bills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StatusClass {
+    #[serde(rename = "1xx")]
+    Informational,
+    #[serde(rename = "2xx")]
+    Success,
+    #[serde(rename = "3xx")]
+    Redirection,
+    #[serde(rename = "4xx")]
+    ClientError,
+    #[serde(rename = "5xx")]
+    ServerError,
+    #[serde(rename = "any")]
+    Any,
+}
+
+impl StatusClass {
+    pub fn matches(self, status: u32) -> bool {
+        match self {
+            StatusClass::Any => true,
+            StatusClass::Informational => (100..200).contains(&status),
+            StatusClass::Success => (200..300).contains(&status),
+            StatusClass::Redirection => (300..400).contains(&status),
+            StatusClass::ClientError => (400..500).contains(&status),
+            StatusClass::ServerError => (500..600).contains(&status),
+        }
+    }
+}
+
+/// A route default: requests that match get this usage when the backend sets none.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteRule {
+    /// Exact `:authority` (host, port stripped); absent matches any.
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default = "default_path_prefix")]
+    pub path_prefix: String,
+    /// e.g. `GET`; absent matches any.
+    #[serde(default)]
+    pub method: Option<String>,
+    /// Response statuses that bill; `2xx` by default, so failures do not.
+    #[serde(default = "default_status_class")]
+    pub status: StatusClass,
+    pub module: String,
+    pub model: String,
+    pub usage: u64,
+}
+
+fn default_path_prefix() -> String {
+    "/".into()
+}
+fn default_status_class() -> StatusClass {
+    StatusClass::Success
+}
+
+/// Fsync policy of the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncMode {
+    /// fsync every group-committed batch: nothing written is lost to a power cut.
+    Batch,
+    /// fsync every `fsync_interval_ms`: a power cut may lose that much; a crash of
+    /// keymeter alone loses nothing (the data is in the kernel).
+    Interval,
+}
+
+/// The durable outbox between the access log and the broker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxSettings {
+    #[serde(default = "default_outbox_dir")]
+    pub dir: PathBuf,
+    /// Disk budget for unpublished records; when full, new records are rejected
+    /// (counted and logged) while Checks keep working.
+    #[serde(default = "default_outbox_max_bytes")]
+    pub max_bytes: u64,
+    #[serde(default = "default_segment_bytes")]
+    pub segment_bytes: u64,
+    #[serde(default = "default_fsync_mode")]
+    pub fsync: FsyncMode,
+    #[serde(default = "default_fsync_interval_ms")]
+    pub fsync_interval_ms: u64,
+    /// Records published but not yet acknowledged by the broker, at most.
+    #[serde(default = "default_max_inflight")]
+    pub max_inflight: u16,
+}
+
+impl Default for OutboxSettings {
+    fn default() -> Self {
+        OutboxSettings {
+            dir: default_outbox_dir(),
+            max_bytes: default_outbox_max_bytes(),
+            segment_bytes: default_segment_bytes(),
+            fsync: default_fsync_mode(),
+            fsync_interval_ms: default_fsync_interval_ms(),
+            max_inflight: default_max_inflight(),
+        }
+    }
+}
+
+fn default_outbox_dir() -> PathBuf {
+    PathBuf::from("/var/lib/keymeter/outbox")
+}
+fn default_outbox_max_bytes() -> u64 {
+    1 << 30
+}
+fn default_segment_bytes() -> u64 {
+    16 << 20
+}
+fn default_fsync_mode() -> FsyncMode {
+    FsyncMode::Interval
+}
+fn default_fsync_interval_ms() -> u64 {
+    50
+}
+fn default_max_inflight() -> u16 {
+    100
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -514,6 +735,92 @@ impl Config {
                 "must be at least 1024",
             ));
         }
+        let u = &self.usage;
+        for (key, name) in [
+            ("usage.headers.module", &u.headers.module),
+            ("usage.headers.model", &u.headers.model),
+            ("usage.headers.usage", &u.headers.usage),
+            ("usage.headers.metadata", &u.headers.metadata),
+            ("usage.headers.records", &u.headers.records),
+        ] {
+            check_header_name(key, name)?;
+        }
+        if u.metadata_namespace.is_empty() {
+            return Err(ConfigError::invalid(
+                "usage.metadata_namespace",
+                "must not be empty",
+            ));
+        }
+        if u.max_metadata_bytes == 0 || u.max_metadata_bytes > 1 << 20 {
+            return Err(ConfigError::invalid(
+                "usage.max_metadata_bytes",
+                "must be 1 to 1048576",
+            ));
+        }
+        if u.max_records_per_response == 0 || u.max_records_per_response > 1000 {
+            return Err(ConfigError::invalid(
+                "usage.max_records_per_response",
+                "must be 1 to 1000",
+            ));
+        }
+        const RESERVED: [&str; 7] = [
+            "app_id",
+            "api_key",
+            "module",
+            "model",
+            "usage",
+            "timestamp",
+            "metadata",
+        ];
+        if RESERVED.contains(&u.record_id_field.as_str()) {
+            return Err(ConfigError::invalid(
+                "usage.record_id_field",
+                "must not be one of the billing payload's own fields",
+            ));
+        }
+        for (i, r) in u.routes.iter().enumerate() {
+            let key = |f: &str| format!("usage.routes[{i}].{f}");
+            if !r.path_prefix.starts_with('/') {
+                return Err(ConfigError::invalid(
+                    &key("path_prefix"),
+                    "must start with /",
+                ));
+            }
+            if r.module.trim().is_empty() {
+                return Err(ConfigError::invalid(&key("module"), "must not be empty"));
+            }
+            if r.model.trim().is_empty() {
+                return Err(ConfigError::invalid(&key("model"), "must not be empty"));
+            }
+            if r.usage > i64::MAX as u64 {
+                return Err(ConfigError::invalid(&key("usage"), "too large"));
+            }
+        }
+        let o = &self.outbox;
+        if o.max_bytes < 1 << 20 {
+            return Err(ConfigError::invalid(
+                "outbox.max_bytes",
+                "must be at least 1 MiB",
+            ));
+        }
+        if o.segment_bytes < 64 * 1024 || o.segment_bytes > o.max_bytes {
+            return Err(ConfigError::invalid(
+                "outbox.segment_bytes",
+                "must be at least 64 KiB and at most outbox.max_bytes",
+            ));
+        }
+        if o.fsync == FsyncMode::Interval && o.fsync_interval_ms == 0 {
+            return Err(ConfigError::invalid(
+                "outbox.fsync_interval_ms",
+                "must be at least 1 (or use fsync = \"batch\")",
+            ));
+        }
+        if o.max_inflight == 0 {
+            return Err(ConfigError::invalid(
+                "outbox.max_inflight",
+                "must be at least 1",
+            ));
+        }
         if self.check.key_headers.is_empty() && !self.check.accept_bearer {
             return Err(ConfigError::invalid(
                 "check.key_headers",
@@ -577,9 +884,21 @@ impl Config {
             topics: Topics::default(),
             keys: KeysConfig::default(),
             check: CheckConfig::default(),
+            usage: UsageConfig::default(),
+            outbox: OutboxSettings {
+                dir: scratch_outbox_dir(),
+                ..OutboxSettings::default()
+            },
             log: LogConfig::default(),
         }
     }
+}
+
+/// A fresh outbox directory under the system temp dir, for dev mode and tests.
+fn scratch_outbox_dir() -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("keymeter-outbox-{}-{n}", std::process::id()))
 }
 
 /// HTTP/2 header names as Envoy hands them over: lowercase token characters.

@@ -3,14 +3,18 @@
 //!
 //! [`run`] is the whole server; `main` only parses the command line and calls it.
 
+pub mod accesslog;
 pub mod admin;
 pub mod authz;
 pub mod config;
 pub mod dev;
 pub mod keys;
 pub mod mqtt;
+pub mod outbox;
+pub mod report;
 mod server;
 pub mod telemetry;
+pub mod usage;
 
 pub use config::Config;
 pub use server::{Listeners, RunError, run};

@@ -2,9 +2,10 @@
 //! default, reconnect with capped backoff, key sync subscription, key-list requests
 //! after every (re)connect, and heartbeats.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, ConnectReturnCode, Event, MqttOptions, Packet, QoS, Transport};
 use rustls::ClientConfig;
@@ -17,12 +18,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::metrics::Metrics;
-use crate::config::{Config, TlsConfig};
+use crate::config::{Config, TlsConfig, Topics};
 use crate::keys::KeyStore;
 use crate::keys::sync::{apply_billing_message, now_ms};
+use crate::outbox::Outbox;
 
-/// Requests queued towards the event loop; publishers wait (never drop) when full.
-const CLIENT_QUEUE: usize = 256;
+/// Requests queued towards the event loop: above the largest record window
+/// (`outbox.max_inflight`, a u16) plus key requests and heartbeats. Only the
+/// connection task itself queues requests, so this is never filled by others.
+const CLIENT_QUEUE: usize = 65_536 + 64;
 /// First reconnect delay; doubles up to `mqtt.reconnect_max_secs`.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 /// Key update messages waiting to be parsed; the event loop waits when it is full.
@@ -198,16 +202,19 @@ impl ServerCertVerifier for NoVerification {
     }
 }
 
-/// Starts the connection: the event loop task, the key-update applier and the
-/// heartbeat. All stop when `shutdown` is cancelled.
+/// Starts the connection task and the key-update applier. Both stop when `shutdown`
+/// is cancelled. With an `outbox`, the connection task also publishes its records.
 pub fn start(
     config: &Config,
     keys: Arc<KeyStore>,
     metrics: Arc<Metrics>,
+    outbox: Option<Outbox>,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<MqttLink, MqttSetupError> {
-    let opts = options(config)?;
+    let mut opts = options(config)?;
+    // Room for the record window plus key requests.
+    opts.set_inflight(config.outbox.max_inflight.saturating_add(8));
     let m = &config.mqtt;
     if m.tls.enabled && m.tls.insecure_skip_verify {
         tracing::warn!(
@@ -219,12 +226,8 @@ pub fn start(
         tracing::warn!(host = %m.host, "mqtt.tls.enabled is false: billing traffic and the MQTT password travel in clear text");
     }
     tracing::info!(host = %m.host, port = m.port, client_id = %opts.client_id(), tls = m.tls.enabled, "connecting to the billing broker");
-    let (client, mut eventloop) = AsyncClient::new(opts, CLIENT_QUEUE);
+    let (client, eventloop) = AsyncClient::new(opts, CLIENT_QUEUE);
     let status = Arc::new(MqttStatus::default());
-    let link = MqttLink {
-        client: client.clone(),
-        status: status.clone(),
-    };
 
     let (updates_tx, mut updates_rx) = mpsc::channel::<Vec<u8>>(KEY_UPDATE_QUEUE);
     {
@@ -244,124 +247,276 @@ pub fn start(
         });
     }
 
-    let topics = config.topics.clone();
-    let max_backoff = Duration::from_secs(m.reconnect_max_secs);
-    let target = format!("{}:{}", m.host, m.port);
-    {
-        let client = client.clone();
-        let status = status.clone();
-        let metrics = metrics.clone();
-        let shutdown = shutdown.clone();
-        tracker.spawn(async move {
-            let mut backoff = INITIAL_BACKOFF;
-            let mut failures: u64 = 0;
-            loop {
-                let event = tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    e = eventloop.poll() => e,
-                };
-                match event {
-                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                        if ack.code != ConnectReturnCode::Success {
-                            continue; // rumqttc reports refusals as errors below
-                        }
-                        backoff = INITIAL_BACKOFF;
-                        failures = 0;
-                        status.set(true, None);
-                        metrics.mqtt_connected.set(1);
-                        metrics.mqtt_connections.inc();
-                        tracing::info!(broker = %target, "connected to the billing broker");
-                        // Clean session: subscribe again and ask for the full key list
-                        // after every (re)connect. try_* so the loop never waits on itself.
-                        if let Err(e) = client.try_subscribe(topics.keys_update.clone(), QoS::AtLeastOnce) {
-                            tracing::error!(error = %e, "cannot queue key update subscription");
-                        }
-                        request_keys(&client, &topics.keys_request, &status);
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) if p.topic == topics.keys_update => {
-                        status.awaiting_keys.store(false, Ordering::Release);
-                        if updates_tx.send(p.payload.to_vec()).await.is_err() {
+    let connection = Connection {
+        client: client.clone(),
+        status: status.clone(),
+        metrics,
+        topics: config.topics.clone(),
+        target: format!("{}:{}", m.host, m.port),
+        max_backoff: Duration::from_secs(m.reconnect_max_secs),
+        heartbeat_every: Duration::from_secs(m.heartbeat_interval_secs),
+        keys_retry_every: Duration::from_secs(m.keys_request_retry_secs),
+        updates: updates_tx,
+        publisher: outbox.map(|outbox| Publisher {
+            outbox,
+            window: usize::from(config.outbox.max_inflight),
+            sent: VecDeque::new(),
+            unacked: HashMap::new(),
+        }),
+    };
+    tracker.spawn(connection.run(eventloop, shutdown));
+    Ok(MqttLink { client, status })
+}
+
+/// What an outgoing PUBLISH was, so its PUBACK can be matched to a record.
+enum Sent {
+    Record { seq: u64, at: Instant },
+    Other,
+}
+
+/// Publishes outbox records, at most `window` unacknowledged at a time, and acks
+/// them in the outbox when the broker's PUBACK arrives.
+///
+/// rumqttc assigns packet ids inside its event loop and reports each as
+/// `Outgoing::Publish(pkid)` in request order. Every publish of this connection is
+/// requested from the connection task itself, so `sent` (request order) lines up
+/// with those events. On a connection error rumqttc drops everything unacknowledged
+/// (clean session), and so do we: the records go back to the outbox and are sent
+/// again, with the same record id, after the reconnect.
+struct Publisher {
+    outbox: Outbox,
+    window: usize,
+    sent: VecDeque<Sent>,
+    unacked: HashMap<u16, Sent>,
+}
+
+impl Publisher {
+    fn in_flight(&self) -> usize {
+        self.sent.len() + self.unacked.len()
+    }
+}
+
+struct Connection {
+    client: AsyncClient,
+    status: Arc<MqttStatus>,
+    metrics: Arc<Metrics>,
+    topics: Topics,
+    target: String,
+    max_backoff: Duration,
+    heartbeat_every: Duration,
+    keys_retry_every: Duration,
+    updates: mpsc::Sender<Vec<u8>>,
+    publisher: Option<Publisher>,
+}
+
+impl Connection {
+    /// The one task that polls the event loop and makes every publish.
+    async fn run(mut self, mut eventloop: rumqttc::EventLoop, shutdown: CancellationToken) {
+        let mut backoff = INITIAL_BACKOFF;
+        let mut failures: u64 = 0;
+        let mut heartbeat = tokio::time::interval(self.heartbeat_every);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut keys_retry = tokio::time::interval(self.keys_retry_every);
+        keys_retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        keys_retry.reset(); // the first request goes out on ConnAck
+        loop {
+            let connected = self.status.is_connected();
+            let can_send = connected
+                && self
+                    .publisher
+                    .as_ref()
+                    .is_some_and(|p| p.in_flight() < p.window);
+            let outbox = self.publisher.as_ref().map(|p| p.outbox.clone());
+            let unsent = async move {
+                match outbox {
+                    Some(o) => o.unsent_available().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                event = eventloop.poll() => match event {
+                    Ok(event) => {
+                        if !self.on_event(event).await {
                             break;
                         }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        let was_connected = status.is_connected();
-                        let message = describe(&e);
-                        status.set(false, Some(message.clone()));
-                        metrics.mqtt_connected.set(0);
-                        metrics.mqtt_connection_errors.inc();
-                        failures += 1;
-                        // Loud on the first failure and on losing a connection, then
-                        // once a minute-ish at the capped backoff.
-                        if was_connected || failures == 1 || backoff >= max_backoff {
-                            tracing::error!(broker = %target, error = %message, retry_in_ms = backoff.as_millis() as u64,
-                                "billing broker connection failed; Checks keep answering from the key store");
-                        } else {
-                            tracing::debug!(broker = %target, error = %message, "billing broker connection failed");
+                        if self.status.is_connected() {
+                            backoff = INITIAL_BACKOFF;
+                            failures = 0;
                         }
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        self.on_error(&e, failures, backoff);
                         tokio::select! {
                             _ = shutdown.cancelled() => break,
                             _ = tokio::time::sleep(backoff) => {}
                         }
-                        backoff = (backoff * 2).min(max_backoff);
+                        backoff = (backoff * 2).min(self.max_backoff);
                     }
-                }
-            }
-            status.set(false, None);
-            metrics.mqtt_connected.set(0);
-            let _ = client.try_disconnect();
-        });
-    }
-
-    {
-        let client = client.clone();
-        let status = status.clone();
-        let topics = config.topics.clone();
-        let mut heartbeat = tokio::time::interval(Duration::from_secs(m.heartbeat_interval_secs));
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut retry = tokio::time::interval(Duration::from_secs(m.keys_request_retry_secs));
-        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        retry.reset(); // the first request goes out on ConnAck, not now
-        tracker.spawn(async move {
-            loop {
-                let beat = tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = heartbeat.tick() => true,
-                    _ = retry.tick() => false,
-                };
-                if !status.is_connected() {
-                    continue;
-                }
-                if !beat {
-                    if status.awaiting_keys.load(Ordering::Acquire) {
+                },
+                _ = unsent, if can_send => self.fill_window(),
+                _ = heartbeat.tick() => if connected { self.heartbeat() },
+                _ = keys_retry.tick() => {
+                    if connected && self.status.awaiting_keys.load(Ordering::Acquire) {
                         tracing::warn!("no key list from the billing system since the last request; asking again");
-                        request_keys(&client, &topics.keys_request, &status);
+                        self.request_keys();
                     }
-                    continue;
-                }
-                let beat =
-                    serde_json::json!({ "type": "heartbeat", "timestamp": now_ms() }).to_string();
-                if client
-                    .try_publish(topics.heartbeat.clone(), QoS::AtMostOnce, false, beat)
-                    .is_ok()
-                {
-                    metrics.heartbeats_sent.inc();
                 }
             }
-        });
+        }
+        self.status.set(false, None);
+        self.metrics.mqtt_connected.set(0);
+        let _ = self.client.try_disconnect();
     }
-    Ok(link)
-}
 
-/// Publishes `{"timestamp": ...}` on the key request topic; the billing system answers
-/// with the full list on the update topic.
-fn request_keys(client: &AsyncClient, topic: &str, status: &MqttStatus) {
-    let request = serde_json::json!({ "timestamp": now_ms() }).to_string();
-    // try_publish: callers run inside the event loop's task and must never wait on it.
-    match client.try_publish(topic.to_string(), QoS::AtLeastOnce, false, request) {
-        Ok(()) => status.awaiting_keys.store(true, Ordering::Release),
-        Err(e) => tracing::error!(error = %e, "cannot queue key list request"),
+    /// Handles one event; false stops the task.
+    async fn on_event(&mut self, event: Event) -> bool {
+        use rumqttc::Outgoing;
+        match event {
+            Event::Incoming(Packet::ConnAck(ack)) if ack.code == ConnectReturnCode::Success => {
+                self.status.set(true, None);
+                self.metrics.mqtt_connected.set(1);
+                self.metrics.mqtt_connections.inc();
+                tracing::info!(broker = %self.target, "connected to the billing broker");
+                // Clean session: subscribe again and ask for the full key list after
+                // every (re)connect. try_* so the task never waits on itself.
+                if let Err(e) = self
+                    .client
+                    .try_subscribe(self.topics.keys_update.clone(), QoS::AtLeastOnce)
+                {
+                    tracing::error!(error = %e, "cannot queue key update subscription");
+                }
+                self.request_keys();
+                self.fill_window();
+            }
+            Event::Incoming(Packet::Publish(p)) if p.topic == self.topics.keys_update => {
+                self.status.awaiting_keys.store(false, Ordering::Release);
+                if self.updates.send(p.payload.to_vec()).await.is_err() {
+                    return false;
+                }
+            }
+            Event::Outgoing(Outgoing::Publish(pkid)) => {
+                if let Some(p) = &mut self.publisher {
+                    let sent = p.sent.pop_front();
+                    if pkid != 0
+                        && let Some(sent) = sent
+                    {
+                        p.unacked.insert(pkid, sent);
+                    }
+                }
+            }
+            Event::Incoming(Packet::PubAck(ack)) => {
+                if let Some(p) = &mut self.publisher
+                    && let Some(Sent::Record { seq, at }) = p.unacked.remove(&ack.pkid)
+                {
+                    p.outbox.ack(seq);
+                    self.metrics.records_published.inc();
+                    self.metrics
+                        .publish_latency
+                        .observe(at.elapsed().as_secs_f64());
+                }
+                self.fill_window();
+            }
+            _ => {}
+        }
+        true
+    }
+
+    fn on_error(&mut self, e: &rumqttc::ConnectionError, failures: u64, backoff: Duration) {
+        let was_connected = self.status.is_connected();
+        let message = describe(e);
+        self.status.set(false, Some(message.clone()));
+        self.metrics.mqtt_connected.set(0);
+        self.metrics.mqtt_connection_errors.inc();
+        if let Some(p) = &mut self.publisher {
+            // rumqttc starts a clean session: whatever was not acknowledged is gone
+            // from it and must be sent again.
+            p.sent.clear();
+            p.unacked.clear();
+            p.outbox.requeue_inflight();
+        }
+        // Loud on the first failure and on losing a connection, then at the capped
+        // backoff only.
+        if was_connected || failures == 1 || backoff >= self.max_backoff {
+            tracing::error!(broker = %self.target, error = %message, retry_in_ms = backoff.as_millis() as u64,
+                "billing broker connection failed; Checks keep answering from the key store");
+        } else {
+            tracing::debug!(broker = %self.target, error = %message, "billing broker connection failed");
+        }
+    }
+
+    /// Hands outbox records to the client until the window is full.
+    fn fill_window(&mut self) {
+        if !self.status.is_connected() {
+            return;
+        }
+        let Some(p) = &mut self.publisher else {
+            return;
+        };
+        let room = p.window.saturating_sub(p.in_flight());
+        if room == 0 {
+            return;
+        }
+        for record in p.outbox.take_unsent(room) {
+            let result = self.client.try_publish(
+                self.topics.report.clone(),
+                QoS::AtLeastOnce,
+                false,
+                record.payload.to_vec(),
+            );
+            match result {
+                Ok(()) => p.sent.push_back(Sent::Record {
+                    seq: record.seq,
+                    at: Instant::now(),
+                }),
+                Err(e) => {
+                    // The request queue is sized above the window, so this means the
+                    // event loop is gone; the records stay in the outbox.
+                    tracing::error!(error = %e, "cannot queue a record for publishing");
+                    p.sent.clear();
+                    p.unacked.clear();
+                    p.outbox.requeue_inflight();
+                    return;
+                }
+            }
+        }
+    }
+
+    fn heartbeat(&mut self) {
+        let beat = serde_json::json!({ "type": "heartbeat", "timestamp": now_ms() }).to_string();
+        if self
+            .client
+            .try_publish(self.topics.heartbeat.clone(), QoS::AtMostOnce, false, beat)
+            .is_ok()
+        {
+            self.track_other();
+            self.metrics.heartbeats_sent.inc();
+        }
+    }
+
+    /// Publishes `{"timestamp": ...}` on the key request topic; the billing system
+    /// answers with the full list on the update topic.
+    fn request_keys(&mut self) {
+        let request = serde_json::json!({ "timestamp": now_ms() }).to_string();
+        match self.client.try_publish(
+            self.topics.keys_request.clone(),
+            QoS::AtLeastOnce,
+            false,
+            request,
+        ) {
+            Ok(()) => {
+                self.track_other();
+                self.status.awaiting_keys.store(true, Ordering::Release);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot queue key list request"),
+        }
+    }
+
+    fn track_other(&mut self) {
+        if let Some(p) = &mut self.publisher {
+            p.sent.push_back(Sent::Other);
+        }
     }
 }
 

@@ -9,11 +9,18 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::accesslog::AccessLogServer;
 use crate::admin::{self, AdminState, metrics::Metrics};
 use crate::authz::AuthzService;
 use crate::config::Config;
+use crate::config::FsyncMode;
 use crate::keys::{KeyStore, sync};
 use crate::mqtt;
+use crate::outbox::{FsyncPolicy, Outbox, OutboxConfig};
+use crate::proto::v1::usage_server::UsageServer;
+use crate::report::ReportService;
+use crate::usage::recorder::Recorder;
+use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogServiceServer;
 
 /// gRPC service names reported through grpc.health.v1.
 const AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
@@ -34,8 +41,31 @@ impl Listeners {
     }
 }
 
+/// Opens the outbox off the async workers: replaying a large outbox reads files.
+async fn open_outbox(config: &Config) -> Result<Outbox, RunError> {
+    let o = &config.outbox;
+    let settings = OutboxConfig {
+        dir: o.dir.clone(),
+        max_bytes: o.max_bytes,
+        segment_bytes: o.segment_bytes,
+        fsync: match o.fsync {
+            FsyncMode::Batch => FsyncPolicy::EveryBatch,
+            FsyncMode::Interval => {
+                FsyncPolicy::Interval(std::time::Duration::from_millis(o.fsync_interval_ms))
+            }
+        },
+    };
+    let dir = o.dir.clone();
+    tokio::task::spawn_blocking(move || Outbox::open(settings))
+        .await
+        .map_err(|e| RunError::Outbox(dir.clone(), std::io::Error::other(e)))?
+        .map_err(|e| RunError::Outbox(dir, e))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    #[error("outbox.dir {0}: {1}")]
+    Outbox(std::path::PathBuf, std::io::Error),
     #[error(transparent)]
     Mqtt(#[from] mqtt::MqttSetupError),
     #[error("keys.file: {0}")]
@@ -79,10 +109,23 @@ pub async fn run(
         ));
     }
 
+    let outbox = open_outbox(&config).await?;
+    let replayed = outbox.stats().replayed_on_open;
+    metrics.outbox_replayed.inc_by(replayed);
+    if replayed > 0 {
+        tracing::info!(records = replayed, dir = %config.outbox.dir.display(), "outbox holds unpublished records from before; sending them");
+    }
+    let recorder = Arc::new(Recorder::new(
+        outbox.clone(),
+        metrics.clone(),
+        config.usage.record_id_field.clone(),
+    ));
+
     let link = mqtt::start(
         &config,
         keys.clone(),
         metrics.clone(),
+        Some(outbox.clone()),
         &tracker,
         token.clone(),
     )?;
@@ -118,16 +161,33 @@ pub async fn run(
             keys: keys.clone(),
             metrics: metrics.clone(),
             mqtt: link.status.clone(),
+            outbox: Some(outbox.clone()),
         },
         token.clone(),
     ));
 
     let authz = AuthzService::new(keys.clone(), metrics.clone(), config.check.clone());
+    let access_log = AccessLogServer::new(
+        keys.clone(),
+        recorder.clone(),
+        config.check.clone(),
+        config.usage.clone(),
+        token.clone(),
+    );
+    let report = ReportService::new(
+        keys.clone(),
+        recorder,
+        config.check.clone(),
+        &config.usage,
+        config.client_id(),
+    );
     let incoming =
         tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
     let grpc = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(AuthorizationServer::new(authz))
+        .add_service(AccessLogServiceServer::new(access_log))
+        .add_service(UsageServer::new(report))
         .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
 
     tokio::pin!(grpc);
@@ -143,6 +203,15 @@ pub async fn run(
     token.cancel();
     tracker.close();
     tracker.wait().await;
+    // Everything that appends has stopped: make the outbox durable for the next start.
+    outbox.close().await;
+    let left = outbox.stats();
+    if left.pending_records > 0 {
+        tracing::info!(
+            records = left.pending_records,
+            "unpublished records stay in the outbox for the next start"
+        );
+    }
     result?;
     match admin_task.await {
         Ok(r) => r?,

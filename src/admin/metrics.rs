@@ -38,6 +38,22 @@ pub struct Metrics {
     pub mqtt_connection_errors: Counter,
     pub heartbeats_sent: Counter,
     pub ready: Gauge,
+    pub access_log_streams: Gauge,
+    pub http_entries: Counter,
+    pub tcp_entries: Counter,
+    entries_not_billed: Family<Labels, Counter>,
+    pub records_received: Counter,
+    pub records_accepted: Counter,
+    records_rejected: Family<Labels, Counter>,
+    pub records_published: Counter,
+    pub publish_latency: Histogram,
+    pub outbox_pending_records: Gauge,
+    pub outbox_inflight_records: Gauge,
+    pub outbox_pending_bytes: Gauge,
+    pub outbox_disk_bytes: Gauge,
+    pub outbox_budget_bytes: Gauge,
+    pub outbox_oldest_age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    pub outbox_replayed: Counter,
 }
 
 impl Default for Metrics {
@@ -145,6 +161,105 @@ impl Metrics {
             "1 once a key list is loaded and Checks can be answered",
             ready.clone(),
         );
+        let access_log_streams = Gauge::default();
+        registry.register(
+            "access_log_streams",
+            "Envoy access-log streams connected now",
+            access_log_streams.clone(),
+        );
+        let access_log_entries = Family::<Labels, Counter>::default();
+        registry.register(
+            "access_log_entries",
+            "Access-log entries received from Envoy by kind (http, tcp)",
+            access_log_entries.clone(),
+        );
+        let http_entries = access_log_entries
+            .get_or_create(&vec![("kind", "http")])
+            .clone();
+        let tcp_entries = access_log_entries
+            .get_or_create(&vec![("kind", "tcp")])
+            .clone();
+        let entries_not_billed = Family::<Labels, Counter>::default();
+        registry.register(
+            "usage_entries_not_billed",
+            "HTTP access-log entries that produce no record, by reason (denied, no_key, unknown_key, no_usage)",
+            entries_not_billed.clone(),
+        );
+        let records_received = Counter::default();
+        registry.register(
+            "usage_records_received",
+            "Usage records declared by backends or the Report API (accepted + rejected)",
+            records_received.clone(),
+        );
+        let records_accepted = Counter::default();
+        registry.register(
+            "usage_records_accepted",
+            "Usage records written to the outbox",
+            records_accepted.clone(),
+        );
+        let records_rejected = Family::<Labels, Counter>::default();
+        registry.register(
+            "usage_records_rejected",
+            "Usage records rejected, by reason",
+            records_rejected.clone(),
+        );
+        let records_published = Counter::default();
+        registry.register(
+            "usage_records_published",
+            "Usage records acknowledged by the broker (PUBACK) and removed from the outbox",
+            records_published.clone(),
+        );
+        // 1 ms .. ~16 s.
+        let publish_latency = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
+        );
+        registry.register(
+            "publish_latency_seconds",
+            "Time from publishing a record to the broker's PUBACK",
+            publish_latency.clone(),
+        );
+        let outbox_pending_records = Gauge::default();
+        registry.register(
+            "outbox_pending_records",
+            "Records in the outbox not yet acknowledged by the broker",
+            outbox_pending_records.clone(),
+        );
+        let outbox_inflight_records = Gauge::default();
+        registry.register(
+            "outbox_inflight_records",
+            "Records published and waiting for the broker's PUBACK",
+            outbox_inflight_records.clone(),
+        );
+        let outbox_pending_bytes = Gauge::default();
+        registry.register(
+            "outbox_pending_bytes",
+            "Payload bytes of pending records",
+            outbox_pending_bytes.clone(),
+        );
+        let outbox_disk_bytes = Gauge::default();
+        registry.register(
+            "outbox_disk_bytes",
+            "Bytes of outbox segment files on disk",
+            outbox_disk_bytes.clone(),
+        );
+        let outbox_budget_bytes = Gauge::default();
+        registry.register(
+            "outbox_budget_bytes",
+            "The outbox disk budget (outbox.max_bytes)",
+            outbox_budget_bytes.clone(),
+        );
+        let outbox_oldest_age_seconds = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "outbox_oldest_unpublished_age_seconds",
+            "Age of the oldest record not yet acknowledged by the broker (0 when none)",
+            outbox_oldest_age_seconds.clone(),
+        );
+        let outbox_replayed = Counter::default();
+        registry.register(
+            "outbox_replayed_records",
+            "Unacknowledged records found in the outbox at start-up and sent again",
+            outbox_replayed.clone(),
+        );
         Metrics {
             registry,
             checks,
@@ -162,6 +277,22 @@ impl Metrics {
             mqtt_connection_errors,
             heartbeats_sent,
             ready,
+            access_log_streams,
+            http_entries,
+            tcp_entries,
+            entries_not_billed,
+            records_received,
+            records_accepted,
+            records_rejected,
+            records_published,
+            publish_latency,
+            outbox_pending_records,
+            outbox_inflight_records,
+            outbox_pending_bytes,
+            outbox_disk_bytes,
+            outbox_budget_bytes,
+            outbox_oldest_age_seconds,
+            outbox_replayed,
         }
     }
 
@@ -185,6 +316,21 @@ impl Metrics {
         self.keys_file_reloads
             .get_or_create(&vec![("result", result)])
             .inc();
+    }
+
+    /// An HTTP access-log entry that bills nothing: `denied`, `no_key`, `unknown_key`,
+    /// `no_usage`.
+    pub fn entry_not_billed(&self, reason: &'static str) {
+        self.entries_not_billed
+            .get_or_create(&vec![("reason", reason)])
+            .inc();
+    }
+
+    /// `n` records rejected for `reason` (a contract reason, `outbox_full`, ...).
+    pub fn records_rejected(&self, reason: &'static str, n: u64) {
+        self.records_rejected
+            .get_or_create(&vec![("reason", reason)])
+            .inc_by(n);
     }
 
     /// The Prometheus text exposition of every metric.

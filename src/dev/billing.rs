@@ -143,8 +143,10 @@ impl BillingStandIn {
             NEXT_ID.fetch_add(1, Ordering::Relaxed)
         );
         let mut mqtt = MqttOptions::new(client_id.clone(), opts.host, opts.port);
+        // A persistent session, as the real billing consumer should have: the broker
+        // queues reports for it while it reconnects.
         mqtt.set_keep_alive(KEEP_ALIVE)
-            .set_clean_session(true)
+            .set_clean_session(false)
             .set_max_packet_size(MAX_PACKET_SIZE, MAX_PACKET_SIZE);
         let (client, eventloop) = AsyncClient::new(mqtt, REQUEST_CHANNEL_CAPACITY);
 

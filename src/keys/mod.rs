@@ -31,13 +31,29 @@ const MIN_OVERLAY_BEFORE_FOLD: usize = 4096;
 /// A non-secret, stable identifier of a key for logs, metadata and support: the first
 /// 8 bytes of its SHA-256, hex, prefixed so it is never mistaken for a key.
 pub fn fingerprint(api_key: &str) -> String {
+    format!("fp-{:016x}", fingerprint_bits(api_key))
+}
+
+fn fingerprint_bits(api_key: &str) -> u64 {
     let digest = Sha256::digest(api_key.as_bytes());
-    format!("fp-{}", hex::encode(&digest[..8]))
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
+}
+
+/// The numeric form of a fingerprint string, if it is one.
+fn parse_fingerprint(fp: &str) -> Option<u64> {
+    let hex = fp.strip_prefix("fp-")?;
+    if hex.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok()
 }
 
 /// The effective state of one key, as a Check sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyInfo {
+    pub api_key: Arc<str>,
     pub app_id: Arc<str>,
     pub blocked: bool,
     /// The billing system's reason for a block; empty when allowed.
@@ -63,14 +79,22 @@ impl Source {
     }
 }
 
-type KeyMap = HashMap<Box<str>, Arc<KeyInfo>>;
+type KeyMap = HashMap<Arc<str>, Arc<KeyInfo>>;
+
+/// Every key by value and by fingerprint.
+#[derive(Default)]
+struct Maps {
+    by_key: KeyMap,
+    by_fingerprint: HashMap<u64, Arc<KeyInfo>>,
+}
 
 /// An immutable view of every key; what a Check reads.
 #[derive(Default)]
 pub struct KeyView {
-    base: Arc<KeyMap>,
+    base: Arc<Maps>,
     /// Changes since `base` was built; `None` means removed.
-    overlay: HashMap<Box<str>, Option<Arc<KeyInfo>>>,
+    overlay: HashMap<Arc<str>, Option<Arc<KeyInfo>>>,
+    overlay_fingerprints: HashMap<u64, Option<Arc<KeyInfo>>>,
     len: usize,
     blocked: usize,
 }
@@ -80,7 +104,16 @@ impl KeyView {
     pub fn get(&self, api_key: &str) -> Option<&KeyInfo> {
         match self.overlay.get(api_key) {
             Some(changed) => changed.as_deref(),
-            None => self.base.get(api_key).map(|k| &**k),
+            None => self.base.by_key.get(api_key).map(|k| &**k),
+        }
+    }
+
+    /// The key whose fingerprint (as in the Check's dynamic metadata) is `fp`.
+    pub fn get_by_fingerprint(&self, fp: &str) -> Option<&KeyInfo> {
+        let bits = parse_fingerprint(fp)?;
+        match self.overlay_fingerprints.get(&bits) {
+            Some(changed) => changed.as_deref(),
+            None => self.base.by_fingerprint.get(&bits).map(|k| &**k),
         }
     }
 
@@ -219,7 +252,7 @@ impl KeyStore {
             Source::File => &mut layers.file,
             Source::Billing | Source::Snapshot => &mut layers.billing,
         };
-        let mut touched: Vec<Box<str>> = Vec::with_capacity(entries.len());
+        let mut touched: Vec<Arc<str>> = Vec::with_capacity(entries.len());
         if replace {
             touched.extend(layer.drain().map(|(k, _)| k));
         }
@@ -233,7 +266,9 @@ impl KeyStore {
                 }
             };
             applied.entries += 1;
+            let key: Arc<str> = e.api_key.as_str().into();
             let info = Arc::new(KeyInfo {
+                api_key: key.clone(),
                 app_id: e.app_id.as_str().into(),
                 blocked,
                 reason: if blocked {
@@ -243,12 +278,12 @@ impl KeyStore {
                 },
                 fingerprint: fingerprint(&e.api_key).into(),
             });
-            let key: Box<str> = e.api_key.as_str().into();
             layer.insert(key.clone(), info);
             touched.push(key);
         }
         let old = self.view.load_full();
         let mut overlay = old.overlay.clone();
+        let mut overlay_fingerprints = old.overlay_fingerprints.clone();
         let (mut len, mut blocked) = (old.len, old.blocked);
         touched.sort_unstable();
         touched.dedup();
@@ -262,28 +297,36 @@ impl KeyStore {
             len = len + after.is_some() as usize - before.is_some() as usize;
             blocked = blocked + after.as_ref().is_some_and(|k| k.blocked) as usize
                 - before.as_ref().is_some_and(|k| k.blocked) as usize;
+            overlay_fingerprints.insert(fingerprint_bits(&key), after.clone());
             overlay.insert(key, after);
         }
-        let fold = overlay.len() > MIN_OVERLAY_BEFORE_FOLD.max(old.base.len() / 8);
+        let fold = overlay.len() > MIN_OVERLAY_BEFORE_FOLD.max(old.base.by_key.len() / 8);
         let view = if fold {
-            let mut base = KeyMap::with_capacity(len);
+            let mut base = Maps {
+                by_key: KeyMap::with_capacity(len),
+                by_fingerprint: HashMap::with_capacity(len),
+            };
             for key in layers.billing.keys().chain(layers.file.keys()) {
-                if !base.contains_key(key)
+                if !base.by_key.contains_key(key)
                     && let Some(info) = layers.effective(key)
                 {
-                    base.insert(key.clone(), info);
+                    base.by_fingerprint
+                        .insert(fingerprint_bits(key), info.clone());
+                    base.by_key.insert(key.clone(), info);
                 }
             }
             KeyView {
-                len: base.len(),
-                blocked: base.values().filter(|k| k.blocked).count(),
+                len: base.by_key.len(),
+                blocked: base.by_key.values().filter(|k| k.blocked).count(),
                 base: Arc::new(base),
                 overlay: HashMap::new(),
+                overlay_fingerprints: HashMap::new(),
             }
         } else {
             KeyView {
                 base: old.base.clone(),
                 overlay,
+                overlay_fingerprints,
                 len,
                 blocked,
             }
@@ -376,7 +419,9 @@ mod tests {
         assert_eq!(v.len(), 10_000);
         assert_eq!(v.blocked(), 10_000);
         assert!(v.get("key-9999").unwrap().blocked);
-        assert!(v.overlay.len() <= MIN_OVERLAY_BEFORE_FOLD.max(v.base.len() / 8));
+        assert!(v.overlay.len() <= MIN_OVERLAY_BEFORE_FOLD.max(v.base.by_key.len() / 8));
+        let fp = fingerprint("key-1234");
+        assert_eq!(&*v.get_by_fingerprint(&fp).unwrap().api_key, "key-1234");
     }
 
     #[test]
@@ -398,5 +443,13 @@ mod tests {
         assert_ne!(fp, fingerprint("sk-test-0002"));
         assert!(!fp.contains("sk-test"));
         assert_eq!(fp.len(), 3 + 16);
+        let s = KeyStore::new();
+        s.apply_billing_update(&[KeyEntry::ok("a", "sk-test-0001")]);
+        assert_eq!(&*s.view().get_by_fingerprint(&fp).unwrap().app_id, "a");
+        assert!(s.view().get_by_fingerprint("fp-0000000000000000").is_none());
+        assert!(s.view().get_by_fingerprint("sk-test-0001").is_none());
+        s.replace_file(&[]);
+        s.apply_billing_update(&[KeyEntry::blocked("a", "sk-test-0001", "r")]);
+        assert!(s.view().get_by_fingerprint(&fp).unwrap().blocked);
     }
 }

@@ -19,6 +19,8 @@ use super::{STARTUP_TIMEOUT, http_client, wait_until};
 
 /// A running keymeter. Dropping it stops it (the shutdown sender is dropped).
 pub struct Keymeter {
+    /// The outbox directory when the test did not choose one.
+    _scratch: Option<super::TestDir>,
     grpc_port: u16,
     admin_port: u16,
     stop: Option<oneshot::Sender<()>>,
@@ -33,8 +35,19 @@ impl Keymeter {
     }
 
     /// Starts keymeter with its gRPC server on an already bound listener.
-    pub async fn start_on(grpc: TcpListener, config: Config) -> Keymeter {
+    pub async fn start_on(grpc: TcpListener, mut config: Config) -> Keymeter {
         init_logs();
+        // Config::for_local_broker picks a scratch outbox under /tmp; own it so it is
+        // removed with the test.
+        let scratch = config
+            .outbox
+            .dir
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("keymeter-outbox-"))
+            .then(|| super::TestDir::new("outbox"));
+        if let Some(dir) = &scratch {
+            config.outbox.dir = dir.path().to_path_buf();
+        }
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let grpc_port = grpc.local_addr().unwrap().port();
         let admin_port = admin.local_addr().unwrap().port();
@@ -43,6 +56,7 @@ impl Keymeter {
             let _ = stopped.await;
         }));
         Keymeter {
+            _scratch: scratch,
             grpc_port,
             admin_port,
             stop: Some(stop),

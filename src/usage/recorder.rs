@@ -1,0 +1,105 @@
+//! Where records go once built: into the outbox, counted, and on failure counted and
+//! logged (rate-limited) so a misbehaving backend cannot flood the logs.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+use crate::admin::metrics::Metrics;
+use crate::keys::sync::now_ms;
+use crate::outbox::{AppendError, Durability, NewRecord, Outbox};
+
+use super::{Rejection, UsageRecord};
+
+/// At most one rejection log line per this many milliseconds; the rest are counted.
+const REJECTION_LOG_INTERVAL_MS: i64 = 1000;
+
+pub struct Recorder {
+    outbox: Outbox,
+    metrics: Arc<Metrics>,
+    id_field: String,
+    last_log_ms: AtomicI64,
+    suppressed: AtomicU64,
+}
+
+impl Recorder {
+    pub fn new(outbox: Outbox, metrics: Arc<Metrics>, id_field: String) -> Recorder {
+        Recorder {
+            outbox,
+            metrics,
+            id_field,
+            last_log_ms: AtomicI64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Writes `records` to the outbox as one batch. Returns their sequence numbers, or
+    /// the reason none was written (counted as rejected and logged).
+    pub async fn record(
+        &self,
+        records: &[UsageRecord],
+        durability: Durability,
+    ) -> Result<Vec<u64>, AppendError> {
+        if records.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = records.len() as u64;
+        self.metrics.records_received.inc_by(n);
+        let batch = records
+            .iter()
+            .map(|r| NewRecord {
+                payload: r.to_payload(&self.id_field).into(),
+                created_ms: r.timestamp,
+            })
+            .collect();
+        match self.outbox.append(batch, durability).await {
+            Ok(seqs) => {
+                self.metrics.records_accepted.inc_by(n);
+                Ok(seqs)
+            }
+            Err(e) => {
+                let reason = match e {
+                    AppendError::Full { .. } => "outbox_full",
+                    AppendError::TooLarge { .. } => "record_too_large",
+                    AppendError::Io(_) => "outbox_error",
+                    AppendError::Closed => "shutting_down",
+                };
+                self.metrics.records_rejected(reason, n);
+                // The outbox logs a full budget loudly itself; an I/O error is ours to say.
+                if !matches!(e, AppendError::Full { .. }) {
+                    tracing::error!(error = %e, records = n, "usage records could not be written to the outbox and are LOST");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Counts a rejected declaration and logs it, at most once a second.
+    pub fn reject(&self, reason: Rejection, source: &str, app_id: &str, path: &str) {
+        self.metrics.records_received.inc();
+        self.metrics.records_rejected(reason.as_str(), 1);
+        let now = now_ms();
+        let last = self.last_log_ms.load(Ordering::Relaxed);
+        if now - last >= REJECTION_LOG_INTERVAL_MS
+            && self
+                .last_log_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+            tracing::warn!(
+                reason = reason.as_str(),
+                source,
+                app_id,
+                path,
+                suppressed_since_last_log = suppressed,
+                "usage rejected; nothing billed for it"
+            );
+        } else {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
