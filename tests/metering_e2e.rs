@@ -86,9 +86,8 @@ struct Rig {
     broker: Mosquitto,
     billing: BillingStandIn,
     keymeter: Keymeter,
-    backend: Backend,
+    _backend: Backend,
     envoy: Envoy,
-    outbox: TestDir,
 }
 
 impl Rig {
@@ -99,7 +98,8 @@ impl Rig {
         let mut config = Config::for_local_broker("127.0.0.1", broker.port());
         config.outbox.dir = outbox.path().to_path_buf();
         tweak(&mut config);
-        let keymeter = Keymeter::start_ready(config).await;
+        let mut keymeter = Keymeter::start_ready(config).await;
+        keymeter.hold(outbox);
         let backend = Backend::start_replying(reply).await;
         let ports = EnvoyPorts {
             keymeter_grpc: keymeter.grpc_port(),
@@ -117,9 +117,8 @@ impl Rig {
             broker,
             billing,
             keymeter,
-            backend,
+            _backend: backend,
             envoy,
-            outbox,
         }
     }
 
@@ -396,34 +395,43 @@ async fn records_made_while_the_broker_is_down_are_delivered_after_it_returns() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_pending_at_a_graceful_stop_are_delivered_after_the_restart() {
-    let mut rig = Rig::start(true, |c| c.mqtt.reconnect_max_secs = 1).await;
-    rig.broker.stop().await;
-    const PENDING: usize = 10;
-    for _ in 0..PENDING {
-        assert_eq!(rig.post("/v1/chat", Some(GOOD)).await.status, 200);
-    }
-    wait_until("records wait in the outbox", WAIT, || async {
-        rig.metric("keymeter_outbox_pending_records").await == PENDING as f64
+    let outbox = TestDir::new("outbox");
+    let mut broker = Mosquitto::start().await;
+    let billing = billing(broker.port(), keys()).await;
+    let mut config = Config::for_local_broker("127.0.0.1", broker.port());
+    config.outbox.dir = outbox.path().to_path_buf();
+    config.mqtt.reconnect_max_secs = 1;
+    let keymeter = Keymeter::start_ready(config.clone()).await;
+    let backend = Backend::start_replying(reply).await;
+    let grpc = keymeter.grpc_port();
+    let envoy = Envoy::start(EnvoyPorts {
+        keymeter_grpc: grpc,
+        backend: backend.port(),
     })
     .await;
-    let grpc = rig.keymeter.grpc_port();
-    let Rig {
-        keymeter,
-        mut broker,
-        billing,
-        outbox,
-        envoy,
-        backend,
-    } = rig;
+    broker.stop().await;
+    const PENDING: usize = 10;
+    for _ in 0..PENDING {
+        let r = http_client()
+            .post(envoy.url("/v1/chat"))
+            .header("api-key", GOOD)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    wait_until("records wait in the outbox", WAIT, || async {
+        keymeter.metric("keymeter_outbox_pending_records").await == PENDING as f64
+    })
+    .await;
     keymeter.stop().await; // graceful: what a SIGTERM does
     broker.start_again().await;
 
-    let mut config = Config::for_local_broker("127.0.0.1", broker.port());
-    config.outbox.dir = outbox.path().to_path_buf();
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", grpc))
         .await
         .unwrap();
-    let keymeter = Keymeter::start_on(listener, config).await;
+    let mut keymeter = Keymeter::start_on(listener, config).await;
+    keymeter.hold(outbox);
     let reports = billing.wait_for_reports(PENDING, WAIT).await;
     assert_eq!(reports.len(), PENDING, "{reports:?}");
     let ids: HashSet<&str> = reports
@@ -443,7 +451,6 @@ async fn records_pending_at_a_graceful_stop_are_delivered_after_the_restart() {
         PENDING as f64
     );
     keymeter.stop().await;
-    drop((envoy, backend));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -67,6 +67,141 @@ pub fn render_deploy_config(ports: EnvoyPorts) -> String {
     out
 }
 
+/// Variations of the deployed config for tests; `Default` is the config as deployed.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeployConfigOptions {
+    /// Leave out the `envoy.filters.http.header_to_metadata` filter: usage
+    /// headers then reach the client and the access log's
+    /// `response.response_headers` instead of dynamic metadata.
+    pub without_header_to_metadata: bool,
+    /// Send the access log to a test's own `AccessLogService` on
+    /// 127.0.0.1:`port` (an added cluster `access_log_capture`, plain HTTP/2)
+    /// instead of keymeter; ext_authz still goes to keymeter.
+    pub access_log_port: Option<u16>,
+}
+
+/// Name of the http filter that moves `x-billing-*` response headers into metadata.
+pub const HEADER_TO_METADATA_FILTER: &str = "envoy.filters.http.header_to_metadata";
+/// Name of the access logger that streams to keymeter.
+pub const GRPC_ACCESS_LOGGER: &str = "envoy.access_loggers.http_grpc";
+/// The cluster that [`DeployConfigOptions::access_log_port`] adds.
+pub const ACCESS_LOG_CAPTURE_CLUSTER: &str = "access_log_capture";
+
+/// [`render_deploy_config`] without the header_to_metadata filter (see
+/// [`DeployConfigOptions::without_header_to_metadata`]).
+pub fn render_deploy_config_without_header_to_metadata(ports: EnvoyPorts) -> String {
+    render_deploy_config_with(
+        ports,
+        DeployConfigOptions {
+            without_header_to_metadata: true,
+            ..Default::default()
+        },
+    )
+}
+
+/// [`render_deploy_config`] changed as `options` say. Edits are textual and
+/// assert that what they edit exists, so a reshaped envoy.yaml fails loudly.
+pub fn render_deploy_config_with(ports: EnvoyPorts, options: DeployConfigOptions) -> String {
+    let mut yaml = render_deploy_config(ports);
+    if options.without_header_to_metadata {
+        yaml = remove_list_item(&yaml, &format!("- name: {HEADER_TO_METADATA_FILTER}"));
+    }
+    if let Some(port) = options.access_log_port {
+        yaml = redirect_access_log(&yaml, port);
+    }
+    yaml
+}
+
+fn indent_of(line: &str) -> usize {
+    line.len() - line.trim_start().len()
+}
+
+/// Removes the YAML list item that starts with the line `item` (trimmed)
+/// and every following line indented deeper than its dash.
+fn remove_list_item(yaml: &str, item: &str) -> String {
+    let mut out = String::with_capacity(yaml.len());
+    let mut removing: Option<usize> = None;
+    let mut found = 0;
+    for line in yaml.lines() {
+        if let Some(indent) = removing {
+            if line.trim().is_empty() || indent_of(line) > indent {
+                continue;
+            }
+            removing = None;
+        }
+        if line.trim() == item {
+            found += 1;
+            removing = Some(indent_of(line));
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    assert_eq!(found, 1, "expected `{item}` exactly once in envoy.yaml");
+    out
+}
+
+/// Points the gRPC access logger at a new cluster for 127.0.0.1:`port`.
+fn redirect_access_log(yaml: &str, port: u16) -> String {
+    let mut out = String::with_capacity(yaml.len() + 1024);
+    let mut logger_indent: Option<usize> = None;
+    let (mut rewritten, mut added) = (0, 0);
+    for line in yaml.lines() {
+        let trimmed = line.trim();
+        if let Some(indent) = logger_indent
+            && !trimmed.is_empty()
+            && indent_of(line) <= indent
+        {
+            logger_indent = None;
+        }
+        if trimmed == format!("- name: {GRPC_ACCESS_LOGGER}") {
+            logger_indent = Some(indent_of(line));
+        }
+        if logger_indent.is_some() && trimmed == "cluster_name: keymeter" {
+            let indent = &line[..indent_of(line)];
+            out.push_str(&format!(
+                "{indent}cluster_name: {ACCESS_LOG_CAPTURE_CLUSTER}\n"
+            ));
+            rewritten += 1;
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+        if trimmed == "clusters:" {
+            let item = " ".repeat(indent_of(line) + 2);
+            out.push_str(&access_log_cluster(&item, port));
+            added += 1;
+        }
+    }
+    assert_eq!(rewritten, 1, "the access logger's `cluster_name: keymeter`");
+    assert_eq!(added, 1, "`clusters:` in envoy.yaml");
+    out
+}
+
+fn access_log_cluster(indent: &str, port: u16) -> String {
+    let cluster = format!(
+        r#"- name: {ACCESS_LOG_CAPTURE_CLUSTER}
+  type: STATIC
+  connect_timeout: 0.25s
+  typed_extension_protocol_options:
+    envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+      "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+      explicit_http_config:
+        http2_protocol_options: {{}}
+  load_assignment:
+    cluster_name: {ACCESS_LOG_CAPTURE_CLUSTER}
+    endpoints:
+      - lb_endpoints:
+          - endpoint:
+              address:
+                socket_address:
+                  address: 127.0.0.1
+                  port_value: {port}
+"#
+    );
+    cluster.lines().map(|l| format!("{indent}{l}\n")).collect()
+}
+
 /// Runs `envoy --mode validate -c path` and asserts that it succeeds.
 pub fn validate_envoy_config(path: impl AsRef<Path>) {
     let path = path.as_ref();

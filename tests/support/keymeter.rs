@@ -19,8 +19,8 @@ use super::{STARTUP_TIMEOUT, http_client, wait_until};
 
 /// A running keymeter. Dropping it stops it (the shutdown sender is dropped).
 pub struct Keymeter {
-    /// The outbox directory when the test did not choose one.
-    _scratch: Option<super::TestDir>,
+    /// Directories keymeter writes to (its outbox): removed only once it stopped.
+    dirs: Vec<super::TestDir>,
     grpc_port: u16,
     admin_port: u16,
     stop: Option<oneshot::Sender<()>>,
@@ -56,7 +56,7 @@ impl Keymeter {
             let _ = stopped.await;
         }));
         Keymeter {
-            _scratch: scratch,
+            dirs: scratch.into_iter().collect(),
             grpc_port,
             admin_port,
             stop: Some(stop),
@@ -100,6 +100,12 @@ impl Keymeter {
         }
     }
 
+    /// Hands `dir` (e.g. the outbox the test chose) to keymeter, so it is removed only
+    /// after keymeter has stopped writing to it.
+    pub fn hold(&mut self, dir: super::TestDir) {
+        self.dirs.push(dir);
+    }
+
     pub async fn readyz(&self) -> (u16, String) {
         self.admin_get("/readyz").await
     }
@@ -133,6 +139,17 @@ impl Drop for Keymeter {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+        // Wait for the shutdown to finish before its directories are removed, or the
+        // outbox would write into a deleted directory.
+        let dirs = std::mem::take(&mut self.dirs);
+        if let (Some(task), Ok(rt)) = (self.task.take(), tokio::runtime::Handle::try_current())
+            && rt.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+        {
+            tokio::task::block_in_place(|| {
+                let _ = rt.block_on(tokio::time::timeout(Duration::from_secs(10), task));
+            });
+        }
+        drop(dirs);
     }
 }
 
