@@ -550,3 +550,55 @@ async fn report_api_records_usage_for_valid_keys_only() {
     assert!(all.iter().all(|r| r["usage"] != 5));
     rig.assert_identity().await;
 }
+
+/// Envoy turns bytes that are not UTF-8 into '!' before logging them; such a value is
+/// rejected as `not_utf8` and the requests around it in the same stream still bill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_utf8_usage_headers_are_rejected_and_the_stream_carries_on() {
+    use axum::body::Body;
+    use axum::http::{HeaderValue, Response};
+    let broker = Mosquitto::start().await;
+    let billing = billing(broker.port(), keys()).await;
+    let keymeter =
+        Keymeter::start_ready(Config::for_local_broker("127.0.0.1", broker.port())).await;
+    let backend = Backend::start_with(|req: &RecordedRequest| {
+        let model = if req.path.starts_with("/bad") {
+            HeaderValue::from_bytes(b"gpt-\xff\xfe").unwrap()
+        } else {
+            HeaderValue::from_static("gpt-4")
+        };
+        Response::builder()
+            .header("x-billing-module", "llm")
+            .header("x-billing-model", model)
+            .header("x-billing-usage", "3")
+            .body(Body::from("ok"))
+            .unwrap()
+    })
+    .await;
+    let envoy = Envoy::start_with_config(
+        support::envoy::render_deploy_config_without_header_to_metadata(EnvoyPorts {
+            keymeter_grpc: keymeter.grpc_port(),
+            backend: backend.port(),
+        }),
+    )
+    .await;
+    for path in ["/good/1", "/bad/1", "/good/2"] {
+        let r = http_client()
+            .post(envoy.url(path))
+            .header("api-key", GOOD)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+    }
+    let reports = billing.wait_for_reports(2, WAIT).await;
+    wait_until("the bad value is counted", WAIT, || async {
+        keymeter
+            .metric("keymeter_usage_records_rejected_total{reason=\"not_utf8\"}")
+            .await
+            == 1.0
+    })
+    .await;
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    assert!(reports.iter().all(|r| r["model"] == "gpt-4"), "{reports:?}");
+}

@@ -46,10 +46,11 @@ pub enum Rejection {
     MetadataTooLarge,
     RecordsInvalid,
     TooManyRecords,
+    NotUtf8,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 13] = [
+    pub const ALL: [Rejection; 14] = [
         Rejection::UsageMissing,
         Rejection::UsageNotANumber,
         Rejection::UsageNegative,
@@ -63,6 +64,7 @@ impl Rejection {
         Rejection::MetadataTooLarge,
         Rejection::RecordsInvalid,
         Rejection::TooManyRecords,
+        Rejection::NotUtf8,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -80,6 +82,7 @@ impl Rejection {
             Rejection::MetadataTooLarge => "metadata_too_large",
             Rejection::RecordsInvalid => "records_invalid",
             Rejection::TooManyRecords => "too_many_records",
+            Rejection::NotUtf8 => "not_utf8",
         }
     }
 }
@@ -256,11 +259,18 @@ pub fn usages(
     }])
 }
 
-/// A module or model name: non-empty, short, printable.
+/// Envoy replaces bytes that are not UTF-8 in logged header values with this
+/// character, so a name containing it was not valid UTF-8 at the backend.
+const ENVOY_INVALID_UTF8_MARK: char = '!';
+
+/// A module or model name: non-empty, short, printable, UTF-8 at the source.
 pub fn name(value: &str, missing: Rejection, invalid: Rejection) -> Result<String, Rejection> {
     let v = value.trim();
     if v.is_empty() {
         return Err(missing);
+    }
+    if v.contains(ENVOY_INVALID_UTF8_MARK) || v.contains(char::REPLACEMENT_CHARACTER) {
+        return Err(Rejection::NotUtf8);
     }
     if v.len() > MAX_NAME_BYTES || v.chars().any(char::is_control) {
         return Err(invalid);
