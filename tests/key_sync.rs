@@ -164,18 +164,13 @@ async fn snapshot_authorizes_known_keys_after_a_restart_with_the_broker_down() {
 async fn keys_file_is_reloaded_when_it_changes() {
     let dir = TestDir::new("keysfile");
     let file = dir.path().join("keys.json");
+    // Atomic replace, as an operator's tooling (or a ConfigMap update) does.
     let write = |keys: Vec<KeyEntry>| {
-        let tmp = dir.path().join("keys.json.tmp");
-        std::fs::write(
-            &tmp,
-            serde_json::to_vec(&KeyList {
-                keys,
-                saved_at: None,
-            })
-            .unwrap(),
-        )
-        .unwrap();
-        std::fs::rename(&tmp, &file).unwrap();
+        let list = KeyList {
+            keys,
+            saved_at: None,
+        };
+        keymeter::keys::sync::write_key_list(&file, &list).unwrap();
     };
     write(vec![KeyEntry::ok("local", "sk-file")]);
     // No broker at all: the file alone makes keymeter ready.

@@ -14,17 +14,11 @@ use support::{ChildGuard, Mosquitto, TestDir, free_port, http_client};
 const WAIT: Duration = Duration::from_secs(15);
 
 fn write_keys(path: &std::path::Path, keys: Vec<KeyEntry>) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec(&KeyList {
-            keys,
-            saved_at: None,
-        })
-        .unwrap(),
-    )
-    .unwrap();
-    std::fs::rename(&tmp, path).unwrap();
+    let list = KeyList {
+        keys,
+        saved_at: None,
+    };
+    keymeter::keys::sync::write_key_list(path, &list).unwrap();
 }
 
 async fn status(grpc: u16, key: &str) -> i32 {
