@@ -31,6 +31,40 @@ fn deploy_envoy_config_validates() {
     validate_envoy_config(deploy_config_path());
 }
 
+/// Every Envoy bootstrap anywhere under deploy/ passes `envoy --mode validate`, so none
+/// of them can rot unnoticed.
+#[test]
+fn every_envoy_config_in_deploy_validates() {
+    fn walk(dir: &std::path::Path, found: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, found);
+            } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml")
+                && std::fs::read_to_string(&path)
+                    .unwrap()
+                    .lines()
+                    .any(|l| l.starts_with("static_resources:"))
+            {
+                found.push(path);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    walk(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy"),
+        &mut found,
+    );
+    assert!(
+        found.contains(&deploy_config_path()),
+        "deploy/envoy/envoy.yaml is found: {found:?}"
+    );
+    for path in &found {
+        validate_envoy_config(path);
+    }
+    println!("validated {} Envoy configs: {found:?}", found.len());
+}
+
 #[test]
 fn child_guard_kills_process_on_drop() {
     let dir = TestDir::new("guard");
