@@ -12,8 +12,7 @@ use tokio_util::task::TaskTracker;
 use crate::accesslog::AccessLogServer;
 use crate::admin::{self, AdminState, metrics::Metrics};
 use crate::authz::AuthzService;
-use crate::config::Config;
-use crate::config::FsyncMode;
+use crate::config::{Config, FsyncMode};
 use crate::keys::{KeyStore, sync};
 use crate::mqtt;
 use crate::outbox::{FsyncPolicy, Outbox, OutboxConfig};
@@ -83,6 +82,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     let token = CancellationToken::new();
+    // An early return (a setup error) also stops whatever was already started.
+    let _stop_on_return = token.clone().drop_guard();
     let tracker = TaskTracker::new();
     let metrics = Arc::new(Metrics::new());
     let keys = Arc::new(KeyStore::new());
