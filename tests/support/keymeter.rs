@@ -178,6 +178,18 @@ pub async fn check(grpc_port: u16, headers: &[(&str, &str)]) -> CheckResponse {
         .into_inner()
 }
 
+/// Like [`check`], but `None` while keymeter is not listening yet.
+pub async fn try_check(grpc_port: u16, headers: &[(&str, &str)]) -> Option<CheckResponse> {
+    let mut client = AuthorizationClient::connect(format!("http://127.0.0.1:{grpc_port}"))
+        .await
+        .ok()?;
+    client
+        .check(check_request(headers))
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
 /// A CheckRequest as Envoy builds it, with lowercase header names.
 pub fn check_request(headers: &[(&str, &str)]) -> CheckRequest {
     let headers: HashMap<String, String> = headers
