@@ -65,6 +65,9 @@ pub struct ListenConfig {
     /// Admin HTTP: /healthz, /readyz, /metrics.
     #[serde(default = "default_admin_addr")]
     pub admin: SocketAddr,
+    /// TLS (and optionally mTLS) on the gRPC listener; plain when absent.
+    #[serde(default)]
+    pub grpc_tls: Option<GrpcTlsConfig>,
 }
 
 impl Default for ListenConfig {
@@ -72,8 +75,21 @@ impl Default for ListenConfig {
         ListenConfig {
             grpc: default_grpc_addr(),
             admin: default_admin_addr(),
+            grpc_tls: None,
         }
     }
+}
+
+/// TLS on keymeter's own gRPC listener (Envoy is the client).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcTlsConfig {
+    /// PEM certificate chain presented to Envoy.
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// PEM CA bundle: when set, clients must present a certificate signed by it (mTLS).
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
 }
 
 fn default_grpc_addr() -> SocketAddr {
@@ -651,6 +667,22 @@ impl Config {
 
     /// Semantic checks serde cannot express; each names its key.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(t) = &self.listen.grpc_tls {
+            for (key, file) in [
+                ("listen.grpc_tls.cert_file", Some(&t.cert_file)),
+                ("listen.grpc_tls.key_file", Some(&t.key_file)),
+                ("listen.grpc_tls.client_ca_file", t.client_ca_file.as_ref()),
+            ] {
+                if let Some(f) = file
+                    && !f.is_file()
+                {
+                    return Err(ConfigError::invalid(
+                        key,
+                        format!("{} is not a readable file", f.display()),
+                    ));
+                }
+            }
+        }
         let m = &self.mqtt;
         if m.host.trim().is_empty() {
             return Err(ConfigError::invalid("mqtt.host", "must not be empty"));
@@ -865,6 +897,7 @@ impl Config {
             listen: ListenConfig {
                 grpc: SocketAddr::from(([127, 0, 0, 1], 0)),
                 admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+                grpc_tls: None,
             },
             mqtt: MqttConfig {
                 host: host.into(),

@@ -12,7 +12,7 @@ use tokio_util::task::TaskTracker;
 use crate::accesslog::AccessLogServer;
 use crate::admin::{self, AdminState, metrics::Metrics};
 use crate::authz::AuthzService;
-use crate::config::{Config, FsyncMode};
+use crate::config::{Config, FsyncMode, GrpcTlsConfig};
 use crate::keys::{KeyStore, sync};
 use crate::mqtt;
 use crate::outbox::{FsyncPolicy, Outbox, OutboxConfig};
@@ -20,6 +20,7 @@ use crate::proto::v1::usage_server::UsageServer;
 use crate::report::ReportService;
 use crate::usage::recorder::Recorder;
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogServiceServer;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 /// gRPC service names reported through grpc.health.v1.
 const AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
@@ -61,8 +62,26 @@ async fn open_outbox(config: &Config) -> Result<Outbox, RunError> {
         .map_err(|e| RunError::Outbox(dir, e))
 }
 
+/// The server TLS settings; client certificates are required when a CA is set.
+fn grpc_tls(tls: &GrpcTlsConfig) -> Result<ServerTlsConfig, RunError> {
+    let read = |key: &'static str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| RunError::GrpcTls(key, format!("{}: {e}", path.display())))
+    };
+    let identity = Identity::from_pem(
+        read("cert_file", &tls.cert_file)?,
+        read("key_file", &tls.key_file)?,
+    );
+    let mut config = ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = &tls.client_ca_file {
+        config = config.client_ca_root(Certificate::from_pem(read("client_ca_file", ca)?));
+    }
+    Ok(config)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    #[error("listen.grpc_tls.{0}: {1}")]
+    GrpcTls(&'static str, String),
     #[error("outbox.dir {0}: {1}")]
     Outbox(std::path::PathBuf, std::io::Error),
     #[error(transparent)]
@@ -184,7 +203,13 @@ pub async fn run(
     );
     let incoming =
         tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
-    let grpc = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &config.listen.grpc_tls {
+        builder = builder.tls_config(grpc_tls(tls)?)?;
+        let mutual = tls.client_ca_file.is_some();
+        tracing::info!(mutual, "gRPC listener uses TLS");
+    }
+    let grpc = builder
         .add_service(health_service)
         .add_service(AuthorizationServer::new(authz))
         .add_service(AccessLogServiceServer::new(access_log))

@@ -12,8 +12,11 @@ use super::process::TestDir;
 /// PEM files in a temp dir:
 /// - `ca_cert`/`ca_key`: the test CA;
 /// - `server_cert`/`server_key`: for `localhost` and `127.0.0.1`, signed by the CA;
-/// - `other_ca_cert`/`other_ca_key`: an unrelated CA, for "untrusted" tests.
+/// - `other_ca_cert`/`other_ca_key`: an unrelated CA, for "untrusted" tests;
+/// - `client_cert`/`client_key`: a client certificate (CN `envoy`) signed by the CA.
 pub struct TestPki {
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
     pub ca_cert: PathBuf,
     pub ca_key: PathBuf,
     pub server_cert: PathBuf,
@@ -51,7 +54,19 @@ impl TestPki {
             .signed_by(&server_key, &ca, &ca_key)
             .expect("sign server cert");
 
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("no SANs");
+        params.distinguished_name.push(DnType::CommonName, "envoy");
+        params.use_authority_key_identifier_extension = true;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let client_key = KeyPair::generate().expect("generate key");
+        let client = params
+            .signed_by(&client_key, &ca, &ca_key)
+            .expect("sign client cert");
+
         TestPki {
+            client_cert: write("client.pem", client.pem()),
+            client_key: write("client.key", client_key.serialize_pem()),
             ca_cert: write("ca.pem", ca.pem()),
             ca_key: write("ca.key", ca_key.serialize_pem()),
             server_cert: write("server.pem", server.pem()),

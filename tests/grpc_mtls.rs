@@ -1,0 +1,139 @@
+//! mTLS on keymeter's own gRPC listener: Envoy presents a client certificate signed by
+//! the configured CA and everything (Check, access log) works through it; clients
+//! without a certificate, or speaking plaintext, are refused.
+
+mod support;
+
+use std::time::Duration;
+
+use keymeter::Config;
+use keymeter::config::GrpcTlsConfig;
+use keymeter::keys::KeyEntry;
+use support::backend::Reply;
+use support::keymeter::{Keymeter, billing, check_request};
+use support::{Backend, Envoy, EnvoyPorts, Mosquitto, TestPki, http_client, render_deploy_config};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+const GOOD: &str = "sk-mtls-0001";
+
+/// The deployed Envoy config with TLS (client certificate included) towards keymeter.
+fn envoy_config(ports: EnvoyPorts, pki: &TestPki) -> String {
+    let yaml = render_deploy_config(ports);
+    let anchor = "    - name: keymeter\n";
+    assert!(
+        yaml.contains(anchor),
+        "keymeter cluster in deploy/envoy/envoy.yaml"
+    );
+    let tls = format!(
+        "{anchor}      transport_socket:\n\
+         \x20       name: envoy.transport_sockets.tls\n\
+         \x20       typed_config:\n\
+         \x20         \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext\n\
+         \x20         sni: localhost\n\
+         \x20         common_tls_context:\n\
+         \x20           alpn_protocols: [h2]\n\
+         \x20           tls_certificates:\n\
+         \x20             - certificate_chain: {{filename: \"{}\"}}\n\
+         \x20               private_key: {{filename: \"{}\"}}\n\
+         \x20           validation_context:\n\
+         \x20             trusted_ca: {{filename: \"{}\"}}\n",
+        pki.client_cert.display(),
+        pki.client_key.display(),
+        pki.ca_cert.display(),
+    );
+    yaml.replacen(anchor, &tls, 1)
+}
+
+async fn tls_channel(
+    port: u16,
+    pki: &TestPki,
+    with_client_cert: bool,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .domain_name("localhost")
+        .ca_certificate(Certificate::from_pem(std::fs::read(&pki.ca_cert).unwrap()));
+    if with_client_cert {
+        tls = tls.identity(Identity::from_pem(
+            std::fs::read(&pki.client_cert).unwrap(),
+            std::fs::read(&pki.client_key).unwrap(),
+        ));
+    }
+    Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
+        .unwrap()
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+}
+
+async fn grpc_check(channel: tonic::transport::Channel) -> Result<i32, tonic::Status> {
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    let r = AuthorizationClient::new(channel)
+        .check(check_request(&[("api-key", GOOD)]))
+        .await?;
+    Ok(support::keymeter::http_status(&r.into_inner()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_talks_to_keymeter_over_mutual_tls_and_others_are_refused() {
+    let pki = TestPki::generate();
+    let broker = Mosquitto::start().await;
+    let billing = billing(broker.port(), vec![KeyEntry::ok("app-1", GOOD)]).await;
+    let mut config = Config::for_local_broker("127.0.0.1", broker.port());
+    config.listen.grpc_tls = Some(GrpcTlsConfig {
+        cert_file: pki.server_cert.clone(),
+        key_file: pki.server_key.clone(),
+        client_ca_file: Some(pki.ca_cert.clone()),
+    });
+    let keymeter = Keymeter::start_ready(config).await;
+    let backend = Backend::start_replying(|_| {
+        Reply::ok()
+            .header("x-billing-module", "llm")
+            .header("x-billing-model", "gpt-4")
+            .header("x-billing-usage", "9")
+            .chunk("ok")
+    })
+    .await;
+    let ports = EnvoyPorts {
+        keymeter_grpc: keymeter.grpc_port(),
+        backend: backend.port(),
+    };
+    let envoy = Envoy::start_with_config(envoy_config(ports, &pki)).await;
+
+    let status = |key: &'static str| {
+        let url = envoy.url("/v1/chat");
+        async move {
+            http_client()
+                .post(url)
+                .header("api-key", key)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(status(GOOD).await, 200, "Check over mTLS allows");
+    assert_eq!(status("sk-nope").await, 401, "and denies");
+    // The access log travels the same mTLS connection pool.
+    let reports = billing.wait_for_reports(1, Duration::from_secs(20)).await;
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0]["usage"], 9);
+
+    // A TLS client with the right CA but no certificate is refused.
+    let without = match tls_channel(keymeter.grpc_port(), &pki, false).await {
+        Ok(channel) => grpc_check(channel).await.map_err(|s| s.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    assert!(
+        without.is_err(),
+        "no client certificate must be refused: {without:?}"
+    );
+    // With one it works.
+    let with = tls_channel(keymeter.grpc_port(), &pki, true).await.unwrap();
+    assert_eq!(grpc_check(with).await.unwrap(), 200);
+    // Plaintext gRPC is refused.
+    let plain = support::keymeter::try_check(keymeter.grpc_port(), &[("api-key", GOOD)]).await;
+    assert!(plain.is_none(), "plaintext must not be answered");
+    keymeter.stop().await;
+}
