@@ -68,6 +68,14 @@ pub struct ListenConfig {
     /// TLS (and optionally mTLS) on the gRPC listener; plain when absent.
     #[serde(default)]
     pub grpc_tls: Option<GrpcTlsConfig>,
+    /// Larger gRPC messages are refused (RESOURCE_EXHAUSTED) before they are decoded.
+    /// Envoy's first access-log message carries its node description (~64 KiB).
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+}
+
+fn default_max_message_bytes() -> usize {
+    4 << 20
 }
 
 impl Default for ListenConfig {
@@ -76,6 +84,7 @@ impl Default for ListenConfig {
             grpc: default_grpc_addr(),
             admin: default_admin_addr(),
             grpc_tls: None,
+            max_message_bytes: default_max_message_bytes(),
         }
     }
 }
@@ -683,6 +692,12 @@ impl Config {
                 }
             }
         }
+        if self.listen.max_message_bytes < 256 << 10 {
+            return Err(ConfigError::invalid(
+                "listen.max_message_bytes",
+                "must be at least 262144 (Envoy's access-log identifier alone is ~64 KiB)",
+            ));
+        }
         let m = &self.mqtt;
         if m.host.trim().is_empty() {
             return Err(ConfigError::invalid("mqtt.host", "must not be empty"));
@@ -898,6 +913,7 @@ impl Config {
                 grpc: SocketAddr::from(([127, 0, 0, 1], 0)),
                 admin: SocketAddr::from(([127, 0, 0, 1], 0)),
                 grpc_tls: None,
+                max_message_bytes: default_max_message_bytes(),
             },
             mqtt: MqttConfig {
                 host: host.into(),

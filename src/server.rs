@@ -203,6 +203,7 @@ pub async fn run(
     );
     let incoming =
         tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+    let max_message = config.listen.max_message_bytes;
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = &config.listen.grpc_tls {
         builder = builder.tls_config(grpc_tls(tls)?)?;
@@ -211,9 +212,9 @@ pub async fn run(
     }
     let grpc = builder
         .add_service(health_service)
-        .add_service(AuthorizationServer::new(authz))
-        .add_service(AccessLogServiceServer::new(access_log))
-        .add_service(UsageServer::new(report))
+        .add_service(AuthorizationServer::new(authz).max_decoding_message_size(max_message))
+        .add_service(AccessLogServiceServer::new(access_log).max_decoding_message_size(max_message))
+        .add_service(UsageServer::new(report).max_decoding_message_size(max_message))
         .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
 
     tokio::pin!(grpc);
