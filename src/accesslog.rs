@@ -48,6 +48,13 @@ pub enum NotBilled {
 }
 
 impl NotBilled {
+    pub const ALL: [NotBilled; 4] = [
+        NotBilled::Denied,
+        NotBilled::NoKey,
+        NotBilled::UnknownKey,
+        NotBilled::NoUsage,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             NotBilled::Denied => "denied",
@@ -327,8 +334,10 @@ impl AccessLogService for AccessLogServer {
                 Ok(Some(m)) => m,
                 Ok(None) => break,
                 Err(status) => {
+                    // A message that does not decode (or is too large) ends the stream
+                    // with the decoder's error, so the sender sees it too.
                     tracing::warn!(node = %node, error = %status, "access-log stream failed");
-                    break;
+                    return Err(status);
                 }
             };
             // The identifier comes with the first message only.

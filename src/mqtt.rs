@@ -392,6 +392,7 @@ impl Connection {
             }
             Event::Incoming(Packet::Publish(p)) if p.topic == self.topics.keys_update => {
                 self.status.awaiting_keys.store(false, Ordering::Release);
+                self.metrics.key_request_pending.set(0);
                 if self.updates.send(p.payload.to_vec()).await.is_err() {
                     return false;
                 }
@@ -508,6 +509,7 @@ impl Connection {
             Ok(()) => {
                 self.track_other();
                 self.status.awaiting_keys.store(true, Ordering::Release);
+                self.metrics.key_request_pending.set(1);
             }
             Err(e) => tracing::error!(error = %e, "cannot queue key list request"),
         }

@@ -2,7 +2,12 @@
 //! Check increments an atomic and never looks up a label set.
 //!
 //! No label ever carries a key, a fingerprint or a password: labels are outcomes and
-//! reasons from fixed sets.
+//! reasons from fixed sets, plus module names (backend-chosen, not secret) capped at
+//! [`MAX_MODULE_LABELS`] distinct values per process.
+//!
+//! Every label value from a fixed set is created at start-up with the value 0, so a
+//! series exists before its first event: `increase()` and `rate()` then see the first
+//! `outbox_full` too, and dashboards show 0 instead of "no data".
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -12,6 +17,39 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 type Labels = Vec<(&'static str, &'static str)>;
+/// Labels whose value is not from a fixed set (module names).
+type OwnedLabels = Vec<(&'static str, String)>;
+
+/// Distinct `module` label values per process; later names are counted as
+/// [`OTHER_MODULE`]. Module names come from backends and the Report API, so without a
+/// cap a buggy or hostile caller could create a series per request.
+pub const MAX_MODULE_LABELS: usize = 64;
+/// The `module` label of records whose module arrived after the cap was reached.
+pub const OTHER_MODULE: &str = "_other";
+
+/// Why the recorder (not the header contract) rejected records: the outbox is full,
+/// a record exceeds the outbox's frame limit, a disk error, or keymeter is stopping.
+/// Unlike contract reasons these are records a backend declared correctly and that
+/// are lost.
+pub const PIPELINE_REJECTIONS: [&str; 4] = [
+    "outbox_full",
+    "record_too_large",
+    "outbox_error",
+    "shutting_down",
+];
+
+/// Reasons a key list (billing message, snapshot or keys file) is rejected whole.
+pub const KEY_UPDATE_REJECTIONS: [&str; 6] = [
+    "too_large",
+    "bad_json",
+    "wrong_shape",
+    "invalid_entry",
+    "file_unreadable",
+    "snapshot_unreadable",
+];
+
+/// Key sources, the `source` label of the per-source last-update time.
+const KEY_SOURCES: [&str; 3] = ["billing", "snapshot", "file"];
 
 /// Check outcomes, one counter each.
 pub struct CheckOutcomes {
@@ -29,7 +67,9 @@ pub struct Metrics {
     pub key_updates_applied: Counter,
     key_updates_rejected: Family<Labels, Counter>,
     pub key_entries_ignored: Counter,
-    pub key_last_update: Gauge,
+    key_last_update: Gauge,
+    key_source_last_update: Family<Labels, Gauge>,
+    pub key_request_pending: Gauge,
     keys_file_reloads: Family<Labels, Counter>,
     pub snapshot_writes: Counter,
     pub snapshot_write_errors: Counter,
@@ -45,6 +85,10 @@ pub struct Metrics {
     pub records_received: Counter,
     pub records_accepted: Counter,
     records_rejected: Family<Labels, Counter>,
+    module_records: Family<OwnedLabels, Counter>,
+    module_units: Family<OwnedLabels, Counter>,
+    /// Module names that have their own label value (at most [`MAX_MODULE_LABELS`]).
+    modules_seen: std::sync::RwLock<std::collections::HashSet<String>>,
     pub records_published: Counter,
     pub publish_latency: Histogram,
     pub outbox_pending_records: Gauge,
@@ -112,6 +156,18 @@ impl Metrics {
             "key_last_update_timestamp_seconds",
             "Unix time of the last key list change applied from any source",
             key_last_update.clone(),
+        );
+        let key_source_last_update = Family::<Labels, Gauge>::default();
+        registry.register(
+            "key_source_last_update_timestamp_seconds",
+            "Unix time of the last key list change applied from each source (billing, snapshot, file)",
+            key_source_last_update.clone(),
+        );
+        let key_request_pending = Gauge::default();
+        registry.register(
+            "key_list_request_pending",
+            "1 while keymeter has asked the billing system for the key list and no key update has arrived since",
+            key_request_pending.clone(),
         );
         let keys_file_reloads = Family::<Labels, Counter>::default();
         registry.register(
@@ -203,6 +259,18 @@ impl Metrics {
             "Usage records rejected, by reason",
             records_rejected.clone(),
         );
+        let module_records = Family::<OwnedLabels, Counter>::default();
+        registry.register(
+            "usage_module_records",
+            "Usage records written to the outbox, by module (at most 64 module names, then _other)",
+            module_records.clone(),
+        );
+        let module_units = Family::<OwnedLabels, Counter>::default();
+        registry.register(
+            "usage_module_units",
+            "Usage units of the records written to the outbox, by module (as module_records)",
+            module_units.clone(),
+        );
         let records_published = Counter::default();
         registry.register(
             "usage_records_published",
@@ -260,7 +328,7 @@ impl Metrics {
             "Unacknowledged records found in the outbox at start-up and sent again",
             outbox_replayed.clone(),
         );
-        Metrics {
+        let metrics = Metrics {
             registry,
             checks,
             check_duration,
@@ -269,6 +337,8 @@ impl Metrics {
             key_updates_rejected,
             key_entries_ignored,
             key_last_update,
+            key_source_last_update,
+            key_request_pending,
             keys_file_reloads,
             snapshot_writes,
             snapshot_write_errors,
@@ -284,6 +354,9 @@ impl Metrics {
             records_received,
             records_accepted,
             records_rejected,
+            module_records,
+            module_units,
+            modules_seen: Default::default(),
             records_published,
             publish_latency,
             outbox_pending_records,
@@ -293,6 +366,34 @@ impl Metrics {
             outbox_budget_bytes,
             outbox_oldest_age_seconds,
             outbox_replayed,
+        };
+        metrics.create_known_series();
+        metrics
+    }
+
+    /// Creates every series whose label values come from a fixed set, at 0.
+    fn create_known_series(&self) {
+        self.set_key_counts(0, 0);
+        for reason in KEY_UPDATE_REJECTIONS {
+            let _ = self
+                .key_updates_rejected
+                .get_or_create(&vec![("reason", reason)]);
+        }
+        for result in ["ok", "error"] {
+            let _ = self
+                .keys_file_reloads
+                .get_or_create(&vec![("result", result)]);
+        }
+        for why in crate::accesslog::NotBilled::ALL {
+            let _ = self
+                .entries_not_billed
+                .get_or_create(&vec![("reason", why.as_str())]);
+        }
+        let contract = crate::usage::Rejection::ALL.map(|r| r.as_str());
+        for reason in contract.into_iter().chain(PIPELINE_REJECTIONS) {
+            let _ = self
+                .records_rejected
+                .get_or_create(&vec![("reason", reason)]);
         }
     }
 
@@ -304,6 +405,39 @@ impl Metrics {
         self.keys
             .get_or_create(&vec![("status", "blocked")])
             .set(blocked as i64);
+    }
+
+    /// A key list change from `source` (`billing`, `snapshot`, `file`) was applied now.
+    pub fn key_list_applied(&self, source: &'static str, unix_secs: i64) {
+        self.key_last_update.set(unix_secs);
+        debug_assert!(KEY_SOURCES.contains(&source), "unknown key source {source}");
+        self.key_source_last_update
+            .get_or_create(&vec![("source", source)])
+            .set(unix_secs);
+    }
+
+    /// Records written to the outbox: counted per module, up to [`MAX_MODULE_LABELS`]
+    /// distinct names, the rest as [`OTHER_MODULE`].
+    pub fn records_accepted_for_module(&self, module: &str, records: u64, units: u64) {
+        let label = self.module_label(module);
+        let labels = vec![("module", label)];
+        self.module_records.get_or_create(&labels).inc_by(records);
+        self.module_units.get_or_create(&labels).inc_by(units);
+    }
+
+    fn module_label(&self, module: &str) -> String {
+        let seen = self.modules_seen.read().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(module) {
+            return module.to_owned();
+        }
+        drop(seen);
+        let mut seen = self.modules_seen.write().unwrap_or_else(|e| e.into_inner());
+        if seen.contains(module) || seen.len() < MAX_MODULE_LABELS {
+            seen.insert(module.to_owned());
+            module.to_owned()
+        } else {
+            OTHER_MODULE.to_owned()
+        }
     }
 
     pub fn key_update_rejected(&self, reason: &'static str) {
@@ -357,5 +491,63 @@ mod tests {
         assert!(text.contains("keymeter_key_updates_rejected_total{reason=\"bad_json\"} 1"));
         assert!(text.contains("keymeter_keys{status=\"ok\"} 2"));
         assert!(text.contains("keymeter_check_duration_seconds_bucket"));
+    }
+
+    #[test]
+    fn series_from_fixed_label_sets_exist_at_zero_before_any_event() {
+        let text = Metrics::new().render();
+        for sample in [
+            "keymeter_usage_records_rejected_total{reason=\"outbox_full\"} 0",
+            "keymeter_usage_records_rejected_total{reason=\"outbox_error\"} 0",
+            "keymeter_usage_records_rejected_total{reason=\"usage_not_a_number\"} 0",
+            "keymeter_usage_records_rejected_total{reason=\"not_utf8\"} 0",
+            "keymeter_key_updates_rejected_total{reason=\"bad_json\"} 0",
+            "keymeter_key_updates_rejected_total{reason=\"file_unreadable\"} 0",
+            "keymeter_usage_entries_not_billed_total{reason=\"denied\"} 0",
+            "keymeter_keys_file_reloads_total{result=\"error\"} 0",
+            "keymeter_keys{status=\"blocked\"} 0",
+            "keymeter_check_requests_total{outcome=\"blocked_key\"} 0",
+            "keymeter_key_list_request_pending 0",
+        ] {
+            assert!(text.contains(sample), "missing {sample} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn key_updates_are_timed_per_source() {
+        let m = Metrics::new();
+        m.key_list_applied("snapshot", 1_000);
+        m.key_list_applied("billing", 2_000);
+        let text = m.render();
+        assert!(text.contains("keymeter_key_last_update_timestamp_seconds 2000"));
+        assert!(text.contains(
+            "keymeter_key_source_last_update_timestamp_seconds{source=\"snapshot\"} 1000"
+        ));
+        assert!(text.contains(
+            "keymeter_key_source_last_update_timestamp_seconds{source=\"billing\"} 2000"
+        ));
+    }
+
+    #[test]
+    fn module_labels_are_capped() {
+        let m = Metrics::new();
+        m.records_accepted_for_module("llm", 1, 150);
+        m.records_accepted_for_module("llm", 1, 50);
+        for i in 0..MAX_MODULE_LABELS + 10 {
+            m.records_accepted_for_module(&format!("m{i}"), 1, 1);
+        }
+        // A name seen before the cap keeps its own series afterwards.
+        m.records_accepted_for_module("llm", 1, 1);
+        let text = m.render();
+        assert!(text.contains("keymeter_usage_module_records_total{module=\"llm\"} 3"));
+        assert!(text.contains("keymeter_usage_module_units_total{module=\"llm\"} 201"));
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("keymeter_usage_module_records_total{"))
+            .count();
+        assert_eq!(series, MAX_MODULE_LABELS + 1, "{text}");
+        // 64 names: llm and m0..m62; m63.. go to _other.
+        assert!(text.contains("keymeter_usage_module_records_total{module=\"_other\"} 11"));
+        assert!(!text.contains("module=\"m63\""));
     }
 }

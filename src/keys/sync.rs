@@ -99,7 +99,7 @@ pub(crate) fn now_ms() -> i64 {
 fn record_applied(store: &KeyStore, metrics: &Metrics, source: Source, applied: Applied) {
     metrics.key_updates_applied.inc();
     metrics.key_entries_ignored.inc_by(applied.ignored as u64);
-    metrics.key_last_update.set(now_ms() / 1000);
+    metrics.key_list_applied(source.as_str(), now_ms() / 1000);
     let view = store.view();
     metrics.set_key_counts(view.len(), view.blocked());
     metrics.ready.set(1);
@@ -321,6 +321,34 @@ mod tests {
     use super::*;
 
     const MAX: usize = 1 << 20;
+
+    /// The metric pre-creates a series per reason; a new reason must be added there.
+    #[test]
+    fn every_rejection_reason_is_a_known_metric_label() {
+        use crate::admin::metrics::KEY_UPDATE_REJECTIONS;
+        let reasons = [
+            parse_update(b"{", MAX).unwrap_err().reason,
+            parse_update(br#"{"updates": 1}"#, MAX).unwrap_err().reason,
+            parse_update(
+                br#"{"updates": [{"app_id": "a", "api_key": "", "status": "ok"}]}"#,
+                MAX,
+            )
+            .unwrap_err()
+            .reason,
+            parse_update(b"{}", 1).unwrap_err().reason,
+            load_keys_file(
+                &KeyStore::default(),
+                &Metrics::new(),
+                Path::new("/nonexistent/keys.json"),
+            )
+            .unwrap_err()
+            .reason,
+            "snapshot_unreadable",
+        ];
+        for reason in reasons {
+            assert!(KEY_UPDATE_REJECTIONS.contains(&reason), "{reason}");
+        }
+    }
 
     #[test]
     fn parses_the_billing_format() {

@@ -58,6 +58,10 @@ impl Recorder {
         match self.outbox.append(batch, durability).await {
             Ok(seqs) => {
                 self.metrics.records_accepted.inc_by(n);
+                for r in records {
+                    self.metrics
+                        .records_accepted_for_module(&r.module, 1, r.usage);
+                }
                 Ok(seqs)
             }
             Err(e) => {

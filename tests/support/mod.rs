@@ -1,4 +1,5 @@
-//! Integration-test harness: real Envoy, real mosquitto, a real HTTP backend.
+//! Integration-test harness: real Envoy, real mosquitto, a real HTTP backend, and a
+//! real Prometheus server for the operator files (`prometheus.rs`).
 //!
 //! Use from a test file with `mod support;`. Every process is owned by a
 //! guard that SIGKILLs it on drop (also on panic) and prints its log tails
@@ -15,6 +16,7 @@ pub mod mosquitto;
 pub mod mqtt;
 pub mod pki;
 pub mod process;
+pub mod prometheus;
 
 pub use backend::{Backend, RecordedRequest};
 pub use envoy::{
@@ -84,6 +86,28 @@ pub fn mosquitto_passwd_bin() -> PathBuf {
     from_env("MOSQUITTO_PASSWD_BIN", HINT)
         .or_else(|| Some(PathBuf::from("/usr/bin/mosquitto_passwd")).filter(|p| is_executable(p)))
         .or_else(|| find_on_path("mosquitto_passwd"))
+        .unwrap_or_else(|| panic!("{HINT}"))
+}
+
+/// The Prometheus server (Debian package `prometheus`): `$PROMETHEUS_BIN`, else
+/// `/usr/bin/prometheus`, else PATH.
+pub fn prometheus_bin() -> PathBuf {
+    const HINT: &str =
+        "prometheus not found: install with `apt-get install prometheus` or set PROMETHEUS_BIN";
+    from_env("PROMETHEUS_BIN", HINT)
+        .or_else(|| Some(PathBuf::from("/usr/bin/prometheus")).filter(|p| is_executable(p)))
+        .or_else(|| find_on_path("prometheus"))
+        .unwrap_or_else(|| panic!("{HINT}"))
+}
+
+/// `promtool` (same Debian package as the server): `$PROMTOOL_BIN`, else
+/// `/usr/bin/promtool`, else PATH.
+pub fn promtool_bin() -> PathBuf {
+    const HINT: &str =
+        "promtool not found: install with `apt-get install prometheus` or set PROMTOOL_BIN";
+    from_env("PROMTOOL_BIN", HINT)
+        .or_else(|| Some(PathBuf::from("/usr/bin/promtool")).filter(|p| is_executable(p)))
+        .or_else(|| find_on_path("promtool"))
         .unwrap_or_else(|| panic!("{HINT}"))
 }
 
