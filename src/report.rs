@@ -22,6 +22,8 @@ use crate::usage::{Rejection, Usage, UsageRecord};
 
 /// Records one Report call may carry: bounds the work and the fsync batch.
 pub const MAX_RECORDS_PER_REPORT: usize = 1000;
+/// Stands in for a key header that is not visible ASCII: never a valid key.
+const UNREADABLE_KEY: &str = "\u{fffd}";
 /// Largest usage accepted (the billing consumer's signed 64-bit integers).
 const MAX_USAGE: u64 = i64::MAX as u64;
 
@@ -77,8 +79,12 @@ impl UsageApi for ReportService {
         request: Request<ReportRequest>,
     ) -> Result<Response<ReportResponse>, Status> {
         let metadata = request.metadata();
+        // A value that is not visible ASCII is a (wrong) key, not an absent one, as it
+        // is for a Check through Envoy.
         let key = find_key(&self.check, |name| {
-            metadata.get(name).and_then(|v| v.to_str().ok())
+            metadata
+                .get(name)
+                .map(|v| v.to_str().unwrap_or(UNREADABLE_KEY))
         })
         .map(str::to_string);
         let (api_key, app_id) = {

@@ -45,14 +45,15 @@ pub enum Decision<'a> {
     },
 }
 
-/// Finds the key in request headers: `key_headers` in order (first present and
-/// non-empty wins), then `authorization: Bearer <key>` if enabled.
+/// Finds the key in request headers: `key_headers` in order (the first present and
+/// non-empty one wins), then `authorization: Bearer <key>` if enabled. Only ASCII
+/// spaces and tabs around a value are ignored, as HTTP itself does.
 pub fn find_key<'h>(
     config: &CheckConfig,
     header: impl Fn(&str) -> Option<&'h str>,
 ) -> Option<&'h str> {
     for name in &config.key_headers {
-        if let Some(v) = header(name).map(str::trim)
+        if let Some(v) = header(name).map(trim_ows)
             && !v.is_empty()
         {
             return Some(v);
@@ -61,15 +62,20 @@ pub fn find_key<'h>(
     if config.accept_bearer
         && let Some(v) = header("authorization")
     {
-        let v = v.trim();
-        if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") {
-            let key = v[7..].trim();
+        let v = trim_ows(v);
+        if v.len() > 7 && v.is_char_boundary(7) && v[..7].eq_ignore_ascii_case("bearer ") {
+            let key = trim_ows(&v[7..]);
             if !key.is_empty() {
                 return Some(key);
             }
         }
     }
     None
+}
+
+/// HTTP's optional whitespace: spaces and tabs, nothing Unicode.
+fn trim_ows(v: &str) -> &str {
+    v.trim_matches([' ', '\t'])
 }
 
 /// The decision for a request whose key (if any) is `key`.
@@ -342,6 +348,12 @@ mod tests {
         }
         assert_eq!(decide_with(&c, &[]), "MissingKey");
         assert_eq!(decide_with(&c, &[("api-key", "  ")]), "MissingKey");
+        assert!(decide_with(&c, &[("api-key", " \tsk-good ")]).starts_with("Allow"));
+        // Unicode whitespace is part of the value, not padding.
+        assert_eq!(
+            decide_with(&c, &[("api-key", "\u{a0}sk-good")]),
+            "InvalidKey"
+        );
     }
 
     #[test]
