@@ -278,6 +278,33 @@ pub struct CheckConfig {
     /// Realm in `www-authenticate` on 401 answers.
     #[serde(default = "default_realm")]
     pub realm: String,
+    /// Brute-force guard per client address; off when absent.
+    #[serde(default)]
+    pub invalid_key_limit: Option<InvalidKeyLimit>,
+}
+
+/// Too many invalid keys from one address within `window_secs` and it gets 429 with
+/// `retry-after` until the window ends; valid keys from it are never affected.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InvalidKeyLimit {
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    #[serde(default = "default_window_secs")]
+    pub window_secs: u64,
+    /// Addresses tracked at once, bounding memory; beyond it new ones are not limited.
+    #[serde(default = "default_max_clients")]
+    pub max_clients: usize,
+}
+
+fn default_max_attempts() -> u32 {
+    20
+}
+fn default_window_secs() -> u64 {
+    60
+}
+fn default_max_clients() -> usize {
+    100_000
 }
 
 impl Default for CheckConfig {
@@ -288,6 +315,7 @@ impl Default for CheckConfig {
             app_id_header: default_app_id_header(),
             strip_key_header: false,
             realm: default_realm(),
+            invalid_key_limit: None,
         }
     }
 }
@@ -873,6 +901,26 @@ impl Config {
                 "check.key_headers",
                 "empty and accept_bearer is false: no request could carry a key",
             ));
+        }
+        if let Some(l) = &self.check.invalid_key_limit {
+            if l.max_attempts == 0 {
+                return Err(ConfigError::invalid(
+                    "check.invalid_key_limit.max_attempts",
+                    "must be at least 1",
+                ));
+            }
+            if l.window_secs == 0 || l.window_secs > 86_400 {
+                return Err(ConfigError::invalid(
+                    "check.invalid_key_limit.window_secs",
+                    "must be 1 to 86400",
+                ));
+            }
+            if l.max_clients == 0 {
+                return Err(ConfigError::invalid(
+                    "check.invalid_key_limit.max_clients",
+                    "must be at least 1",
+                ));
+            }
         }
         for h in &self.check.key_headers {
             check_header_name("check.key_headers", h)?;

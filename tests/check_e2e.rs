@@ -258,3 +258,48 @@ async fn grpc_health(port: u16) -> String {
         .into_inner();
     format!("{:?}", r.status())
 }
+
+/// The brute-force guard through Envoy: past the limit of invalid keys an address gets
+/// 429 with retry-after, while its valid key keeps working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_invalid_keys_from_one_address_get_429() {
+    let broker = Mosquitto::start().await;
+    let _billing = billing(broker.port(), vec![KeyEntry::ok("app-1", GOOD)]).await;
+    let mut config = Config::for_local_broker("127.0.0.1", broker.port());
+    config.check.invalid_key_limit = Some(keymeter::config::InvalidKeyLimit {
+        max_attempts: 3,
+        window_secs: 60,
+        max_clients: 1000,
+    });
+    let keymeter = Keymeter::start_ready(config).await;
+    let backend = Backend::start().await;
+    let envoy = Envoy::start(EnvoyPorts {
+        keymeter_grpc: keymeter.grpc_port(),
+        backend: backend.port(),
+    })
+    .await;
+    for _ in 0..3 {
+        assert_eq!(get(&envoy, &[("api-key", "sk-guess")]).await.status, 401);
+    }
+    let limited = get(&envoy, &[("api-key", "sk-guess-again")]).await;
+    assert_eq!(limited.status, 429);
+    assert_eq!(error_of(&limited), "too_many_invalid_keys");
+    let retry: u64 = limited.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "retry-after {retry}");
+    assert_eq!(
+        get(&envoy, &[("api-key", GOOD)]).await.status,
+        200,
+        "valid keys unharmed"
+    );
+    assert_eq!(
+        keymeter
+            .metric("keymeter_check_requests_total{outcome=\"rate_limited\"}")
+            .await,
+        1.0
+    );
+    keymeter.stop().await;
+}

@@ -57,6 +57,8 @@ pub struct CheckOutcomes {
     pub missing_key: Counter,
     pub invalid_key: Counter,
     pub blocked_key: Counter,
+    /// Invalid keys answered 429 by the brute-force guard.
+    pub rate_limited: Counter,
 }
 
 pub struct Metrics {
@@ -121,6 +123,7 @@ impl Metrics {
             missing_key: outcome("missing_key"),
             invalid_key: outcome("invalid_key"),
             blocked_key: outcome("blocked_key"),
+            rate_limited: outcome("rate_limited"),
         };
         // 10 µs .. ~160 ms: a Check should sit in the first buckets.
         let check_duration = Histogram::new(

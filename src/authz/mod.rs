@@ -5,9 +5,12 @@
 //! `Ok(CheckResponse)` with a deny status: an `Err(Status)` is an *error* to Envoy,
 //! which then applies `failure_mode_allow` and may let the request through.
 
+pub mod guard;
+
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use envoy_types::ext_authz::v3::pb::{
     Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction,
@@ -29,6 +32,7 @@ pub const METADATA_KEY_FINGERPRINT: &str = "key_fp";
 /// gRPC status codes carried inside a CheckResponse.
 const GRPC_OK: i32 = 0;
 const GRPC_PERMISSION_DENIED: i32 = 7;
+const GRPC_RESOURCE_EXHAUSTED: i32 = 8;
 const GRPC_UNAUTHENTICATED: i32 = 16;
 
 /// The outcome of a Check, free of transport types.
@@ -73,6 +77,23 @@ pub fn find_key<'h>(
     None
 }
 
+/// The downstream client's address as Envoy saw it (with `use_remote_address` and
+/// `xff_num_trusted_hops`, the address from `x-forwarded-for` it trusts).
+fn client_address(request: &CheckRequest) -> Option<IpAddr> {
+    use envoy_types::pb::envoy::config::core::v3::address::Address;
+    let address = request
+        .attributes
+        .as_ref()?
+        .source
+        .as_ref()?
+        .address
+        .as_ref()?;
+    match address.address.as_ref()? {
+        Address::SocketAddress(s) => s.address.parse().ok(),
+        _ => None,
+    }
+}
+
 /// HTTP's optional whitespace: spaces and tabs, nothing Unicode.
 fn trim_ows(v: &str) -> &str {
     v.trim_matches([' ', '\t'])
@@ -106,6 +127,7 @@ pub struct AuthzService {
     metrics: Arc<Metrics>,
     config: CheckConfig,
     answers: Answers,
+    guard: Option<guard::InvalidKeyGuard>,
 }
 
 impl AuthzService {
@@ -124,11 +146,16 @@ impl AuthzService {
             },
             www_authenticate: format!("ApiKey realm=\"{}\"", config.realm),
         };
+        let guard = config
+            .invalid_key_limit
+            .as_ref()
+            .map(guard::InvalidKeyGuard::new);
         AuthzService {
             keys,
             metrics,
             config,
             answers,
+            guard,
         }
     }
 
@@ -161,15 +188,21 @@ impl AuthzService {
                     &self.answers.missing_key_message,
                 )
             }
-            Decision::InvalidKey => {
-                self.metrics.checks.invalid_key.inc();
-                self.deny(
-                    401,
-                    GRPC_UNAUTHENTICATED,
-                    "invalid_api_key",
-                    "the API key is not valid",
-                )
-            }
+            Decision::InvalidKey => match self.over_limit(request) {
+                Some(wait) => {
+                    self.metrics.checks.rate_limited.inc();
+                    self.too_many(wait)
+                }
+                None => {
+                    self.metrics.checks.invalid_key.inc();
+                    self.deny(
+                        401,
+                        GRPC_UNAUTHENTICATED,
+                        "invalid_api_key",
+                        "the API key is not valid",
+                    )
+                }
+            },
             Decision::Blocked { reason } => {
                 self.metrics.checks.blocked_key.inc();
                 let message = if reason.is_empty() {
@@ -217,6 +250,29 @@ impl AuthzService {
                 ..Default::default()
             })),
         }
+    }
+
+    /// Records an invalid key with the brute-force guard; `Some(wait)` when the client
+    /// address is over its limit.
+    fn over_limit(&self, request: &CheckRequest) -> Option<Duration> {
+        let guard = self.guard.as_ref()?;
+        let client = client_address(request)?;
+        guard.on_invalid(client, Instant::now())
+    }
+
+    fn too_many(&self, wait: Duration) -> CheckResponse {
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        let mut r = self.deny(
+            429,
+            GRPC_RESOURCE_EXHAUSTED,
+            "too_many_invalid_keys",
+            &format!("too many invalid API keys from this address; retry after {secs} s"),
+        );
+        if let Some(HttpResponse::DeniedResponse(d)) = &mut r.http_response {
+            d.headers
+                .push(header_option("retry-after", &secs.to_string()));
+        }
+        r
     }
 
     fn deny(&self, http: i32, grpc: i32, error: &str, message: &str) -> CheckResponse {
@@ -485,6 +541,60 @@ mod tests {
             panic!()
         };
         assert_eq!(fp, &crate::keys::fingerprint("sk-good"));
+    }
+
+    #[test]
+    fn brute_force_guard_answers_429_to_invalid_keys_only() {
+        use envoy_types::pb::envoy::config::core::v3::{
+            Address, SocketAddress, address::Address as Kind,
+        };
+        use envoy_types::pb::envoy::service::auth::v3::attribute_context::Peer;
+        let svc = service(CheckConfig {
+            invalid_key_limit: Some(crate::config::InvalidKeyLimit {
+                max_attempts: 3,
+                window_secs: 60,
+                max_clients: 100,
+            }),
+            ..CheckConfig::default()
+        });
+        let from = |ip: &str, key: &str| {
+            let mut r = request(&[("api-key", key)]);
+            r.attributes.as_mut().unwrap().source = Some(Peer {
+                address: Some(Address {
+                    address: Some(Kind::SocketAddress(SocketAddress {
+                        address: ip.into(),
+                        ..Default::default()
+                    })),
+                }),
+                ..Default::default()
+            });
+            r
+        };
+        let code = |r: &CheckResponse| match r.http_response.as_ref().unwrap() {
+            HttpResponse::DeniedResponse(d) => d.status.as_ref().unwrap().code,
+            HttpResponse::OkResponse(_) => 200,
+            other => panic!("unexpected {other:?}"),
+        };
+        for _ in 0..3 {
+            assert_eq!(code(&svc.check(&from("203.0.113.9", "sk-nope"))), 401);
+        }
+        let limited = svc.check(&from("203.0.113.9", "sk-nope"));
+        assert_eq!(code(&limited), 429);
+        assert_eq!(
+            limited.status.as_ref().unwrap().code,
+            GRPC_RESOURCE_EXHAUSTED
+        );
+        let d = denied(&limited);
+        let retry: u64 = header_of(&d.headers, "retry-after")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=60).contains(&retry));
+        assert!(d.body.contains("too_many_invalid_keys"));
+        // The same address with a valid key, and another address, are unaffected.
+        assert_eq!(code(&svc.check(&from("203.0.113.9", "sk-good"))), 200);
+        assert_eq!(code(&svc.check(&from("203.0.113.10", "sk-nope"))), 401);
+        assert_eq!(svc.metrics.checks.rate_limited.get(), 1);
     }
 
     #[test]
