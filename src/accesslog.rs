@@ -304,6 +304,24 @@ impl AccessLogServer {
     }
 }
 
+impl AccessLogServer {
+    /// At shutdown: takes what Envoy already sent (buffered in the connection) before
+    /// the stream is dropped, so those entries still become records.
+    async fn drain(&self, stream: &mut Streaming<StreamAccessLogsMessage>, node: &str) {
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN;
+        while let Ok(Ok(Some(message))) = tokio::time::timeout_at(deadline, stream.message()).await
+        {
+            if let Some(LogEntries::HttpLogs(http)) = message.log_entries {
+                self.handle_http(&http.log_entry).await;
+            }
+        }
+        tracing::debug!(node = %node, "access-log stream drained for shutdown");
+    }
+}
+
+/// How long a stream is read after shutdown starts, for entries already in flight.
+const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_millis(300);
+
 /// Decrements the stream gauge however the stream ends.
 struct StreamGauge<'a>(&'a crate::admin::metrics::Metrics);
 
@@ -327,7 +345,10 @@ impl AccessLogService for AccessLogServer {
         let mut node = String::new();
         loop {
             let message = tokio::select! {
-                _ = self.shutdown.cancelled() => break,
+                _ = self.shutdown.cancelled() => {
+                    self.drain(&mut stream, &node).await;
+                    break;
+                }
                 m = stream.message() => m,
             };
             let message = match message {

@@ -647,6 +647,7 @@ const ENV_OVERRIDES: &[(&str, &[&str], EnvKind)] = &[
         &["keys", "snapshot"],
         EnvKind::Str,
     ),
+    ("KEYMETER_OUTBOX_DIR", &["outbox", "dir"], EnvKind::Str),
     ("KEYMETER_LOG_FORMAT", &["log", "format"], EnvKind::Str),
     ("KEYMETER_LOG_LEVEL", &["log", "level"], EnvKind::Str),
 ];
@@ -1105,6 +1106,11 @@ mod tests {
         .unwrap();
         assert_eq!(c.mqtt.password.expose(), "s3cret");
         assert_eq!(c.mqtt.port, 1883);
+        let c = Config::parse(MINIMAL, Path::new("t"), |v| {
+            (v == "KEYMETER_OUTBOX_DIR").then(|| "/data/outbox".to_string())
+        })
+        .unwrap();
+        assert_eq!(c.outbox.dir, Path::new("/data/outbox"));
         let e = Config::parse(MINIMAL, Path::new("t"), |v| {
             (v == "KEYMETER_MQTT_PORT").then(|| "abc".to_string())
         })
