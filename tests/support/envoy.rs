@@ -415,3 +415,47 @@ async fn fetch_listeners(admin_port: u16) -> Result<Vec<(String, u16)>, String> 
         })
         .collect()
 }
+
+/// [`render_deploy_config`] with more endpoints in the `keymeter` cluster, one per
+/// port of `more_keymeter_grpc`, after the one at `ports.keymeter_grpc`: several
+/// keymeter replicas behind one Envoy. Envoy balances both the ext_authz Checks and
+/// the access-log streams over them (round robin), with the deployed health checks.
+pub fn render_deploy_config_with_keymeter_replicas(
+    ports: EnvoyPorts,
+    more_keymeter_grpc: &[u16],
+) -> String {
+    let yaml = render_deploy_config(ports);
+    let lines: Vec<&str> = yaml.lines().collect();
+    let port_line = format!("port_value: {}", ports.keymeter_grpc);
+    let at: Vec<usize> = (0..lines.len())
+        .filter(|&i| lines[i].trim() == port_line)
+        .collect();
+    assert_eq!(
+        at.len(),
+        1,
+        "`{port_line}` exactly once in the rendered config"
+    );
+    let last = at[0];
+    // `- endpoint:` / `address:` / `socket_address:` / `address: 127.0.0.1` / `port_value:`
+    assert!(
+        last >= 4 && lines[last - 4].trim() == "- endpoint:",
+        "keymeter's endpoint is no longer shaped as expected in envoy.yaml"
+    );
+    let template = &lines[last - 4..last];
+    let indent = &lines[last][..indent_of(lines[last])];
+    let mut out = String::with_capacity(yaml.len() + 256 * more_keymeter_grpc.len());
+    for (i, line) in lines.iter().enumerate() {
+        out.push_str(line);
+        out.push('\n');
+        if i == last {
+            for port in more_keymeter_grpc {
+                for t in template {
+                    out.push_str(t);
+                    out.push('\n');
+                }
+                out.push_str(&format!("{indent}port_value: {port}\n"));
+            }
+        }
+    }
+    out
+}
