@@ -4,14 +4,13 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::accesslog::AccessLogServer;
 use crate::admin::{self, AdminState, metrics::Metrics};
-use crate::authz::AuthzService;
+use crate::authz::{AuthzService, CheckServer};
 use crate::config::{Config, FsyncMode, GrpcTlsConfig};
 use crate::keys::{KeyStore, sync};
 use crate::mqtt;
@@ -151,9 +150,7 @@ pub async fn run(
     )?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_not_serving::<AuthorizationServer<AuthzService>>()
-        .await;
+    health.set_not_serving::<CheckServer>().await;
     {
         let keys = keys.clone();
         let metrics = metrics.clone();
@@ -164,7 +161,7 @@ pub async fn run(
                 _ = token.cancelled() => {}
                 _ = keys.wait_loaded() => {
                     metrics.ready.set(1);
-                    health.set_serving::<AuthorizationServer<AuthzService>>().await;
+                    health.set_serving::<CheckServer>().await;
                     tracing::info!(keys = keys.view().len(), "ready: answering Checks");
                 }
             }
@@ -212,7 +209,7 @@ pub async fn run(
     }
     let grpc = builder
         .add_service(health_service)
-        .add_service(AuthorizationServer::new(authz).max_decoding_message_size(max_message))
+        .add_service(CheckServer::new(authz, max_message))
         .add_service(AccessLogServiceServer::new(access_log).max_decoding_message_size(max_message))
         .add_service(UsageServer::new(report).max_decoding_message_size(max_message))
         .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());

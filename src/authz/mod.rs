@@ -6,19 +6,23 @@
 //! which then applies `failure_mode_allow` and may let the request through.
 
 pub mod guard;
+mod service;
+pub mod wire;
 
-use std::collections::HashMap;
+pub use service::CheckServer;
+
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use envoy_types::ext_authz::v3::pb::{
-    Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction,
-    HeaderValue, HeaderValueOption, HttpResponse, HttpStatus, OkHttpResponse,
+    CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction, HeaderValue,
+    HeaderValueOption, HttpResponse, HttpStatus,
 };
-use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc;
-use tonic::{Request, Response, Status};
+use prost::Message;
+use tonic::Status;
 
 use crate::admin::metrics::Metrics;
 use crate::config::CheckConfig;
@@ -30,7 +34,6 @@ pub const METADATA_APP_ID: &str = "app_id";
 pub const METADATA_KEY_FINGERPRINT: &str = "key_fp";
 
 /// gRPC status codes carried inside a CheckResponse.
-const GRPC_OK: i32 = 0;
 const GRPC_PERMISSION_DENIED: i32 = 7;
 const GRPC_RESOURCE_EXHAUSTED: i32 = 8;
 const GRPC_UNAUTHENTICATED: i32 = 16;
@@ -77,23 +80,6 @@ pub fn find_key<'h>(
     None
 }
 
-/// The downstream client's address as Envoy saw it (with `use_remote_address` and
-/// `xff_num_trusted_hops`, the address from `x-forwarded-for` it trusts).
-fn client_address(request: &CheckRequest) -> Option<IpAddr> {
-    use envoy_types::pb::envoy::config::core::v3::address::Address;
-    let address = request
-        .attributes
-        .as_ref()?
-        .source
-        .as_ref()?
-        .address
-        .as_ref()?;
-    match address.address.as_ref()? {
-        Address::SocketAddress(s) => s.address.parse().ok(),
-        _ => None,
-    }
-}
-
 /// HTTP's optional whitespace: spaces and tabs, nothing Unicode.
 fn trim_ows(v: &str) -> &str {
     v.trim_matches([' ', '\t'])
@@ -120,6 +106,9 @@ struct Answers {
     missing_key_message: String,
     headers_to_remove: Vec<String>,
     www_authenticate: String,
+    /// The two common denials, encoded once.
+    missing_key: Bytes,
+    invalid_key: Bytes,
 }
 
 pub struct AuthzService {
@@ -145,62 +134,82 @@ impl AuthzService {
                 Vec::new()
             },
             www_authenticate: format!("ApiKey realm=\"{}\"", config.realm),
+            missing_key: Bytes::new(),
+            invalid_key: Bytes::new(),
         };
-        let guard = config
-            .invalid_key_limit
-            .as_ref()
-            .map(guard::InvalidKeyGuard::new);
-        AuthzService {
+        let mut service = AuthzService {
             keys,
             metrics,
             config,
             answers,
-            guard,
-        }
+            guard: None,
+        };
+        service.answers.missing_key = service
+            .deny(
+                401,
+                GRPC_UNAUTHENTICATED,
+                "missing_api_key",
+                &service.answers.missing_key_message,
+            )
+            .encode_to_vec()
+            .into();
+        service.answers.invalid_key = service
+            .deny(
+                401,
+                GRPC_UNAUTHENTICATED,
+                "invalid_api_key",
+                "the API key is not valid",
+            )
+            .encode_to_vec()
+            .into();
+        service.guard = service
+            .config
+            .invalid_key_limit
+            .as_ref()
+            .map(guard::InvalidKeyGuard::new);
+        service
     }
 
-    /// Decides one request and builds Envoy's answer. Never fails: a malformed request
-    /// is simply one without a key.
-    pub fn check(&self, request: &CheckRequest) -> CheckResponse {
+    /// Decides one encoded `CheckRequest` and returns the encoded `CheckResponse`.
+    /// Every decision is an answer; only bytes that are not a protobuf message are an
+    /// error (Envoy then applies `failure_mode_allow`, which the provided configs keep
+    /// closed).
+    pub fn check_bytes(&self, request: &[u8]) -> Result<Bytes, Status> {
         let started = Instant::now();
-        let http = request
-            .attributes
-            .as_ref()
-            .and_then(|a| a.request.as_ref())
-            .and_then(|r| r.http.as_ref());
-        let key = http.and_then(|h| find_key(&self.config, |name| header(h, name)));
-        let view = self.keys.view();
-        let decision = decide(key, &view);
-        let response = match decision {
+        let view = wire::scan(request).map_err(|_| Status::internal("malformed CheckRequest"))?;
+        let key = find_key(&self.config, |name| view.header(name));
+        let keys = self.keys.view();
+        let response: Bytes = match decide(key, &keys) {
             Decision::Allow {
                 app_id,
                 fingerprint,
             } => {
                 self.metrics.checks.allowed.inc();
-                self.allow(app_id, fingerprint)
+                wire::encode_allow(
+                    &self.answers.app_id_header,
+                    &self.answers.headers_to_remove,
+                    [
+                        (METADATA_APP_ID, app_id),
+                        (METADATA_KEY_FINGERPRINT, fingerprint),
+                    ],
+                    app_id,
+                    // A client must not be able to choose its own app id.
+                    HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+                )
+                .into()
             }
             Decision::MissingKey => {
                 self.metrics.checks.missing_key.inc();
-                self.deny(
-                    401,
-                    GRPC_UNAUTHENTICATED,
-                    "missing_api_key",
-                    &self.answers.missing_key_message,
-                )
+                self.answers.missing_key.clone()
             }
-            Decision::InvalidKey => match self.over_limit(request) {
+            Decision::InvalidKey => match self.over_limit(view.source_ip()) {
                 Some(wait) => {
                     self.metrics.checks.rate_limited.inc();
-                    self.too_many(wait)
+                    self.too_many(wait).encode_to_vec().into()
                 }
                 None => {
                     self.metrics.checks.invalid_key.inc();
-                    self.deny(
-                        401,
-                        GRPC_UNAUTHENTICATED,
-                        "invalid_api_key",
-                        "the API key is not valid",
-                    )
+                    self.answers.invalid_key.clone()
                 }
             },
             Decision::Blocked { reason } => {
@@ -211,53 +220,29 @@ impl AuthzService {
                     format!("the API key is blocked: {reason}")
                 };
                 self.deny(403, GRPC_PERMISSION_DENIED, "blocked_api_key", &message)
+                    .encode_to_vec()
+                    .into()
             }
         };
         self.metrics
             .check_duration
             .observe(started.elapsed().as_secs_f64());
-        response
+        Ok(response)
     }
 
-    fn allow(&self, app_id: &str, fingerprint: &str) -> CheckResponse {
-        let metadata = Struct {
-            fields: HashMap::from([
-                (METADATA_APP_ID.to_string(), string_value(app_id)),
-                (
-                    METADATA_KEY_FINGERPRINT.to_string(),
-                    string_value(fingerprint),
-                ),
-            ]),
-        };
-        CheckResponse {
-            status: Some(rpc::Status {
-                code: GRPC_OK,
-                ..Default::default()
-            }),
-            dynamic_metadata: Some(metadata),
-            http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-                headers: vec![HeaderValueOption {
-                    header: Some(HeaderValue {
-                        key: self.answers.app_id_header.clone(),
-                        value: app_id.to_string(),
-                        ..Default::default()
-                    }),
-                    // A client must not be able to choose its own app id.
-                    append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
-                    ..Default::default()
-                }],
-                headers_to_remove: self.answers.headers_to_remove.clone(),
-                ..Default::default()
-            })),
-        }
+    /// [`Self::check_bytes`] on prost types: for tests and tools, not the hot path.
+    pub fn check(&self, request: &CheckRequest) -> CheckResponse {
+        let answer = self
+            .check_bytes(&request.encode_to_vec())
+            .expect("an encoded CheckRequest always scans");
+        CheckResponse::decode(answer).expect("keymeter encodes valid CheckResponses")
     }
 
     /// Records an invalid key with the brute-force guard; `Some(wait)` when the client
     /// address is over its limit.
-    fn over_limit(&self, request: &CheckRequest) -> Option<Duration> {
+    fn over_limit(&self, client: Option<IpAddr>) -> Option<Duration> {
         let guard = self.guard.as_ref()?;
-        let client = client_address(request)?;
-        guard.on_invalid(client, Instant::now())
+        guard.on_invalid(client?, Instant::now())
     }
 
     fn too_many(&self, wait: Duration) -> CheckResponse {
@@ -318,29 +303,6 @@ fn missing_key_message(config: &CheckConfig) -> String {
     format!("an API key is required in {places}")
 }
 
-/// A header from Envoy's request attributes: the `headers` map, or `header_map` when
-/// Envoy was configured with `encode_raw_headers`.
-fn header<'h>(
-    http: &'h envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest,
-    name: &str,
-) -> Option<&'h str> {
-    if let Some(v) = http.headers.get(name) {
-        return Some(v);
-    }
-    http.header_map.as_ref().and_then(|m| {
-        m.headers
-            .iter()
-            .find(|h| h.key == name)
-            .and_then(|h| std::str::from_utf8(&h.raw_value).ok())
-    })
-}
-
-fn string_value(s: &str) -> Value {
-    Value {
-        kind: Some(Kind::StringValue(s.to_string())),
-    }
-}
-
 fn header_option(key: &str, value: &str) -> HeaderValueOption {
     HeaderValueOption {
         header: Some(HeaderValue {
@@ -353,20 +315,12 @@ fn header_option(key: &str, value: &str) -> HeaderValueOption {
     }
 }
 
-#[tonic::async_trait]
-impl Authorization for AuthzService {
-    async fn check(
-        &self,
-        request: Request<CheckRequest>,
-    ) -> Result<Response<CheckResponse>, Status> {
-        Ok(Response::new(AuthzService::check(self, request.get_ref())))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::keys::KeyEntry;
+    use envoy_types::pb::google::protobuf::value::Kind;
+    use std::collections::HashMap;
 
     fn store() -> KeyStore {
         let s = KeyStore::new();
@@ -526,7 +480,7 @@ mod tests {
     fn allow_sets_app_id_header_and_metadata() {
         let svc = service(CheckConfig::default());
         let r = svc.check(&request(&[("api-key", "sk-good")]));
-        assert_eq!(r.status.as_ref().unwrap().code, GRPC_OK);
+        assert_eq!(r.status.as_ref().unwrap().code, 0);
         let Some(HttpResponse::OkResponse(ok)) = &r.http_response else {
             panic!("not ok: {r:?}")
         };

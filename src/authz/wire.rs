@@ -1,0 +1,426 @@
+//! The Check's protobuf on the wire, without materializing it.
+//!
+//! A `CheckRequest` carries every request header, the peers, route metadata and more;
+//! decoding it into prost structs allocates a `String` pair per header and a map, for a
+//! decision that needs one or two header values. [`scan`] walks the bytes instead and
+//! borrows the few fields the Check reads. Answers are written directly as protobuf
+//! (allow) or encoded once and reused (the common denials).
+
+use std::net::IpAddr;
+
+/// Field numbers used (envoy/service/auth/v3 and envoy/config/core/v3).
+mod tag {
+    pub const CHECK_REQUEST_ATTRIBUTES: u32 = 1;
+    pub const ATTRIBUTES_SOURCE: u32 = 1;
+    pub const ATTRIBUTES_REQUEST: u32 = 4;
+    pub const PEER_ADDRESS: u32 = 1;
+    pub const ADDRESS_SOCKET_ADDRESS: u32 = 1;
+    pub const SOCKET_ADDRESS_ADDRESS: u32 = 2;
+    pub const REQUEST_HTTP: u32 = 2;
+    pub const HTTP_HEADERS: u32 = 3;
+    pub const HTTP_HEADER_MAP: u32 = 13;
+    pub const HEADER_MAP_HEADERS: u32 = 1;
+    pub const HEADER_VALUE_KEY: u32 = 1;
+    pub const HEADER_VALUE_VALUE: u32 = 2;
+    pub const HEADER_VALUE_RAW_VALUE: u32 = 3;
+    pub const MAP_KEY: u32 = 1;
+    pub const MAP_VALUE: u32 = 2;
+
+    pub const RESPONSE_STATUS: u32 = 1;
+    pub const RESPONSE_OK: u32 = 3;
+    pub const RESPONSE_DYNAMIC_METADATA: u32 = 4;
+    pub const OK_HEADERS: u32 = 2;
+    pub const OK_HEADERS_TO_REMOVE: u32 = 5;
+    pub const OPTION_HEADER: u32 = 1;
+    pub const OPTION_APPEND_ACTION: u32 = 3;
+    pub const STRUCT_FIELDS: u32 = 1;
+    pub const VALUE_STRING: u32 = 3;
+}
+
+const VARINT: u8 = 0;
+const FIXED64: u8 = 1;
+const LEN: u8 = 2;
+const FIXED32: u8 = 5;
+
+/// Why a request could not be read. Only a broken encoding: anything that decodes is
+/// a request, however odd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Malformed;
+
+/// Headers are looked up among a handful of names; a small inline list avoids a map.
+pub struct CheckView<'a> {
+    headers: Vec<(&'a str, &'a str)>,
+    raw_headers: Vec<(&'a str, &'a [u8])>,
+    source: Option<&'a str>,
+}
+
+impl<'a> CheckView<'a> {
+    /// A request header by lowercase name, as Envoy sends them.
+    pub fn header(&self, name: &str) -> Option<&'a str> {
+        if let Some((_, v)) = self.headers.iter().find(|(k, _)| *k == name) {
+            return Some(v);
+        }
+        self.raw_headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+    }
+
+    /// The downstream client's address as Envoy saw it.
+    pub fn source_ip(&self) -> Option<IpAddr> {
+        self.source?.parse().ok()
+    }
+}
+
+/// A field's number and, for length-delimited fields, its bytes.
+type Field<'a> = (u32, Option<&'a [u8]>);
+
+struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn varint(&mut self) -> Result<u64, Malformed> {
+        let mut value = 0u64;
+        for i in 0..10 {
+            let (&b, rest) = self.buf.split_first().ok_or(Malformed)?;
+            self.buf = rest;
+            value |= u64::from(b & 0x7f) << (7 * i);
+            if b < 0x80 {
+                return Ok(value);
+            }
+        }
+        Err(Malformed)
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], Malformed> {
+        if n > self.buf.len() {
+            return Err(Malformed);
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+
+    /// The next field: its number and, for length-delimited fields, the bytes.
+    /// Other wire types are skipped and returned with no bytes.
+    fn field(&mut self) -> Result<Option<Field<'a>>, Malformed> {
+        if self.buf.is_empty() {
+            return Ok(None);
+        }
+        let key = self.varint()?;
+        let number = u32::try_from(key >> 3).map_err(|_| Malformed)?;
+        if number == 0 {
+            return Err(Malformed);
+        }
+        let bytes = match (key & 7) as u8 {
+            VARINT => {
+                self.varint()?;
+                None
+            }
+            FIXED64 => {
+                self.take(8)?;
+                None
+            }
+            LEN => {
+                let n = usize::try_from(self.varint()?).map_err(|_| Malformed)?;
+                Some(self.take(n)?)
+            }
+            FIXED32 => {
+                self.take(4)?;
+                None
+            }
+            _ => return Err(Malformed),
+        };
+        Ok(Some((number, bytes)))
+    }
+}
+
+/// Calls `f` with the number and bytes of every length-delimited field of `buf`.
+fn each_field<'a>(
+    buf: &'a [u8],
+    mut f: impl FnMut(u32, &'a [u8]) -> Result<(), Malformed>,
+) -> Result<(), Malformed> {
+    let mut r = Reader { buf };
+    while let Some((number, bytes)) = r.field()? {
+        if let Some(bytes) = bytes {
+            f(number, bytes)?;
+        }
+    }
+    Ok(())
+}
+
+fn utf8(b: &[u8]) -> Result<&str, Malformed> {
+    std::str::from_utf8(b).map_err(|_| Malformed)
+}
+
+/// Reads the parts of a `CheckRequest` the decision needs.
+pub fn scan(buf: &[u8]) -> Result<CheckView<'_>, Malformed> {
+    let mut view = CheckView {
+        headers: Vec::with_capacity(16),
+        raw_headers: Vec::new(),
+        source: None,
+    };
+    each_field(buf, |n, attributes| {
+        if n != tag::CHECK_REQUEST_ATTRIBUTES {
+            return Ok(());
+        }
+        each_field(attributes, |n, b| match n {
+            tag::ATTRIBUTES_SOURCE => each_field(b, |n, address| {
+                if n != tag::PEER_ADDRESS {
+                    return Ok(());
+                }
+                each_field(address, |n, socket| {
+                    if n != tag::ADDRESS_SOCKET_ADDRESS {
+                        return Ok(());
+                    }
+                    each_field(socket, |n, ip| {
+                        if n == tag::SOCKET_ADDRESS_ADDRESS {
+                            view.source = Some(utf8(ip)?);
+                        }
+                        Ok(())
+                    })
+                })
+            }),
+            tag::ATTRIBUTES_REQUEST => each_field(b, |n, http| {
+                if n != tag::REQUEST_HTTP {
+                    return Ok(());
+                }
+                each_field(http, |n, b| match n {
+                    tag::HTTP_HEADERS => {
+                        let (mut key, mut value) = ("", "");
+                        each_field(b, |n, s| {
+                            match n {
+                                tag::MAP_KEY => key = utf8(s)?,
+                                tag::MAP_VALUE => value = utf8(s)?,
+                                _ => {}
+                            }
+                            Ok(())
+                        })?;
+                        view.headers.push((key, value));
+                        Ok(())
+                    }
+                    tag::HTTP_HEADER_MAP => each_field(b, |n, header| {
+                        if n != tag::HEADER_MAP_HEADERS {
+                            return Ok(());
+                        }
+                        let (mut key, mut value): (&str, &[u8]) = ("", b"");
+                        each_field(header, |n, s| {
+                            match n {
+                                tag::HEADER_VALUE_KEY => key = utf8(s)?,
+                                tag::HEADER_VALUE_VALUE | tag::HEADER_VALUE_RAW_VALUE => value = s,
+                                _ => {}
+                            }
+                            Ok(())
+                        })?;
+                        view.raw_headers.push((key, value));
+                        Ok(())
+                    }),
+                    _ => Ok(()),
+                })
+            }),
+            _ => Ok(()),
+        })
+    })?;
+    Ok(view)
+}
+
+/// A protobuf writer for the small, fixed shape of an allow answer.
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn varint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.0.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.0.push(v as u8);
+    }
+
+    fn key(&mut self, number: u32, wire: u8) {
+        self.varint(u64::from(number) << 3 | u64::from(wire));
+    }
+
+    fn bytes(&mut self, number: u32, b: &[u8]) {
+        self.key(number, LEN);
+        self.varint(b.len() as u64);
+        self.0.extend_from_slice(b);
+    }
+
+    /// A nested message, written by `f` into a scratch buffer first for its length.
+    fn message(&mut self, number: u32, f: impl FnOnce(&mut Writer)) {
+        let mut inner = Writer(Vec::with_capacity(64));
+        f(&mut inner);
+        self.bytes(number, &inner.0);
+    }
+}
+
+/// The encoded `CheckResponse` allowing a request: status OK, the app id header
+/// (overwriting a client's own), the key headers to remove, and the dynamic metadata.
+pub fn encode_allow(
+    app_id_header: &str,
+    headers_to_remove: &[String],
+    metadata: [(&str, &str); 2],
+    app_id: &str,
+    overwrite_action: i32,
+) -> Vec<u8> {
+    let mut w = Writer(Vec::with_capacity(128 + app_id.len()));
+    // google.rpc.Status with code 0: an empty message.
+    w.bytes(tag::RESPONSE_STATUS, &[]);
+    w.message(tag::RESPONSE_OK, |ok| {
+        ok.message(tag::OK_HEADERS, |option| {
+            option.message(tag::OPTION_HEADER, |h| {
+                h.bytes(tag::HEADER_VALUE_KEY, app_id_header.as_bytes());
+                h.bytes(tag::HEADER_VALUE_VALUE, app_id.as_bytes());
+            });
+            option.key(tag::OPTION_APPEND_ACTION, VARINT);
+            option.varint(overwrite_action as u64);
+        });
+        for name in headers_to_remove {
+            ok.bytes(tag::OK_HEADERS_TO_REMOVE, name.as_bytes());
+        }
+    });
+    w.message(tag::RESPONSE_DYNAMIC_METADATA, |s| {
+        for (key, value) in metadata {
+            s.message(tag::STRUCT_FIELDS, |entry| {
+                entry.bytes(tag::MAP_KEY, key.as_bytes());
+                entry.message(tag::MAP_VALUE, |v| {
+                    v.bytes(tag::VALUE_STRING, value.as_bytes())
+                });
+            });
+        }
+    });
+    w.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::core::v3::{
+        Address, HeaderMap, HeaderValue, SocketAddress, address::Address as Kind,
+    };
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{
+        HttpRequest, Peer, Request,
+    };
+    use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+    use prost::Message;
+
+    fn request(headers: &[(&str, &str)], source: Option<&str>) -> Vec<u8> {
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                source: source.map(|ip| Peer {
+                    address: Some(Address {
+                        address: Some(Kind::SocketAddress(SocketAddress {
+                            address: ip.into(),
+                            port_specifier: None,
+                            ..Default::default()
+                        })),
+                    }),
+                    service: "svc".into(),
+                    ..Default::default()
+                }),
+                request: Some(Request {
+                    http: Some(HttpRequest {
+                        id: "123".into(),
+                        method: "POST".into(),
+                        path: "/v1/chat".into(),
+                        headers: headers
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect(),
+                        body: "ignored".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                context_extensions: [("k".to_string(), "v".to_string())].into(),
+                ..Default::default()
+            }),
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn scan_finds_headers_and_source() {
+        let bytes = request(
+            &[
+                (":path", "/v1/chat"),
+                ("api-key", "sk-1"),
+                ("user-agent", "curl"),
+            ],
+            Some("203.0.113.5"),
+        );
+        let v = scan(&bytes).unwrap();
+        assert_eq!(v.header("api-key"), Some("sk-1"));
+        assert_eq!(v.header("user-agent"), Some("curl"));
+        assert_eq!(v.header("apikey"), None);
+        assert_eq!(v.source_ip(), Some("203.0.113.5".parse().unwrap()));
+        let empty = scan(&[]).unwrap();
+        assert_eq!(empty.header("api-key"), None);
+        assert_eq!(empty.source_ip(), None);
+    }
+
+    #[test]
+    fn scan_reads_the_raw_header_map() {
+        let bytes = CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(Request {
+                    http: Some(HttpRequest {
+                        header_map: Some(HeaderMap {
+                            headers: vec![HeaderValue {
+                                key: "api-key".into(),
+                                raw_value: b"sk-raw".to_vec(),
+                                ..Default::default()
+                            }],
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        }
+        .encode_to_vec();
+        assert_eq!(scan(&bytes).unwrap().header("api-key"), Some("sk-raw"));
+    }
+
+    #[test]
+    fn broken_encodings_are_malformed_not_panics() {
+        let good = request(&[("api-key", "sk-1")], Some("10.0.0.1"));
+        for cut in 1..good.len() {
+            // Every prefix either scans or is Malformed; none panics.
+            let _ = scan(&good[..cut]);
+        }
+        assert_eq!(scan(&[0x0a, 0xff]).err(), Some(Malformed));
+        assert_eq!(scan(&[0x0f]).err(), Some(Malformed), "wire type 7");
+        assert_eq!(scan(&[0x00]).err(), Some(Malformed), "field 0");
+    }
+
+    #[test]
+    fn encoded_allow_decodes_as_the_check_response_envoy_expects() {
+        use envoy_types::ext_authz::v3::pb::{CheckResponse, HttpResponse};
+        use envoy_types::pb::google::protobuf::value::Kind;
+        let bytes = encode_allow(
+            "x-billing-app-id",
+            &["api-key".to_string(), "apikey".to_string()],
+            [("app_id", "app-1"), ("key_fp", "fp-0123")],
+            "app-1",
+            2,
+        );
+        let r = CheckResponse::decode(bytes.as_slice()).unwrap();
+        assert_eq!(r.status.unwrap().code, 0);
+        let Some(HttpResponse::OkResponse(ok)) = r.http_response else {
+            panic!()
+        };
+        let h = ok.headers[0].header.as_ref().unwrap();
+        assert_eq!(
+            (h.key.as_str(), h.value.as_str()),
+            ("x-billing-app-id", "app-1")
+        );
+        assert_eq!(ok.headers[0].append_action, 2);
+        assert_eq!(ok.headers_to_remove, ["api-key", "apikey"]);
+        let md = r.dynamic_metadata.unwrap().fields;
+        assert_eq!(md["key_fp"].kind, Some(Kind::StringValue("fp-0123".into())));
+        assert_eq!(md["app_id"].kind, Some(Kind::StringValue("app-1".into())));
+    }
+}
