@@ -107,3 +107,46 @@ async fn login_is_refused_with_a_wrong_password_and_works_with_the_right_one() {
     .await;
     keymeter.stop().await;
 }
+
+/// A broker whose TLS certificate is not trusted: the error shows on /readyz, and
+/// Checks keep answering from the keys keymeter already has (fail-static).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_broker_leaves_checks_answering_from_the_key_store() {
+    let pki = TestPki::generate();
+    let broker = Mosquitto::start_with_tls(&pki).await;
+    let dir = support::TestDir::new("failstatic");
+    let keys = dir.path().join("keys.json");
+    keymeter::keys::sync::write_key_list(
+        &keys,
+        &keymeter::keys::KeyList {
+            keys: vec![KeyEntry::ok("app-1", "sk-local")],
+            saved_at: None,
+        },
+    )
+    .unwrap();
+    let mut config = tls_config(broker.tls_port().unwrap(), Some(&pki.other_ca_cert));
+    config.keys.file = Some(keys);
+    let keymeter = Keymeter::start_ready(config).await;
+    wait_until("the TLS refusal is counted", WAIT, || async {
+        keymeter
+            .metric("keymeter_mqtt_connection_errors_total")
+            .await
+            >= 1.0
+    })
+    .await;
+    let (code, body) = keymeter.readyz().await;
+    assert_eq!(code, 200, "keys are loaded: {body}");
+    assert!(
+        body.contains("TLS handshake with the broker failed"),
+        "{body}"
+    );
+    assert_eq!(
+        http_status(&keymeter.check(&[("api-key", "sk-local")]).await),
+        200
+    );
+    assert_eq!(
+        http_status(&keymeter.check(&[("api-key", "sk-other")]).await),
+        401
+    );
+    keymeter.stop().await;
+}
