@@ -26,7 +26,7 @@ use tonic::Status;
 
 use crate::admin::metrics::Metrics;
 use crate::config::CheckConfig;
-use crate::keys::{KeyStore, KeyView};
+use crate::keys::{Fingerprint, KeyStore, KeyView};
 
 /// Dynamic-metadata field names the access log reads back (under the
 /// `envoy.filters.http.ext_authz` namespace).
@@ -41,15 +41,10 @@ const GRPC_UNAUTHENTICATED: i32 = 16;
 /// The outcome of a Check, free of transport types.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision<'a> {
-    Allow {
-        app_id: &'a str,
-        fingerprint: &'a str,
-    },
+    Allow { app_id: &'a str, fingerprint: u64 },
     MissingKey,
     InvalidKey,
-    Blocked {
-        reason: &'a str,
-    },
+    Blocked { reason: &'a str },
 }
 
 /// Finds the key in request headers: `key_headers` in order (the first present and
@@ -95,7 +90,7 @@ pub fn decide<'v>(key: Option<&str>, keys: &'v KeyView) -> Decision<'v> {
         Some(k) if k.blocked => Decision::Blocked { reason: &k.reason },
         Some(k) => Decision::Allow {
             app_id: &k.app_id,
-            fingerprint: &k.fingerprint,
+            fingerprint: k.fingerprint,
         },
     }
 }
@@ -185,12 +180,13 @@ impl AuthzService {
                 fingerprint,
             } => {
                 self.metrics.checks.allowed.inc();
+                let fingerprint = Fingerprint::new(fingerprint);
                 wire::encode_allow(
                     &self.answers.app_id_header,
                     &self.answers.headers_to_remove,
                     [
                         (METADATA_APP_ID, app_id),
-                        (METADATA_KEY_FINGERPRINT, fingerprint),
+                        (METADATA_KEY_FINGERPRINT, fingerprint.as_str()),
                     ],
                     app_id,
                     // A client must not be able to choose its own app id.

@@ -31,7 +31,30 @@ const MIN_OVERLAY_BEFORE_FOLD: usize = 4096;
 /// A non-secret, stable identifier of a key for logs, metadata and support: the first
 /// 8 bytes of its SHA-256, hex, prefixed so it is never mistaken for a key.
 pub fn fingerprint(api_key: &str) -> String {
-    format!("fp-{:016x}", fingerprint_bits(api_key))
+    Fingerprint::new(fingerprint_bits(api_key))
+        .as_str()
+        .to_string()
+}
+
+/// A fingerprint's text (`fp-` and 16 hex digits) on the stack: a Check writes it into
+/// its answer without allocating.
+pub struct Fingerprint([u8; 19]);
+
+impl Fingerprint {
+    pub fn new(bits: u64) -> Fingerprint {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut text = *b"fp-0000000000000000";
+        for (i, byte) in bits.to_be_bytes().iter().enumerate() {
+            text[3 + 2 * i] = HEX[usize::from(byte >> 4)];
+            text[4 + 2 * i] = HEX[usize::from(byte & 0xf)];
+        }
+        Fingerprint(text)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Only ASCII is ever written into it.
+        std::str::from_utf8(&self.0).unwrap_or("fp-")
+    }
 }
 
 fn fingerprint_bits(api_key: &str) -> u64 {
@@ -54,11 +77,13 @@ fn parse_fingerprint(fp: &str) -> Option<u64> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyInfo {
     pub api_key: Arc<str>,
+    /// Shared by every key of the app (interned).
     pub app_id: Arc<str>,
     pub blocked: bool,
-    /// The billing system's reason for a block; empty when allowed.
+    /// The billing system's reason for a block; empty when allowed (interned).
     pub reason: Arc<str>,
-    pub fingerprint: Arc<str>,
+    /// See [`fingerprint`]; text via [`Fingerprint::new`].
+    pub fingerprint: u64,
 }
 
 /// Where a key list came from; shown in logs and `/readyz`.
@@ -136,6 +161,19 @@ impl KeyView {
 struct Layers {
     billing: KeyMap,
     file: KeyMap,
+    /// App ids and reasons repeat across many keys: one allocation each.
+    interned: std::collections::HashSet<Arc<str>>,
+}
+
+impl Layers {
+    fn intern(&mut self, s: &str) -> Arc<str> {
+        if let Some(known) = self.interned.get(s) {
+            return known.clone();
+        }
+        let new: Arc<str> = s.into();
+        self.interned.insert(new.clone());
+        new
+    }
 }
 
 impl Layers {
@@ -247,15 +285,17 @@ impl KeyStore {
     /// One atomic change: readers see either all of it or none of it.
     fn apply(&self, source: Source, entries: &[KeyEntry], replace: bool) -> Applied {
         let mut applied = Applied::default();
-        let mut layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
-        let layer = match source {
+        let mut guard = self.layers.lock().unwrap_or_else(|p| p.into_inner());
+        let layers = &mut *guard;
+        let mut touched: Vec<Arc<str>> = Vec::with_capacity(entries.len());
+        let mut layer = std::mem::take(match source {
             Source::File => &mut layers.file,
             Source::Billing | Source::Snapshot => &mut layers.billing,
-        };
-        let mut touched: Vec<Arc<str>> = Vec::with_capacity(entries.len());
+        });
         if replace {
             touched.extend(layer.drain().map(|(k, _)| k));
         }
+        layer.reserve(entries.len());
         for e in entries {
             let blocked = match e.status {
                 KeyStatus::Ok => false,
@@ -269,52 +309,26 @@ impl KeyStore {
             let key: Arc<str> = e.api_key.as_str().into();
             let info = Arc::new(KeyInfo {
                 api_key: key.clone(),
-                app_id: e.app_id.as_str().into(),
+                app_id: layers.intern(&e.app_id),
                 blocked,
-                reason: if blocked {
-                    e.reason.as_str().into()
-                } else {
-                    "".into()
-                },
-                fingerprint: fingerprint(&e.api_key).into(),
+                reason: layers.intern(if blocked { &e.reason } else { "" }),
+                fingerprint: fingerprint_bits(&e.api_key),
             });
             layer.insert(key.clone(), info);
             touched.push(key);
         }
+        *match source {
+            Source::File => &mut layers.file,
+            Source::Billing | Source::Snapshot => &mut layers.billing,
+        } = layer;
+
         let old = self.view.load_full();
-        let mut overlay = old.overlay.clone();
-        let mut overlay_fingerprints = old.overlay_fingerprints.clone();
-        let (mut len, mut blocked) = (old.len, old.blocked);
-        touched.sort_unstable();
-        touched.dedup();
-        for key in touched {
-            let before = old.get(&key).cloned();
-            let after = layers.effective(&key);
-            if before.as_ref() == after.as_deref() {
-                continue;
-            }
-            applied.changed += 1;
-            len = len + after.is_some() as usize - before.is_some() as usize;
-            blocked = blocked + after.as_ref().is_some_and(|k| k.blocked) as usize
-                - before.as_ref().is_some_and(|k| k.blocked) as usize;
-            overlay_fingerprints.insert(fingerprint_bits(&key), after.clone());
-            overlay.insert(key, after);
-        }
-        let fold = overlay.len() > MIN_OVERLAY_BEFORE_FOLD.max(old.base.by_key.len() / 8);
-        let view = if fold {
-            let mut base = Maps {
-                by_key: KeyMap::with_capacity(len),
-                by_fingerprint: HashMap::with_capacity(len),
-            };
-            for key in layers.billing.keys().chain(layers.file.keys()) {
-                if !base.by_key.contains_key(key)
-                    && let Some(info) = layers.effective(key)
-                {
-                    base.by_fingerprint
-                        .insert(fingerprint_bits(key), info.clone());
-                    base.by_key.insert(key.clone(), info);
-                }
-            }
+        let fold_at = MIN_OVERLAY_BEFORE_FOLD.max(old.base.by_key.len() / 8);
+        let view = if touched.len() > fold_at {
+            // A large change (a full list, a snapshot): build the new view directly
+            // instead of going through the overlay key by key.
+            let base = Self::build_base(layers);
+            applied.changed = touched.len();
             KeyView {
                 len: base.by_key.len(),
                 blocked: base.by_key.values().filter(|k| k.blocked).count(),
@@ -323,22 +337,71 @@ impl KeyStore {
                 overlay_fingerprints: HashMap::new(),
             }
         } else {
-            KeyView {
-                base: old.base.clone(),
-                overlay,
-                overlay_fingerprints,
-                len,
-                blocked,
+            let mut overlay = old.overlay.clone();
+            let mut overlay_fingerprints = old.overlay_fingerprints.clone();
+            let (mut len, mut blocked) = (old.len, old.blocked);
+            touched.sort_unstable();
+            touched.dedup();
+            for key in touched {
+                let before = old.get(&key).cloned();
+                let after = layers.effective(&key);
+                if before.as_ref() == after.as_deref() {
+                    continue;
+                }
+                applied.changed += 1;
+                len = len + after.is_some() as usize - before.is_some() as usize;
+                blocked = blocked + after.as_ref().is_some_and(|k| k.blocked) as usize
+                    - before.as_ref().is_some_and(|k| k.blocked) as usize;
+                overlay_fingerprints.insert(fingerprint_bits(&key), after.clone());
+                overlay.insert(key, after);
+            }
+            if overlay.len() > fold_at {
+                let base = Self::build_base(layers);
+                KeyView {
+                    len: base.by_key.len(),
+                    blocked: base.by_key.values().filter(|k| k.blocked).count(),
+                    base: Arc::new(base),
+                    overlay: HashMap::new(),
+                    overlay_fingerprints: HashMap::new(),
+                }
+            } else {
+                KeyView {
+                    base: old.base.clone(),
+                    overlay,
+                    overlay_fingerprints,
+                    len,
+                    blocked,
+                }
             }
         };
         self.view.store(Arc::new(view));
         self.loaded
             .send_if_modified(|l| !std::mem::replace(l, true));
-        drop(layers);
-        if source != Source::File && applied.changed > 0 {
+        drop(guard);
+        // The snapshot itself need not be written back; only news from the billing
+        // system is.
+        if source == Source::Billing && applied.changed > 0 {
             self.billing_version.send_modify(|v| *v += 1);
         }
         applied
+    }
+
+    /// Every key's effective state, from scratch.
+    fn build_base(layers: &Layers) -> Maps {
+        let n = layers.billing.len() + layers.file.len();
+        let mut base = Maps {
+            by_key: KeyMap::with_capacity(n),
+            by_fingerprint: HashMap::with_capacity(n),
+        };
+        for key in layers.billing.keys().chain(layers.file.keys()) {
+            if !base.by_key.contains_key(key)
+                && let Some(info) = layers.effective(key)
+            {
+                base.by_fingerprint.insert(info.fingerprint, info.clone());
+                base.by_key.insert(key.clone(), info);
+            }
+        }
+        base
     }
 }
 
@@ -434,6 +497,28 @@ mod tests {
         let restored = KeyStore::new();
         restored.replace_billing(Source::Snapshot, &s.billing_entries());
         assert!(lookup(&restored, "k2").unwrap().blocked);
+    }
+
+    #[test]
+    fn only_billing_news_schedules_a_snapshot_write_and_app_ids_are_shared() {
+        let s = KeyStore::new();
+        let changes = s.billing_changes();
+        let many: Vec<KeyEntry> = (0..10_000)
+            .map(|i| KeyEntry::ok("app-1", &format!("k{i}")))
+            .collect();
+        s.replace_billing(Source::Snapshot, &many);
+        assert!(
+            !changes.has_changed().unwrap(),
+            "a loaded snapshot is not rewritten"
+        );
+        let v = s.view();
+        assert!(Arc::ptr_eq(
+            &v.get("k1").unwrap().app_id,
+            &v.get("k9999").unwrap().app_id
+        ));
+        drop(v);
+        s.apply_billing_update(&[KeyEntry::blocked("app-1", "k1", "balance")]);
+        assert!(changes.has_changed().unwrap());
     }
 
     #[test]
