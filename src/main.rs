@@ -53,10 +53,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime_builder().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("keymeter: cannot start the async runtime: {e}");
@@ -180,6 +177,20 @@ async fn run_dev(
     let code = serve(config).await;
     standin.stop().await;
     code
+}
+
+/// One worker thread (`TOKIO_WORKER_THREADS=1`, e.g. keymeter pinned to one core)
+/// gets tokio's single-threaded scheduler, which skips the work-stealing machinery;
+/// anything else the multi-threaded one (one worker per core by default).
+fn runtime_builder() -> tokio::runtime::Builder {
+    match std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .as_deref()
+        .map(str::trim)
+    {
+        Some("1") => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM (Kubernetes' stop signal).
