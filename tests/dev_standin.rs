@@ -1,9 +1,10 @@
 //! The dev-mode stand-ins: the embedded broker and the billing stand-in speak the
 //! billing system's wire contract (DESIGN.md) to an ordinary MQTT client.
 
+mod support;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use keymeter::config::Topics;
@@ -307,69 +308,19 @@ async fn start_fails_when_nothing_listens() {
     assert!(started.elapsed() < Duration::from_secs(30));
 }
 
-/// mosquitto on a fixed port, so it can be restarted under the stand-in's feet.
-struct Mosquitto {
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Mosquitto {
-    fn start(port: u16) -> Option<Mosquitto> {
-        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())?;
-        let dir = tempfile::tempdir().unwrap();
-        let conf = dir.path().join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n\
-                 message_size_limit 0\n"
-            ),
-        )
-        .unwrap();
-        let child = Command::new(bin)
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "mosquitto did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(Mosquitto { child, _dir: dir })
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[tokio::test]
 async fn stand_in_reconnects_and_resubscribes_after_the_broker_restarts() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let Some(mosquitto) = Mosquitto::start(port) else {
-        eprintln!("mosquitto not installed; skipping");
-        return;
-    };
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    // The shared harness: a missing mosquitto fails the test, it never skips.
+    let mut mosquitto = support::Mosquitto::start().await;
+    let addr = SocketAddr::from(([127, 0, 0, 1], mosquitto.port()));
     let keys = load_keys_file(example_keys_path()).unwrap();
     let stand_in = BillingStandIn::start(stand_in_options(addr, keys))
         .await
         .unwrap();
 
-    drop(mosquitto);
-    let _mosquitto = Mosquitto::start(port).unwrap();
+    // SIGKILL: nothing is saved, so the restarted broker knows no session.
+    mosquitto.kill();
+    mosquitto.start_again().await;
 
     // The fresh broker knows no subscriptions: an answer proves the stand-in
     // reconnected and subscribed again. Requests sent before that go unanswered,
