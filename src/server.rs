@@ -24,6 +24,8 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 /// HTTP/2 flow-control windows of the gRPC listener.
 const GRPC_CONNECTION_WINDOW: u32 = 4 << 20;
 const GRPC_STREAM_WINDOW: u32 = 1 << 20;
+/// Reset streams tolerated before h2 calls the peer abusive: far above one busy Envoy.
+const GRPC_MAX_PENDING_RESETS: usize = 4096;
 
 /// gRPC service names reported through grpc.health.v1.
 const AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
@@ -209,7 +211,11 @@ pub async fn run(
     // WINDOW_UPDATE round trips on a busy Envoy connection.
     let mut builder = tonic::transport::Server::builder()
         .initial_connection_window_size(Some(GRPC_CONNECTION_WINDOW))
-        .initial_stream_window_size(Some(GRPC_STREAM_WINDOW));
+        .initial_stream_window_size(Some(GRPC_STREAM_WINDOW))
+        // Envoy resets Check streams it timed out or whose client went away. h2's
+        // default answers more than 20 such resets pending at once with GOAWAY, which
+        // also kills the access-log stream on the same connection (records lost).
+        .http2_max_pending_accept_reset_streams(Some(GRPC_MAX_PENDING_RESETS));
     if let Some(tls) = &config.listen.grpc_tls {
         builder = builder.tls_config(grpc_tls(tls)?)?;
         let mutual = tls.client_ca_file.is_some();
