@@ -70,29 +70,37 @@ ensure_mosquitto
 # machine, the same for both sides of every comparison, so other work on a shared
 # machine steals less of the pinned cores. BENCH_PRIORITY:
 #   nice (default)  nice -10: other work gets only what the benchmark leaves
-#   rt              SCHED_FIFO 10: the benchmark preempts everything else at once (the
-#                   most faithful numbers on a busy machine; the kernel's RT throttling
-#                   still leaves 5 % per core to others, which shows as rare ~50 ms
-#                   stalls at p99.9 of closed-loop runs)
+#   rt              additionally SCHED_FIFO 10 for the runs where one measured server is
+#                   alone on core 0 and h2load alone on core 1 (scenarios 1 and 4: the
+#                   latency targets), so they preempt everything else at once; the
+#                   kernel's RT throttling still leaves 5 % per core to others (rare
+#                   ~50 ms stalls at p99.9 of closed-loop runs). Never where processes
+#                   share a core (Envoy and keymeter in 2 and 5): FIFO tasks of equal
+#                   priority do not share a core, keymeter would miss Envoy's deadlines.
 #   none            normal priority
 BENCH_PRIORITY=${BENCH_PRIORITY:-nice}
-NICE=()
+NICE=() RT=()
 case "$BENCH_PRIORITY" in
   nice) NICE=(nice -n -10) ;;
-  rt) NICE=(chrt -f 10) ;;
+  rt) NICE=(nice -n -10) RT=(chrt -f 10) ;;
   none) ;;
   *) die "BENCH_PRIORITY must be nice, rt or none" ;;
 esac
-if [ ${#NICE[@]} -gt 0 ] && ! "${NICE[@]}" true 2>/dev/null; then
-  echo "note: cannot run at priority '$BENCH_PRIORITY' (needs root or CAP_SYS_NICE): normal priority" >&2
-  NICE=() BENCH_PRIORITY=none
+if [ ${#RT[@]} -gt 0 ] && ! "${RT[@]}" true 2>/dev/null; then
+  echo "note: SCHED_FIFO not permitted (needs root or CAP_SYS_NICE): nice -10 only" >&2
+  RT=() BENCH_PRIORITY=nice
 fi
-if [ "$BENCH_PRIORITY" = nice ] && [ "$(nice -n -10 nice 2>/dev/null)" != -10 ]; then
+if [ ${#NICE[@]} -gt 0 ] && [ "$(nice -n -10 nice 2>/dev/null)" != -10 ]; then
   echo "note: nice -10 not permitted (needs root or CAP_SYS_NICE): normal priority" >&2
-  NICE=() BENCH_PRIORITY=none
+  NICE=() RT=() BENCH_PRIORITY=none
 fi
 CORE0=("${NICE[@]+"${NICE[@]}"}" taskset -c 0)
 CORE1=("${NICE[@]+"${NICE[@]}"}" taskset -c 1)
+# Placement of a measured process that has its core to itself (scenarios 1 and 4).
+SOLO0=("${RT[@]+"${RT[@]}"}" "${CORE0[@]}")
+SOLO1=("${RT[@]+"${RT[@]}"}" "${CORE1[@]}")
+# Where start_keymeter and start_envoy put their process.
+PLACE0=("${CORE0[@]}")
 
 say "building keymeter and bench_tool (release)"
 cargo build --release --quiet --bin keymeter --example bench_tool
@@ -160,9 +168,20 @@ check_alive() { # pid
   alive "$1" || { tail -20 "$WORK/${NAME_OF[$1]}.log" >&2; die "${NAME_OF[$1]} exited unexpectedly"; }
 }
 
-NEXT_PORT=$((20000 + RANDOM % 30000))
-port() { # VAR: the next free loopback port
-  while (exec 3<>"/dev/tcp/127.0.0.1/$NEXT_PORT") 2>/dev/null; do NEXT_PORT=$((NEXT_PORT + 1)); done
+# Listening ports come from below the kernel's ephemeral range, which outgoing
+# connections (h2load, Envoy, the access-log client) take their local ports from: a port
+# there can be busy without anything listening on it.
+read -r EPHEMERAL_LO _ </proc/sys/net/ipv4/ip_local_port_range
+PORT_LO=20000 PORT_HI=$((EPHEMERAL_LO - 1))
+[ $((PORT_HI - PORT_LO)) -ge 2000 ] || PORT_LO=$((PORT_HI - 2000))
+NEXT_PORT=$((PORT_LO + RANDOM % (PORT_HI - PORT_LO - 200)))
+port() { # VAR: the next loopback port nothing listens on
+  local tries=0
+  while (exec 3<>"/dev/tcp/127.0.0.1/$NEXT_PORT") 2>/dev/null; do
+    NEXT_PORT=$((NEXT_PORT + 1)) tries=$((tries + 1))
+    [ "$tries" -lt 1000 ] || die "no free port found from $NEXT_PORT down"
+  done
+  [ "$NEXT_PORT" -le "$PORT_HI" ] || die "ran out of ports below the ephemeral range ($PORT_HI)"
   printf -v "$1" '%s' "$NEXT_PORT"
   NEXT_PORT=$((NEXT_PORT + 1))
 }
@@ -222,6 +241,8 @@ admin = "127.0.0.1:$KM_ADMIN"
 host = "127.0.0.1"
 port = $MQTT_PORT
 client_id = "keymeter-bench-$name"
+# No billing system answers here: do not re-ask for the key list every 30 s.
+keys_request_retry_secs = 86400
 
 [mqtt.tls]
 enabled = false
@@ -236,14 +257,14 @@ $outbox_extra
 [log]
 level = "warn"
 EOF
-  start "$name" "${CORE0[@]}" env TOKIO_WORKER_THREADS=1 "$KEYMETER" --config "$WORK/$name.toml"
+  start "$name" "${PLACE0[@]}" env TOKIO_WORKER_THREADS=1 "$KEYMETER" --config "$WORK/$name.toml"
   KM_PID=$PID
   wait_http "http://127.0.0.1:$KM_ADMIN/readyz" "$KM_PID"
 }
 
 # start_envoy NAME CONFIG ADMIN_PORT: Envoy with one worker on core 0; sets ENVOY_PID.
 start_envoy() {
-  start "$1" "${CORE0[@]}" "$ENVOY_BIN" -c "$2" --disable-hot-restart --concurrency 1 \
+  start "$1" "${PLACE0[@]}" "$ENVOY_BIN" -c "$2" --disable-hot-restart --concurrency 1 \
     -l warning --log-path "$WORK/$1.envoy.log"
   ENVOY_PID=$PID
   wait_http "http://127.0.0.1:$3/ready" "$ENVOY_PID"
@@ -286,6 +307,7 @@ CHECK_PATH=/envoy.service.auth.v3.Authorization/Check
 
 # ------------------------------------------------------------------- 1. Check alone
 say "1. Check alone: keymeter vs Envoy direct_response, one core each ($SWEEP, ${DUR}s runs)"
+PLACE0=("${SOLO0[@]}")
 start_keymeter s1-keymeter file "$WORK/keys-1k.json"
 S1_KM_PID=$KM_PID S1_KM_GRPC=$KM_GRPC S1_KM_ADMIN=$KM_ADMIN
 port S1_ENVOY_PORT
@@ -315,7 +337,7 @@ for ((rep = 1; rep <= REPS; rep++)); do
       out=$RAW/s1/max-$side-c${c}m${m}-r$rep.json
       "$BT" load --out "$out" --log "$WORK/h2load.log" --pid "$side=$pid" \
         --warmup-secs "$WARM" --timeout-secs $((DUR + WARM + 60)) -- \
-        "${CORE1[@]}" h2load -t 1 -c "$c" -m "$m" -D "$DUR" --warm-up-time "$WARM" \
+        "${SOLO1[@]}" h2load -t 1 -c "$c" -m "$m" -D "$DUR" --warm-up-time "$WARM" \
         -d "$WORK/check.bin" "${GRPC_HEADERS[@]}" --log-file "$WORK/h2load.log" \
         "http://127.0.0.1:$p$CHECK_PATH"
       check_alive "$pid"
@@ -331,29 +353,33 @@ printf '{"allowed": %s, "denied": %s, "h2load_2xx": %s}\n' \
   "$(awk -v a="$allowed0" -v b="$allowed1" 'BEGIN { print b - a }')" \
   "$(awk -v a="$denied0" -v b="$denied1" 'BEGIN { print b - a }')" "$km_2xx" >"$RAW/s1/verify.json"
 
-# p99 at half of keymeter's best rate, paced evenly (h2load timing script, one request
-# per ms per connection: ~800 req/s each, as libev's timers run on epoll's 1 ms
-# granularity), and Envoy's direct_response under the same schedule as the floor.
+# p99 at half of each side's best rate, paced evenly: an h2load timing script gives each
+# of 8 connections K requests every millisecond. libev's timers run on epoll's 1 ms
+# granularity and re-arm after each tick, so a tick comes every ~1.7 ms: K requests per
+# tick per connection reach ~580 K req/s (measured: 550-650).
+pace_plan() { # rate -> "clients per_ms"
+  awk -v r="$1" 'BEGIN { c = 8; k = int(r / (c * 580) + 0.5); if (k < 1) k = 1; print c, k }'
+}
 km_max=$(best_rps "$RAW"/s1/max-keymeter-*.json)
-read -r half_clients half_per_ms < <(awk -v r="$km_max" 'BEGIN {
-  c = int(r / 2 / 800 + 0.5); k = 1
-  while (c > 64) { k++; c = int(r / 2 / 800 / k + 0.5) }
-  if (c < 1) c = 1
-  print c, k }')
-printf '{"target_rps": %s, "clients": %s, "per_ms": %s}\n' \
-  "$(awk -v r="$km_max" 'BEGIN { print r / 2 }')" "$half_clients" "$half_per_ms" >"$RAW/s1/half-meta.json"
-say "1. Check p99 at half of keymeter's max ($km_max req/s): $half_clients connections x $half_per_ms per ms, paced"
+envoy_max=$(best_rps "$RAW"/s1/max-envoy-*.json)
+meta="{"
 for side in keymeter envoy; do
-  if [ "$side" = envoy ]; then p=$S1_ENVOY_PORT pid=$S1_ENVOY_PID; else p=$S1_KM_GRPC pid=$S1_KM_PID; fi
-  "$BT" pace --url "http://127.0.0.1:$p$CHECK_PATH" --per-ms "$half_per_ms" --secs "$HALF_DUR.5" \
+  if [ "$side" = envoy ]; then p=$S1_ENVOY_PORT pid=$S1_ENVOY_PID max=$envoy_max; else p=$S1_KM_GRPC pid=$S1_KM_PID max=$km_max; fi
+  half=$(awk -v r="$max" 'BEGIN { printf "%.0f", r / 2 }')
+  read -r clients per_ms < <(pace_plan "$half")
+  meta+="\"$side\": {\"target_rps\": $half, \"clients\": $clients, \"per_ms\": $per_ms},"
+  say "1. $side paced at half its best rate ($half req/s): $clients connections x $per_ms per ms"
+  "$BT" pace --url "http://127.0.0.1:$p$CHECK_PATH" --per-ms "$per_ms" --secs "$HALF_DUR.5" \
     --out "$WORK/pace-$side.txt"
   "$BT" load --out "$RAW/s1/half-$side.json" --log "$WORK/h2load.log" --pid "$side=$pid" \
     --warmup-secs 0.5 --skip-first-ms 500 --timeout-secs $((HALF_DUR + 61)) -- \
-    "${CORE1[@]}" h2load -t 1 -c "$half_clients" -m 32 --timing-script-file "$WORK/pace-$side.txt" \
+    "${SOLO1[@]}" h2load -t 1 -c "$clients" -m 256 --timing-script-file "$WORK/pace-$side.txt" \
     -d "$WORK/check.bin" "${GRPC_HEADERS[@]}" --log-file "$WORK/h2load.log"
 done
+echo "${meta%,}}" >"$RAW/s1/half-meta.json"
 stop "$S1_ENVOY_PID"
 stop "$S1_KM_PID"
+PLACE0=("${CORE0[@]}")
 
 # ------------------------------------------------------------------- 2. through Envoy
 say "2. Through Envoy: (a) no auth, (b) api_key_auth, (c) ext_authz + access log to keymeter"
@@ -486,6 +512,7 @@ admin = "127.0.0.1:$KM_ADMIN"
 host = "127.0.0.1"
 port = $MQTT_PORT
 client_id = "keymeter-bench-s4-$size"
+keys_request_retry_secs = 86400
 [mqtt.tls]
 enabled = false
 [keys]
@@ -496,7 +523,7 @@ dir = "$WORK/s4-$size/outbox"
 level = "warn"
 EOF
   t0=$(date +%s%N)
-  start "s4-keymeter-$size" "${CORE0[@]}" env TOKIO_WORKER_THREADS=1 "$KEYMETER" --config "$WORK/s4-keymeter-$size.toml"
+  start "s4-keymeter-$size" "${SOLO0[@]}" env TOKIO_WORKER_THREADS=1 "$KEYMETER" --config "$WORK/s4-keymeter-$size.toml"
   pid=$PID
   "$BT" wait-ready --url "http://127.0.0.1:$KM_ADMIN/readyz" --since-ns "$t0" --pid "$pid" --timeout-secs 120 \
     --out "$RAW/s4/start-$size.json" || die "keymeter with $n keys did not become ready; see $WORK/s4-keymeter-$size.log"
@@ -513,7 +540,7 @@ for ((rep = 1; rep <= S4_REPS; rep++)); do
   for size in 1k 1m; do
     "$BT" load --out "$RAW/s4/p99-$size-r$rep.json" --log "$WORK/h2load.log" --pid "keymeter=${S4_PID[$size]}" \
       --warmup-secs 0.5 --skip-first-ms 500 --timeout-secs $((S4_DUR + 61)) -- \
-      "${CORE1[@]}" h2load -t 1 -c "$S4_CLIENTS" -m 16 --timing-script-file "$WORK/pace-s4-$size.txt" \
+      "${SOLO1[@]}" h2load -t 1 -c "$S4_CLIENTS" -m 16 --timing-script-file "$WORK/pace-s4-$size.txt" \
       -d "$WORK/check.bin" "${GRPC_HEADERS[@]}" --log-file "$WORK/h2load.log"
   done
 done
@@ -560,7 +587,7 @@ git diff --quiet HEAD -- 2>/dev/null || dirty=" (with uncommitted changes)"
   --info "mosquitto=$("$MOSQUITTO_BIN" -h 2>&1 | head -1)" \
   --info "rustc=$(rustc --version)" \
   --info "pinning=keymeter (TOKIO_WORKER_THREADS=1) and Envoy (--concurrency 1) on core 0; h2load (-t 1), backend, mosquitto, record counter on core 1" \
-  --info "priority=$BENCH_PRIORITY (${NICE[*]:-normal}) for every process the benchmark starts" \
+  --info "priority=$BENCH_PRIORITY: ${NICE[*]:-normal priority} for every process the benchmark starts${RT[*]:+; ${RT[*]} for the servers and h2load of scenarios 1 and 4}" \
   --info "idle spinners=$([ "$BENCH_SPIN" = 0 ] && echo off || echo 'on (SCHED_IDLE busy loop per core; counted as idle)')" \
   --info "durations=${DUR}s per max-throughput run (+${WARM}s warm-up), sweep -c x -m: $SWEEP, $REPS repetition(s)"
 echo "wrote BENCHMARKS.md and bench/results.json in $(($(date +%s) - START_TIME)) s"

@@ -1351,6 +1351,9 @@ async fn published_total(admin_port: u16) -> Result<f64> {
 }
 
 async fn als(o: &AlsOptions, pids: &[(String, u32)]) -> Result<IngestResult> {
+    let mut pids = pids.to_vec();
+    pids.push(("client".into(), std::process::id()));
+    let pids = pids.as_slice();
     let base = published_total(o.admin_port).await?;
     // Build every message first, so the client spends the measured time sending.
     let now = now_ms();
@@ -2174,7 +2177,12 @@ mod report {
         let warnings: Vec<String> = warnings
             .lines()
             .map(strip_ansi)
-            .filter(|l| !l.contains("mqtt.tls.enabled is false") && !l.trim().is_empty())
+            .filter(|l| {
+                // Expected here: no TLS to the local broker, no billing system answering.
+                !l.contains("mqtt.tls.enabled is false")
+                    && !l.contains("no key list from the billing system")
+                    && !l.trim().is_empty()
+            })
             .take(8)
             .collect();
         if !warnings.is_empty() {
@@ -2557,7 +2565,10 @@ mod report {
             let series: Vec<String> = s
                 .rss_samples
                 .iter()
-                .filter_map(|x| {
+                .enumerate()
+                // One sample a minute (they are taken every 10 s), and the last one.
+                .filter(|(i, _)| (i + 1) % 6 == 0 || i + 1 == s.rss_samples.len())
+                .filter_map(|(_, x)| {
                     x.rss_kb
                         .get("keymeter")
                         .map(|kb| format!("{:.0} s: {}", x.t_s, mb(*kb)))
@@ -2662,9 +2673,11 @@ mod report {
             let _ = writeln!(md, "| {k} | {v} |");
         }
         md.push_str(
-            "\nCPU: user + system seconds from `/proc/PID/stat` used by the measured process during the \
-             run (share of the run's wall time in parentheses; 100 % = one core). Peak RSS: `VmHWM` from \
-             `/proc/PID/status`. Latency percentiles come from h2load's per-request log (2xx only).\n",
+            "\nCPU per request: user + system time from `/proc/PID/stat` used by each measured process \
+             after the warm-up, divided by the requests of that period. CPU share: the same time over the \
+             wall time (100 % = one core). Cores busy: `/proc/stat`, all processes of the machine, the idle \
+             spinners excluded. Peak RSS: `VmHWM` from `/proc/PID/status`. Latency percentiles come from \
+             h2load's per-request log (2xx only). See bench/README.md for how to read \"limited by\".\n",
         );
         for s in &scenarios {
             let _ = write!(md, "\n## {}\n\n{}", s.title, s.markdown);
