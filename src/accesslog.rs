@@ -182,7 +182,7 @@ pub fn entry_outcome(entry: &HttpAccessLogEntry, keys: &KeyView, rules: &Rules<'
                 facts.path.as_bytes(),
                 i.to_string().as_bytes(),
             ]);
-            UsageRecord::new(&app_id, &payer.api_key, usage, completed_ms, id)
+            UsageRecord::new(&app_id, payer.api_key, usage, completed_ms, id)
         })
         .collect();
     Outcome::Bill(records)

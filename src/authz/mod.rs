@@ -87,9 +87,9 @@ pub fn decide<'v>(key: Option<&str>, keys: &'v KeyView) -> Decision<'v> {
     };
     match keys.get(key) {
         None => Decision::InvalidKey,
-        Some(k) if k.blocked => Decision::Blocked { reason: &k.reason },
+        Some(k) if k.blocked => Decision::Blocked { reason: k.reason },
         Some(k) => Decision::Allow {
-            app_id: &k.app_id,
+            app_id: k.app_id,
             fingerprint: k.fingerprint,
         },
     }

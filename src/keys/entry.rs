@@ -1,7 +1,11 @@
 //! The billing system's key entry and the JSON documents that carry lists of them.
 //!
 //! One shape serves three places: `billing/keys/update` messages (`{"updates": [...]}`),
-//! the local keys file and the snapshot (`{"keys": [...]}`).
+//! the local keys file and the snapshot (`{"keys": [...]}`). Full lists are parsed as
+//! [`KeyListRef`], whose strings borrow from the file's bytes: a million keys cost no
+//! allocation per key on their way into the store.
+
+use std::borrow::Cow;
 
 use serde::{Deserialize, Serialize};
 
@@ -34,12 +38,21 @@ impl Serialize for KeyStatus {
 
 impl<'de> Deserialize<'de> for KeyStatus {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Ok(match s.as_str() {
-            "ok" => KeyStatus::Ok,
-            "blocked" => KeyStatus::Blocked,
-            _ => KeyStatus::Other(s),
-        })
+        struct Status;
+        impl serde::de::Visitor<'_> for Status {
+            type Value = KeyStatus;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a key status string")
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<KeyStatus, E> {
+                Ok(match s {
+                    "ok" => KeyStatus::Ok,
+                    "blocked" => KeyStatus::Blocked,
+                    _ => KeyStatus::Other(s.to_string()),
+                })
+            }
+        }
+        d.deserialize_str(Status)
     }
 }
 
@@ -73,6 +86,54 @@ impl KeyEntry {
     }
 }
 
+/// A key entry whose strings borrow from the document it was parsed from.
+#[derive(Debug, Clone, Deserialize)]
+pub struct KeyEntryRef<'a> {
+    #[serde(borrow)]
+    pub app_id: Cow<'a, str>,
+    #[serde(borrow)]
+    pub api_key: Cow<'a, str>,
+    pub status: KeyStatus,
+    #[serde(default, borrow)]
+    pub reason: Cow<'a, str>,
+}
+
+/// The fields of a key entry, however it was parsed.
+#[derive(Debug, Clone, Copy)]
+pub struct EntryFields<'a> {
+    pub app_id: &'a str,
+    pub api_key: &'a str,
+    pub status: &'a KeyStatus,
+    pub reason: &'a str,
+}
+
+/// Anything the key store can take entries from.
+pub trait AsKeyEntry {
+    fn fields(&self) -> EntryFields<'_>;
+}
+
+impl AsKeyEntry for KeyEntry {
+    fn fields(&self) -> EntryFields<'_> {
+        EntryFields {
+            app_id: &self.app_id,
+            api_key: &self.api_key,
+            status: &self.status,
+            reason: &self.reason,
+        }
+    }
+}
+
+impl AsKeyEntry for KeyEntryRef<'_> {
+    fn fields(&self) -> EntryFields<'_> {
+        EntryFields {
+            app_id: &self.app_id,
+            api_key: &self.api_key,
+            status: &self.status,
+            reason: &self.reason,
+        }
+    }
+}
+
 /// Payload of `billing/keys/update`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KeyUpdate {
@@ -87,5 +148,15 @@ pub struct KeyList {
     pub keys: Vec<KeyEntry>,
     /// When the list was written (epoch ms); set in snapshots, optional in key files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_at: Option<i64>,
+}
+
+/// [`KeyList`] as parsed from a keys file or snapshot, borrowing its strings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyListRef<'a> {
+    #[serde(borrow)]
+    pub keys: Vec<KeyEntryRef<'a>>,
+    #[serde(default)]
     pub saved_at: Option<i64>,
 }

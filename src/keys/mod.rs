@@ -8,12 +8,14 @@
 //! keys, but never unblock a key the billing system blocked.
 //!
 //! Readers never block writers and never see half an update: a Check loads one
-//! immutable [`KeyView`] through an `ArcSwap`. A view is a large shared `base` map plus a
-//! small `overlay` of recent changes, so applying an update copies only the overlay;
-//! when the overlay grows past a fraction of the base it is folded into a new base.
+//! immutable [`KeyView`] through an `ArcSwap`. Each layer in a view is a large shared,
+//! compact table (`table.rs`: no allocation per key) plus a small delta of the keys
+//! updated since, so applying an update copies only the delta; when the delta grows
+//! past a fraction of the table, the two are folded into a new table.
 
 pub mod entry;
 pub mod sync;
+mod table;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,11 +24,15 @@ use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-pub use entry::{KeyEntry, KeyList, KeyStatus, KeyUpdate};
+pub use entry::{
+    AsKeyEntry, EntryFields, KeyEntry, KeyEntryRef, KeyList, KeyListRef, KeyStatus, KeyUpdate,
+};
+use table::{KeyTable, Stated};
 
-/// Overlay entries tolerated before folding into the base: small enough that cloning
-/// it per update is cheap, large enough that bursts of updates rarely rebuild.
-const MIN_OVERLAY_BEFORE_FOLD: usize = 4096;
+/// Updated keys tolerated in a layer's delta before it is folded into a new table:
+/// small enough that cloning the delta per update is cheap, large enough that bursts of
+/// updates rarely rebuild.
+const MIN_DELTA_BEFORE_FOLD: usize = 4096;
 
 /// A non-secret, stable identifier of a key for logs, metadata and support: the first
 /// 8 bytes of its SHA-256, hex, prefixed so it is never mistaken for a key.
@@ -74,16 +80,22 @@ fn parse_fingerprint(fp: &str) -> Option<u64> {
 }
 
 /// The effective state of one key, as a Check sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyInfo {
-    pub api_key: Arc<str>,
-    /// Shared by every key of the app (interned).
-    pub app_id: Arc<str>,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyInfo<'a> {
+    pub api_key: &'a str,
+    pub app_id: &'a str,
     pub blocked: bool,
-    /// The billing system's reason for a block; empty when allowed (interned).
-    pub reason: Arc<str>,
+    /// The billing system's (or the keys file's) reason for a block; empty when allowed.
+    pub reason: &'a str,
     /// See [`fingerprint`]; text via [`Fingerprint::new`].
     pub fingerprint: u64,
+}
+
+impl KeyInfo<'_> {
+    /// True when both say the same about the key (its fingerprint follows from it).
+    fn states_same(&self, other: &Stated<'_>) -> bool {
+        self.app_id == other.app_id && self.blocked == other.blocked && self.reason == other.reason
+    }
 }
 
 /// Where a key list came from; shown in logs and `/readyz`.
@@ -104,42 +116,117 @@ impl Source {
     }
 }
 
-type KeyMap = HashMap<Arc<str>, Arc<KeyInfo>>;
+/// A key stated after its layer's table was built.
+#[derive(Debug, Clone)]
+struct Changed {
+    api_key: Arc<str>,
+    app_id: Arc<str>,
+    blocked: bool,
+    reason: Arc<str>,
+    fingerprint: u64,
+}
 
-/// Every key by value and by fingerprint.
-#[derive(Default)]
-struct Maps {
-    by_key: KeyMap,
-    by_fingerprint: HashMap<u64, Arc<KeyInfo>>,
+impl Changed {
+    fn info(&self) -> KeyInfo<'_> {
+        KeyInfo {
+            api_key: &self.api_key,
+            app_id: &self.app_id,
+            blocked: self.blocked,
+            reason: &self.reason,
+            fingerprint: self.fingerprint,
+        }
+    }
+}
+
+/// Statements newer than a layer's table (updates never remove a key: only `ok` and
+/// `blocked` exist, and a full replacement rebuilds the table).
+#[derive(Debug, Clone, Default)]
+struct Delta {
+    by_key: HashMap<Arc<str>, Changed>,
+    by_fingerprint: HashMap<u64, Arc<str>>,
+}
+
+/// What one source says: a compact table plus the statements made since it was built.
+#[derive(Clone, Default)]
+struct Layer {
+    table: Arc<KeyTable>,
+    delta: Arc<Delta>,
+}
+
+impl Layer {
+    fn get(&self, api_key: &str) -> Option<KeyInfo<'_>> {
+        match self.delta.by_key.get(api_key) {
+            Some(changed) => Some(changed.info()),
+            None => self.table.get(api_key),
+        }
+    }
+
+    fn get_by_fingerprint(&self, bits: u64) -> Option<KeyInfo<'_>> {
+        match self.delta.by_fingerprint.get(&bits) {
+            Some(key) => self.delta.by_key.get(key).map(Changed::info),
+            None => self.table.get_by_fingerprint(bits),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.table.len() == 0 && self.delta.by_key.is_empty()
+    }
+
+    /// Every key of the layer once, newest statement.
+    fn iter(&self) -> impl Iterator<Item = KeyInfo<'_>> {
+        let delta = &self.delta.by_key;
+        self.table
+            .iter()
+            .filter(move |k| !delta.contains_key(k.api_key))
+            .chain(delta.values().map(Changed::info))
+    }
+
+    /// The same statements in one new table, with an empty delta.
+    fn folded(&self) -> Layer {
+        let n = self.table.len() + self.delta.by_key.len();
+        Layer {
+            table: Arc::new(KeyTable::build(self.iter().map(stated), n)),
+            delta: Arc::default(),
+        }
+    }
+}
+
+fn stated<'a>(k: KeyInfo<'a>) -> Stated<'a> {
+    Stated {
+        api_key: k.api_key,
+        app_id: k.app_id,
+        blocked: k.blocked,
+        reason: k.reason,
+    }
 }
 
 /// An immutable view of every key; what a Check reads.
 #[derive(Default)]
 pub struct KeyView {
-    base: Arc<Maps>,
-    /// Changes since `base` was built; `None` means removed.
-    overlay: HashMap<Arc<str>, Option<Arc<KeyInfo>>>,
-    overlay_fingerprints: HashMap<u64, Option<Arc<KeyInfo>>>,
+    billing: Layer,
+    file: Layer,
     len: usize,
     blocked: usize,
 }
 
 impl KeyView {
-    /// O(1): at most two hash lookups, no locks, no I/O.
-    pub fn get(&self, api_key: &str) -> Option<&KeyInfo> {
-        match self.overlay.get(api_key) {
-            Some(changed) => changed.as_deref(),
-            None => self.base.by_key.get(api_key).map(|k| &**k),
-        }
+    /// O(1): a few hash lookups, no locks, no I/O, no allocation.
+    pub fn get(&self, api_key: &str) -> Option<KeyInfo<'_>> {
+        let file = if self.file.is_empty() {
+            None
+        } else {
+            self.file.get(api_key)
+        };
+        effective(self.billing.get(api_key), file)
     }
 
     /// The key whose fingerprint (as in the Check's dynamic metadata) is `fp`.
-    pub fn get_by_fingerprint(&self, fp: &str) -> Option<&KeyInfo> {
+    pub fn get_by_fingerprint(&self, fp: &str) -> Option<KeyInfo<'_>> {
         let bits = parse_fingerprint(fp)?;
-        match self.overlay_fingerprints.get(&bits) {
-            Some(changed) => changed.as_deref(),
-            None => self.base.by_fingerprint.get(&bits).map(|k| &**k),
-        }
+        effective(
+            self.billing.get_by_fingerprint(bits),
+            self.file.get_by_fingerprint(bits),
+        )
     }
 
     /// Number of known keys (allowed and blocked).
@@ -154,38 +241,37 @@ impl KeyView {
     pub fn blocked(&self) -> usize {
         self.blocked
     }
-}
 
-/// What each source says, kept only by the writer side.
-#[derive(Default)]
-struct Layers {
-    billing: KeyMap,
-    file: KeyMap,
-    /// App ids and reasons repeat across many keys: one allocation each.
-    interned: std::collections::HashSet<Arc<str>>,
-}
-
-impl Layers {
-    fn intern(&mut self, s: &str) -> Arc<str> {
-        if let Some(known) = self.interned.get(s) {
-            return known.clone();
+    /// (keys, blocked keys), counted from scratch.
+    fn count(&self) -> (usize, usize) {
+        if self.file.is_empty() && self.billing.delta.by_key.is_empty() {
+            return (self.billing.table.len(), self.billing.table.blocked());
         }
-        let new: Arc<str> = s.into();
-        self.interned.insert(new.clone());
-        new
+        let (mut len, mut blocked) = (0, 0);
+        let file_blocks =
+            |key: &str| !self.file.is_empty() && self.file.get(key).is_some_and(|f| f.blocked);
+        for k in self.billing.iter() {
+            len += 1;
+            blocked += usize::from(k.blocked || file_blocks(k.api_key));
+        }
+        for k in self.file.iter() {
+            if self.billing.get(k.api_key).is_none() {
+                len += 1;
+                blocked += usize::from(k.blocked);
+            }
+        }
+        (len, blocked)
     }
 }
 
-impl Layers {
-    fn effective(&self, key: &str) -> Option<Arc<KeyInfo>> {
-        let b = self.billing.get(key);
-        let f = self.file.get(key);
-        match (b, f) {
-            (Some(b), _) if b.blocked => Some(b.clone()),
-            (_, Some(f)) if f.blocked => Some(f.clone()),
-            (Some(b), _) => Some(b.clone()),
-            (None, f) => f.cloned(),
-        }
+/// How the two sources combine: a block in either wins (billing's first), otherwise
+/// billing's statement, otherwise the file's.
+fn effective<'a>(billing: Option<KeyInfo<'a>>, file: Option<KeyInfo<'a>>) -> Option<KeyInfo<'a>> {
+    match (billing, file) {
+        (Some(b), _) if b.blocked => Some(b),
+        (_, Some(f)) if f.blocked => Some(f),
+        (Some(b), _) => Some(b),
+        (None, f) => f,
     }
 }
 
@@ -196,13 +282,15 @@ pub struct Applied {
     pub entries: usize,
     /// Entries skipped because their status is neither `ok` nor `blocked`.
     pub ignored: usize,
-    /// Keys whose effective state changed.
+    /// Keys whose state changed (for an update: as a Check sees it; for a full list:
+    /// in that source's layer).
     pub changed: usize,
 }
 
 pub struct KeyStore {
     view: ArcSwap<KeyView>,
-    layers: Mutex<Layers>,
+    /// Serializes writers; readers never take it.
+    writer: Mutex<()>,
     loaded: watch::Sender<bool>,
     /// Bumped whenever the billing layer changes, so the snapshot writer knows.
     billing_version: watch::Sender<u64>,
@@ -218,7 +306,7 @@ impl KeyStore {
     pub fn new() -> KeyStore {
         KeyStore {
             view: ArcSwap::from_pointee(KeyView::default()),
-            layers: Mutex::new(Layers::default()),
+            writer: Mutex::new(()),
             loaded: watch::channel(false).0,
             billing_version: watch::channel(0).0,
         }
@@ -248,19 +336,19 @@ impl KeyStore {
 
     /// The billing layer as a list, for the snapshot.
     pub fn billing_entries(&self) -> Vec<KeyEntry> {
-        let layers = self.layers.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out: Vec<KeyEntry> = layers
+        let view = self.view.load();
+        let mut out: Vec<KeyEntry> = view
             .billing
             .iter()
-            .map(|(key, info)| KeyEntry {
-                app_id: info.app_id.to_string(),
-                api_key: key.to_string(),
-                status: if info.blocked {
+            .map(|k| KeyEntry {
+                app_id: k.app_id.to_string(),
+                api_key: k.api_key.to_string(),
+                status: if k.blocked {
                     KeyStatus::Blocked
                 } else {
                     KeyStatus::Ok
                 },
-                reason: info.reason.to_string(),
+                reason: k.reason.to_string(),
             })
             .collect();
         out.sort_by(|a, b| a.api_key.cmp(&b.api_key));
@@ -268,149 +356,170 @@ impl KeyStore {
     }
 
     /// Applies billing-system entries on top of what it said before (an update message).
-    pub fn apply_billing_update(&self, entries: &[KeyEntry]) -> Applied {
-        self.apply(Source::Billing, entries, false)
+    /// One atomic change: readers see either all of it or none of it.
+    pub fn apply_billing_update<E: AsKeyEntry>(&self, entries: &[E]) -> Applied {
+        let guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.view.load_full();
+        let mut applied = Applied::default();
+        let mut delta = (*old.billing.delta).clone();
+        let mut touched: Vec<Arc<str>> = Vec::new();
+        for e in entries {
+            let Some(new) = stated_entry(e.fields(), &mut applied) else {
+                continue;
+            };
+            let current = match delta.by_key.get(new.api_key) {
+                Some(changed) => Some(changed.info()),
+                None => old.billing.table.get(new.api_key),
+            };
+            if current.is_some_and(|c| c.states_same(&new)) {
+                continue;
+            }
+            let key: Arc<str> = new.api_key.into();
+            let fingerprint = fingerprint_bits(new.api_key);
+            delta.by_fingerprint.insert(fingerprint, key.clone());
+            let changed = Changed {
+                api_key: key.clone(),
+                app_id: new.app_id.into(),
+                blocked: new.blocked,
+                reason: new.reason.into(),
+                fingerprint,
+            };
+            delta.by_key.insert(key.clone(), changed);
+            touched.push(key);
+        }
+        if touched.is_empty() {
+            self.loaded
+                .send_if_modified(|l| !std::mem::replace(l, true));
+            return applied;
+        }
+        let mut view = KeyView {
+            billing: Layer {
+                table: old.billing.table.clone(),
+                delta: Arc::new(delta),
+            },
+            file: old.file.clone(),
+            len: old.len,
+            blocked: old.blocked,
+        };
+        touched.sort_unstable();
+        touched.dedup();
+        let (mut len, mut blocked) = (old.len, old.blocked);
+        for key in &touched {
+            let (before, after) = (old.get(key), view.get(key));
+            if before != after {
+                applied.changed += 1;
+                len = len + usize::from(after.is_some()) - usize::from(before.is_some());
+                blocked = blocked + usize::from(after.is_some_and(|k| k.blocked))
+                    - usize::from(before.is_some_and(|k| k.blocked));
+            }
+        }
+        (view.len, view.blocked) = (len, blocked);
+        let fold_at = MIN_DELTA_BEFORE_FOLD.max(view.billing.table.len() / 8);
+        if view.billing.delta.by_key.len() > fold_at {
+            view.billing = view.billing.folded();
+        }
+        self.publish(view, guard);
+        // Only news from the billing system is written to the snapshot.
+        self.billing_version.send_modify(|v| *v += 1);
+        applied
     }
 
     /// Replaces the billing layer (loading a snapshot at start-up).
-    pub fn replace_billing(&self, source: Source, entries: &[KeyEntry]) -> Applied {
-        self.apply(source, entries, true)
-    }
-
-    /// Replaces the file layer with the file's full content.
-    pub fn replace_file(&self, entries: &[KeyEntry]) -> Applied {
-        self.apply(Source::File, entries, true)
-    }
-
-    /// One atomic change: readers see either all of it or none of it.
-    fn apply(&self, source: Source, entries: &[KeyEntry], replace: bool) -> Applied {
-        let mut applied = Applied::default();
-        let mut guard = self.layers.lock().unwrap_or_else(|p| p.into_inner());
-        let layers = &mut *guard;
-        let mut touched: Vec<Arc<str>> = Vec::with_capacity(entries.len());
-        let mut layer = std::mem::take(match source {
-            Source::File => &mut layers.file,
-            Source::Billing | Source::Snapshot => &mut layers.billing,
-        });
-        if replace {
-            touched.extend(layer.drain().map(|(k, _)| k));
-        }
-        layer.reserve(entries.len());
-        for e in entries {
-            let blocked = match e.status {
-                KeyStatus::Ok => false,
-                KeyStatus::Blocked => true,
-                KeyStatus::Other(_) => {
-                    applied.ignored += 1;
-                    continue;
-                }
-            };
-            applied.entries += 1;
-            let key: Arc<str> = e.api_key.as_str().into();
-            let info = Arc::new(KeyInfo {
-                api_key: key.clone(),
-                app_id: layers.intern(&e.app_id),
-                blocked,
-                reason: layers.intern(if blocked { &e.reason } else { "" }),
-                fingerprint: fingerprint_bits(&e.api_key),
-            });
-            layer.insert(key.clone(), info);
-            touched.push(key);
-        }
-        *match source {
-            Source::File => &mut layers.file,
-            Source::Billing | Source::Snapshot => &mut layers.billing,
-        } = layer;
-
-        let old = self.view.load_full();
-        let fold_at = MIN_OVERLAY_BEFORE_FOLD.max(old.base.by_key.len() / 8);
-        let view = if touched.len() > fold_at {
-            // A large change (a full list, a snapshot): build the new view directly
-            // instead of going through the overlay key by key.
-            let base = Self::build_base(layers);
-            applied.changed = touched.len();
-            KeyView {
-                len: base.by_key.len(),
-                blocked: base.by_key.values().filter(|k| k.blocked).count(),
-                base: Arc::new(base),
-                overlay: HashMap::new(),
-                overlay_fingerprints: HashMap::new(),
-            }
-        } else {
-            let mut overlay = old.overlay.clone();
-            let mut overlay_fingerprints = old.overlay_fingerprints.clone();
-            let (mut len, mut blocked) = (old.len, old.blocked);
-            touched.sort_unstable();
-            touched.dedup();
-            for key in touched {
-                let before = old.get(&key).cloned();
-                let after = layers.effective(&key);
-                if before.as_ref() == after.as_deref() {
-                    continue;
-                }
-                applied.changed += 1;
-                len = len + after.is_some() as usize - before.is_some() as usize;
-                blocked = blocked + after.as_ref().is_some_and(|k| k.blocked) as usize
-                    - before.as_ref().is_some_and(|k| k.blocked) as usize;
-                overlay_fingerprints.insert(fingerprint_bits(&key), after.clone());
-                overlay.insert(key, after);
-            }
-            if overlay.len() > fold_at {
-                let base = Self::build_base(layers);
-                KeyView {
-                    len: base.by_key.len(),
-                    blocked: base.by_key.values().filter(|k| k.blocked).count(),
-                    base: Arc::new(base),
-                    overlay: HashMap::new(),
-                    overlay_fingerprints: HashMap::new(),
-                }
-            } else {
-                KeyView {
-                    base: old.base.clone(),
-                    overlay,
-                    overlay_fingerprints,
-                    len,
-                    blocked,
-                }
-            }
-        };
-        self.view.store(Arc::new(view));
-        self.loaded
-            .send_if_modified(|l| !std::mem::replace(l, true));
-        drop(guard);
-        // The snapshot itself need not be written back; only news from the billing
-        // system is.
+    pub fn replace_billing<E: AsKeyEntry>(&self, source: Source, entries: &[E]) -> Applied {
+        let applied = self.replace(false, entries);
         if source == Source::Billing && applied.changed > 0 {
             self.billing_version.send_modify(|v| *v += 1);
         }
         applied
     }
 
-    /// Every key's effective state, from scratch.
-    fn build_base(layers: &Layers) -> Maps {
-        let n = layers.billing.len() + layers.file.len();
-        let mut base = Maps {
-            by_key: KeyMap::with_capacity(n),
-            by_fingerprint: HashMap::with_capacity(n),
-        };
-        for key in layers.billing.keys().chain(layers.file.keys()) {
-            if !base.by_key.contains_key(key)
-                && let Some(info) = layers.effective(key)
-            {
-                base.by_fingerprint.insert(info.fingerprint, info.clone());
-                base.by_key.insert(key.clone(), info);
-            }
-        }
-        base
+    /// Replaces the file layer with the file's full content.
+    pub fn replace_file<E: AsKeyEntry>(&self, entries: &[E]) -> Applied {
+        self.replace(true, entries)
     }
+
+    /// Builds one layer anew from a full list; the other layer is kept.
+    fn replace<E: AsKeyEntry>(&self, file: bool, entries: &[E]) -> Applied {
+        let mut applied = Applied::default();
+        let table = KeyTable::build(
+            entries
+                .iter()
+                .filter_map(|e| stated_entry(e.fields(), &mut applied)),
+            entries.len(),
+        );
+        let layer = Layer {
+            table: Arc::new(table),
+            delta: Arc::default(),
+        };
+        let guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.view.load_full();
+        let old_layer = if file { &old.file } else { &old.billing };
+        applied.changed = layer
+            .iter()
+            .filter(|k| {
+                !old_layer
+                    .get(k.api_key)
+                    .is_some_and(|o| o.states_same(&stated(*k)))
+            })
+            .count()
+            + old_layer
+                .iter()
+                .filter(|k| layer.get(k.api_key).is_none())
+                .count();
+        let (billing, file_layer) = if file {
+            (old.billing.clone(), layer)
+        } else {
+            (layer, old.file.clone())
+        };
+        let mut view = KeyView {
+            billing,
+            file: file_layer,
+            len: 0,
+            blocked: 0,
+        };
+        (view.len, view.blocked) = view.count();
+        self.publish(view, guard);
+        applied
+    }
+
+    /// Makes `view` the one Checks read, then releases the writer lock.
+    fn publish(&self, view: KeyView, writer: std::sync::MutexGuard<'_, ()>) {
+        self.view.store(Arc::new(view));
+        drop(writer);
+        self.loaded
+            .send_if_modified(|l| !std::mem::replace(l, true));
+    }
+}
+
+/// An entry as a layer states it, or `None` (counted as ignored) when its status is
+/// neither `ok` nor `blocked`.
+fn stated_entry<'a>(e: EntryFields<'a>, applied: &mut Applied) -> Option<Stated<'a>> {
+    let blocked = match e.status {
+        KeyStatus::Ok => false,
+        KeyStatus::Blocked => true,
+        KeyStatus::Other(_) => {
+            applied.ignored += 1;
+            return None;
+        }
+    };
+    applied.entries += 1;
+    Some(Stated {
+        api_key: e.api_key,
+        app_id: e.app_id,
+        blocked,
+        reason: if blocked { e.reason } else { "" },
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn lookup(store: &KeyStore, key: &str) -> Option<KeyInfo> {
-        store.view().get(key).cloned()
+    /// A key's (app id, blocked, reason) as a Check would see it now.
+    fn lookup(store: &KeyStore, key: &str) -> Option<(String, bool, String)> {
+        let view = store.view();
+        let k = view.get(key)?;
+        Some((k.app_id.to_string(), k.blocked, k.reason.to_string()))
     }
 
     #[test]
@@ -419,11 +528,16 @@ mod tests {
         assert!(!s.is_loaded());
         s.apply_billing_update(&[KeyEntry::ok("app-1", "k1"), KeyEntry::ok("app-2", "k2")]);
         assert!(s.is_loaded());
-        assert_eq!(&*lookup(&s, "k1").unwrap().app_id, "app-1");
-        s.apply_billing_update(&[KeyEntry::blocked("app-1", "k1", "balance")]);
-        let k1 = lookup(&s, "k1").unwrap();
-        assert!(k1.blocked);
-        assert_eq!(&*k1.reason, "balance");
+        assert_eq!(lookup(&s, "k1").unwrap().0, "app-1");
+        let applied = s.apply_billing_update(&[KeyEntry::blocked("app-1", "k1", "balance")]);
+        assert_eq!(applied.changed, 1);
+        assert_eq!(
+            lookup(&s, "k1").unwrap(),
+            ("app-1".into(), true, "balance".into())
+        );
+        // Saying the same again changes nothing.
+        let again = s.apply_billing_update(&[KeyEntry::blocked("app-1", "k1", "balance")]);
+        assert_eq!((again.entries, again.changed), (1, 0));
         assert!(lookup(&s, "nope").is_none());
         assert_eq!(s.view().len(), 2);
         assert_eq!(s.view().blocked(), 1);
@@ -437,7 +551,7 @@ mod tests {
         odd.status = KeyStatus::Other("suspended".into());
         let applied = s.apply_billing_update(&[odd]);
         assert_eq!(applied.ignored, 1);
-        assert!(!lookup(&s, "k").unwrap().blocked);
+        assert!(!lookup(&s, "k").unwrap().1);
     }
 
     #[test]
@@ -452,20 +566,29 @@ mod tests {
             KeyEntry::blocked("local", "shared", "local block"),
             KeyEntry::ok("local", "file-only"),
         ]);
-        assert!(lookup(&s, "billing-blocked").unwrap().blocked);
-        let shared = lookup(&s, "shared").unwrap();
-        assert!(shared.blocked);
-        assert_eq!(&*shared.reason, "local block");
-        assert_eq!(&*lookup(&s, "file-only").unwrap().app_id, "local");
+        assert!(lookup(&s, "billing-blocked").unwrap().1);
+        assert_eq!(
+            lookup(&s, "shared").unwrap(),
+            ("local".into(), true, "local block".into())
+        );
+        assert_eq!(lookup(&s, "file-only").unwrap().0, "local");
+        assert_eq!((s.view().len(), s.view().blocked()), (3, 2));
+        // The billing system's news still combines with the file's say.
+        s.apply_billing_update(&[KeyEntry::blocked("a", "file-only", "balance")]);
+        assert_eq!(
+            lookup(&s, "file-only").unwrap(),
+            ("a".into(), true, "balance".into())
+        );
+        assert_eq!((s.view().len(), s.view().blocked()), (3, 3));
         // Reloading the file without a key removes only the file's say on it.
-        s.replace_file(&[]);
-        assert!(!lookup(&s, "shared").unwrap().blocked);
-        assert!(lookup(&s, "file-only").is_none());
-        assert_eq!(s.view().len(), 2);
+        s.replace_file::<KeyEntry>(&[]);
+        assert!(!lookup(&s, "shared").unwrap().1);
+        assert!(lookup(&s, "file-only").unwrap().1);
+        assert_eq!((s.view().len(), s.view().blocked()), (3, 2));
     }
 
     #[test]
-    fn folding_the_overlay_keeps_every_key() {
+    fn folding_the_delta_keeps_every_key() {
         let s = KeyStore::new();
         let many: Vec<KeyEntry> = (0..10_000)
             .map(|i| KeyEntry::ok("app", &format!("key-{i}")))
@@ -482,9 +605,17 @@ mod tests {
         assert_eq!(v.len(), 10_000);
         assert_eq!(v.blocked(), 10_000);
         assert!(v.get("key-9999").unwrap().blocked);
-        assert!(v.overlay.len() <= MIN_OVERLAY_BEFORE_FOLD.max(v.base.by_key.len() / 8));
-        let fp = fingerprint("key-1234");
-        assert_eq!(&*v.get_by_fingerprint(&fp).unwrap().api_key, "key-1234");
+        assert!(v.billing.delta.by_key.len() <= MIN_DELTA_BEFORE_FOLD);
+        assert!(
+            v.billing.table.len() > MIN_DELTA_BEFORE_FOLD,
+            "folded at least once"
+        );
+        for i in [0, 1234, 9999] {
+            let key = format!("key-{i}");
+            let by_fp = v.get_by_fingerprint(&fingerprint(&key)).unwrap();
+            assert_eq!((by_fp.api_key, by_fp.blocked), (key.as_str(), true));
+        }
+        assert_eq!(v.count(), (10_000, 10_000));
     }
 
     #[test]
@@ -496,11 +627,12 @@ mod tests {
         assert_eq!(s.billing_entries(), entries);
         let restored = KeyStore::new();
         restored.replace_billing(Source::Snapshot, &s.billing_entries());
-        assert!(lookup(&restored, "k2").unwrap().blocked);
+        assert!(lookup(&restored, "k2").unwrap().1);
+        assert_eq!(restored.billing_entries(), entries);
     }
 
     #[test]
-    fn only_billing_news_schedules_a_snapshot_write_and_app_ids_are_shared() {
+    fn only_billing_news_schedules_a_snapshot_write() {
         let s = KeyStore::new();
         let changes = s.billing_changes();
         let many: Vec<KeyEntry> = (0..10_000)
@@ -511,12 +643,6 @@ mod tests {
             !changes.has_changed().unwrap(),
             "a loaded snapshot is not rewritten"
         );
-        let v = s.view();
-        assert!(Arc::ptr_eq(
-            &v.get("k1").unwrap().app_id,
-            &v.get("k9999").unwrap().app_id
-        ));
-        drop(v);
         s.apply_billing_update(&[KeyEntry::blocked("app-1", "k1", "balance")]);
         assert!(changes.has_changed().unwrap());
     }
@@ -530,10 +656,10 @@ mod tests {
         assert_eq!(fp.len(), 3 + 16);
         let s = KeyStore::new();
         s.apply_billing_update(&[KeyEntry::ok("a", "sk-test-0001")]);
-        assert_eq!(&*s.view().get_by_fingerprint(&fp).unwrap().app_id, "a");
+        assert_eq!(s.view().get_by_fingerprint(&fp).unwrap().app_id, "a");
         assert!(s.view().get_by_fingerprint("fp-0000000000000000").is_none());
         assert!(s.view().get_by_fingerprint("sk-test-0001").is_none());
-        s.replace_file(&[]);
+        s.replace_file::<KeyEntry>(&[]);
         s.apply_billing_update(&[KeyEntry::blocked("a", "sk-test-0001", "r")]);
         assert!(s.view().get_by_fingerprint(&fp).unwrap().blocked);
     }

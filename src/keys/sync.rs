@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{Applied, KeyEntry, KeyList, KeyStatus, KeyStore, KeyUpdate, Source};
+use super::{Applied, AsKeyEntry, KeyList, KeyListRef, KeyStatus, KeyStore, KeyUpdate, Source};
 use crate::admin::metrics::Metrics;
 
 /// Longest accepted API key or app id: far above real keys, small enough to bound memory.
@@ -51,8 +51,8 @@ pub fn parse_update(payload: &[u8], max_bytes: usize) -> Result<KeyUpdate, Rejec
 }
 
 /// Parses and validates a keys file or snapshot (`{"keys": [...]}`).
-pub fn parse_key_list(bytes: &[u8]) -> Result<KeyList, Rejected> {
-    let list: KeyList = serde_json::from_slice(bytes).map_err(json_rejection)?;
+pub fn parse_key_list(bytes: &[u8]) -> Result<KeyListRef<'_>, Rejected> {
+    let list: KeyListRef = serde_json::from_slice(bytes).map_err(json_rejection)?;
     validate_entries(&list.keys)?;
     Ok(list)
 }
@@ -66,8 +66,9 @@ fn json_rejection(e: serde_json::Error) -> Rejected {
     }
 }
 
-fn validate_entries(entries: &[KeyEntry]) -> Result<(), Rejected> {
+fn validate_entries<E: AsKeyEntry>(entries: &[E]) -> Result<(), Rejected> {
     for (i, e) in entries.iter().enumerate() {
+        let e = e.fields();
         let bad = |what: &str| rejected("invalid_entry", format!("entry {i}: {what}"));
         if e.api_key.is_empty() {
             return Err(bad("empty api_key"));
@@ -78,7 +79,7 @@ fn validate_entries(entries: &[KeyEntry]) -> Result<(), Rejected> {
         if e.api_key.chars().any(|c| c.is_control() || c == ' ') {
             return Err(bad("api_key contains spaces or control characters"));
         }
-        if e.app_id.is_empty() && e.status == KeyStatus::Ok {
+        if e.app_id.is_empty() && *e.status == KeyStatus::Ok {
             return Err(bad("empty app_id"));
         }
         if e.app_id.len() > MAX_FIELD_BYTES || e.reason.len() > MAX_FIELD_BYTES {
@@ -253,9 +254,11 @@ fn file_stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
 
 /// Reads and applies the keys file. Errors leave the file layer as it was.
 pub fn load_keys_file(store: &KeyStore, metrics: &Metrics, path: &Path) -> Result<(), Rejected> {
-    let result = std::fs::read(path)
-        .map_err(|e| rejected("file_unreadable", e.to_string()))
-        .and_then(|bytes| parse_key_list(&bytes));
+    let bytes = std::fs::read(path).map_err(|e| rejected("file_unreadable", e.to_string()));
+    let result = bytes
+        .as_deref()
+        .map_err(Rejected::clone)
+        .and_then(parse_key_list);
     match result {
         Ok(list) => {
             let applied = store.replace_file(&list.keys);
@@ -319,6 +322,7 @@ pub async fn run_file_watcher(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::keys::KeyEntry;
 
     const MAX: usize = 1 << 20;
 
