@@ -71,6 +71,8 @@ pub struct MqttLink {
 pub enum MqttSetupError {
     #[error("mqtt.tls: {0}")]
     Tls(String),
+    #[error("cannot start the broker connection thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// Builds the broker connection options, TLS included. Fails on unreadable or invalid
@@ -264,7 +266,29 @@ pub fn start(
             unacked: HashMap::new(),
         }),
     };
-    tracker.spawn(connection.run(eventloop, shutdown));
+    // The connection runs on a thread (and runtime) of its own: under heavy gRPC load
+    // the server's workers have long queues of access-log messages, and a PUBACK
+    // waiting behind them keeps the in-flight window full and the broker idle. Its
+    // own thread is woken by the kernel as soon as the broker answers.
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+    std::thread::Builder::new()
+        .name("keymeter-mqtt".into())
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(connection.run(eventloop, shutdown)),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the broker connection's runtime")
+                }
+            }
+            let _ = stopped_tx.send(());
+        })
+        .map_err(MqttSetupError::Thread)?;
+    tracker.spawn(async move {
+        let _ = stopped_rx.await;
+    });
     Ok(MqttLink { client, status })
 }
 
