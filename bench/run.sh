@@ -357,24 +357,23 @@ printf '{"allowed": %s, "denied": %s, "h2load_2xx": %s}\n' \
 # of 8 connections K requests every millisecond. libev's timers run on epoll's 1 ms
 # granularity and re-arm after each tick, so a tick comes every ~1.7 ms: K requests per
 # tick per connection reach ~580 K req/s (measured: 550-650).
-pace_plan() { # rate -> "clients per_ms"
-  awk -v r="$1" 'BEGIN { c = 8; k = int(r / (c * 580) + 0.5); if (k < 1) k = 1; print c, k }'
-}
 km_max=$(best_rps "$RAW"/s1/max-keymeter-*.json)
 envoy_max=$(best_rps "$RAW"/s1/max-envoy-*.json)
 meta="{"
 for side in keymeter envoy; do
   if [ "$side" = envoy ]; then p=$S1_ENVOY_PORT pid=$S1_ENVOY_PID max=$envoy_max; else p=$S1_KM_GRPC pid=$S1_KM_PID max=$km_max; fi
   half=$(awk -v r="$max" 'BEGIN { printf "%.0f", r / 2 }')
-  read -r clients per_ms < <(pace_plan "$half")
-  meta+="\"$side\": {\"target_rps\": $half, \"clients\": $clients, \"per_ms\": $per_ms},"
-  say "1. $side paced at half its best rate ($half req/s): $clients connections x $per_ms per ms"
-  "$BT" pace --url "http://127.0.0.1:$p$CHECK_PATH" --per-ms "$per_ms" --secs "$HALF_DUR.5" \
-    --out "$WORK/pace-$side.txt"
-  "$BT" load --out "$RAW/s1/half-$side.json" --log "$WORK/h2load.log" --pid "$side=$pid" \
+  meta+="\"$side\": {\"target_rps\": $half, \"clients\": 8},"
+  say "1. $side at half its best rate ($half req/s), open loop, evenly spaced over 8 connections"
+  # An open-loop client of our own: h2load's timers tick once a millisecond, so its paced
+  # modes send bursts (a whole millisecond's requests at once) whose queue alone costs
+  # hundreds of µs; this one sends each request when it is due and counts latency from then.
+  # It spins between requests, so never at real-time priority: it would starve the
+  # kernel's own work on its core.
+  "$BT" load --out "$RAW/s1/half-$side.json" --log "$WORK/open-loop.log" --pid "$side=$pid" \
     --warmup-secs 0.5 --skip-first-ms 500 --timeout-secs $((HALF_DUR + 61)) -- \
-    "${SOLO1[@]}" h2load -t 1 -c "$clients" -m 256 --timing-script-file "$WORK/pace-$side.txt" \
-    -d "$WORK/check.bin" "${GRPC_HEADERS[@]}" --log-file "$WORK/h2load.log"
+    "${CORE1[@]}" "$BT" open-loop --url "http://127.0.0.1:$p$CHECK_PATH" --rate "$half" \
+    --secs "$HALF_DUR.5" --connections 8 --body "$WORK/check.bin" --log "$WORK/open-loop.log"
 done
 echo "${meta%,}}" >"$RAW/s1/half-meta.json"
 stop "$S1_ENVOY_PID"
@@ -382,7 +381,7 @@ stop "$S1_KM_PID"
 PLACE0=("${CORE0[@]}")
 
 # ------------------------------------------------------------------- 2. through Envoy
-say "2. Through Envoy: (a) no auth, (b) api_key_auth, (c) ext_authz + access log to keymeter"
+say "2. Through Envoy: (a) no auth, (b) api_key_auth, (c) ext_authz + access log to keymeter, (d) = (c) with keymeter off core 0"
 port BACKEND_PORT
 start backend "${CORE1[@]}" "$BT" backend --port "$BACKEND_PORT"
 BACKEND_PID=$PID
@@ -465,6 +464,29 @@ for ((rep = 1; rep <= REPS; rep++)); do
 done
 finish_records "$RAW/s2" c- "$S2C_ADMIN" "$S2_KM_ADMIN" "$S2_COUNTER_PID" "$S2_KM_PID"
 stop "$S2C_PID"; stop "$S2_KM_PID"; stop "$S2B_PID"; stop "$S2A_PID"
+
+# (d) The ceiling, measured: (c)'s Envoy configuration with keymeter moved to core 1, so
+# Envoy has core 0 to itself. This is what (c) would reach with a keymeter that cost
+# nothing; run after (c)'s records are counted, with a counter of its own.
+PLACE0=("${CORE1[@]}")
+start_keymeter s2-keymeter-d file "$WORK/keys-1k.json"
+PLACE0=("${CORE0[@]}")
+S2D_KM_PID=$KM_PID S2D_KM_ADMIN=$KM_ADMIN
+port S2D_PORT; port S2D_ADMIN
+render_deploy_envoy "$WORK/s2-d.yaml" "$S2D_PORT" "$S2D_ADMIN" "$KM_GRPC"
+start_envoy s2-envoy-d "$WORK/s2-d.yaml" "$S2D_ADMIN"
+S2D_PID=$ENVOY_PID
+code=$(curl -s -o /dev/null -w '%{http_code}' -H "api-key: $KEY" "http://127.0.0.1:$S2D_PORT/v1/chat/completions")
+[ "$code" = 200 ] || die "a request through the Envoy of (d) answered $code, not 200"
+start_counter s2-counter-d
+S2D_COUNTER_PID=$COUNTER_PID
+for ((rep = 1; rep <= REPS; rep++)); do
+  s2_load "$RAW/s2/run-d-r$rep.json" "$S2D_PORT" "envoy=$S2D_PID" "keymeter=$S2D_KM_PID" \
+    "mosquitto=$MQTT_PID" "backend=$BACKEND_PID"
+  check_alive "$S2D_KM_PID"
+done
+finish_records "$RAW/s2" d- "$S2D_ADMIN" "$S2D_KM_ADMIN" "$S2D_COUNTER_PID" "$S2D_KM_PID"
+stop "$S2D_PID"; stop "$S2D_KM_PID"
 
 # ------------------------------------------------------------------- 3. access-log ingest
 say "3. Access-log ingest: keymeter (1/16/64 streams) vs a plain rumqttc QoS 1 publisher, $S3_N records each"

@@ -231,6 +231,25 @@ enum Cmd {
         #[arg(long)]
         out: PathBuf,
     },
+    /// An open-loop gRPC client: sends the gRPC-framed BODY to URL at RATE requests/s,
+    /// evenly spaced (one request every 1/RATE s, spread over CONNECTIONS HTTP/2
+    /// connections), for SECS seconds. Latency counts from when a request was due, not
+    /// from when it was sent, so a stalled server cannot hide its queue. Prints h2load's
+    /// summary lines and writes h2load's log format, so `load` can run it like h2load.
+    OpenLoop {
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        rate: f64,
+        #[arg(long)]
+        secs: f64,
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
+        #[arg(long)]
+        body: PathBuf,
+        #[arg(long)]
+        log: PathBuf,
+    },
     /// Spins until killed (at most MAX_SECS): started with `chrt --idle 0` on a core, it
     /// keeps that core out of the (slow to leave) virtual-CPU idle state while taking
     /// only time that nothing else wants.
@@ -439,6 +458,14 @@ async fn run(cmd: Cmd) -> Result<()> {
             w.flush()?;
             Ok(())
         }
+        Cmd::OpenLoop {
+            url,
+            rate,
+            secs,
+            connections,
+            body,
+            log,
+        } => open_loop(&url, rate, secs, connections.max(1), &body, &log).await,
         Cmd::Spin { max_secs } => {
             let end = Instant::now() + Duration::from_secs(max_secs);
             while Instant::now() < end {
@@ -1810,7 +1837,9 @@ mod report {
 
     /// What limited a closed-loop (max throughput) run.
     fn limit(l: &LoadResult) -> String {
-        let paced = l.command.contains("--rps") || l.command.contains("--timing-script-file");
+        let paced = l.command.contains("--rps")
+            || l.command.contains("--timing-script-file")
+            || l.command.contains("open-loop");
         let ours: f64 = l
             .procs
             .values()
@@ -1821,7 +1850,9 @@ mod report {
         let core1 = l.cores_busy_pct.get(1).copied().unwrap_or(0.0);
         let client = 100.0 * l.client_cpu_s / l.measured_s.max(1e-9);
         if paced {
-            if client >= 90.0 || core1 >= 95.0 {
+            // The open-loop client spins between requests: its core is busy by design.
+            let open_loop = l.command.contains("open-loop");
+            if !open_loop && (client >= 90.0 || core1 >= 95.0) {
                 "fixed rate; **client side saturated** (latency includes its queueing)".into()
             } else if ours >= 90.0 {
                 "fixed rate; **measured side saturated**".into()
@@ -1995,19 +2026,21 @@ mod report {
             let schedule = |side: &str| {
                 let x = &m[side];
                 format!(
-                    "{side}: {} connections × {} request(s) per ms, aiming at {:.0} req/s",
+                    "{side}: {:.0} req/s over {} connections",
+                    x["target_rps"].as_f64().unwrap_or(0.0),
                     x["clients"],
-                    x["per_ms"],
-                    x["target_rps"].as_f64().unwrap_or(0.0)
                 )
             };
             let _ = writeln!(
                 md,
-                "Paced runs at half of each side's best rate: each connection sends its requests every \
-                 millisecond from an h2load timing script (evenly spaced; `--rps` would send bursts every \
-                 10 ms); the first 500 ms are left out of the percentiles ({}; {}). Envoy's \
-                 `direct_response` at half its own best is the latency floor of this machine and h2load \
-                 at the same utilization.\n",
+                "Paced runs at half of each side's best rate ({}; {}), from `bench_tool open-loop`: an \
+                 open-loop client that sends each request when it is due, evenly spaced, and counts its \
+                 latency from that moment (h2load's paced modes send a millisecond's requests at once, \
+                 whose queue alone costs hundreds of µs). The first 500 ms are left out of the \
+                 percentiles. Requests that arrive one at a time cannot share reads and writes as the \
+                 closed-loop runs' pipelined ones do, so each costs more CPU, and \"half of the best rate\" \
+                 keeps the server busier than half. Envoy's `direct_response` under the same load is the \
+                 floor: the cheapest HTTP/2 exchange on this machine at the same schedule.",
                 schedule("keymeter"),
                 schedule("envoy"),
             );
@@ -2212,11 +2245,16 @@ mod report {
         let a = best(&runs, "run-a-");
         let b = best(&runs, "run-b-");
         let c = best(&runs, "run-c-");
-        let ratio = match (b, c) {
-            (Some(b), Some(c)) if b.1.rps > 0.0 => Some(c.1.rps / b.1.rps),
+        let d = best(&runs, "run-d-");
+        let over = |x: Option<&(String, LoadResult)>, y: Option<&(String, LoadResult)>| match (x, y)
+        {
+            (Some(x), Some(y)) if y.1.rps > 0.0 => Some(x.1.rps / y.1.rps),
             _ => None,
         };
+        let ratio = over(c, b);
+        let (ceiling, share_of_ceiling) = (over(d, b), over(c, d));
         let records = read::<RecordCount>(&dir.join("c-records.json"));
+        let records_d = read::<RecordCount>(&dir.join("d-records.json"));
         let mut targets = vec![Target::new(
             "(c) ext_authz + access log to keymeter / (b) api_key_auth, req/s",
             ratio,
@@ -2225,17 +2263,23 @@ mod report {
             0.7,
         )];
         targets.extend(records_target(&records));
+        targets.extend(records_target(&records_d).map(|mut t| {
+            t.name = format!("{} (d)", t.name);
+            t
+        }));
         let mut md = String::from(
             "h2load → Envoy (`--concurrency 1`, core 0) → backend (`bench_tool backend`, HTTP/1.1, core 1). \
              (a) no auth; (b) Envoy's native `api_key_auth` filter with the same 1k keys; (c) \
              `deploy/envoy/envoy.yaml` as shipped (ext_authz + gRPC access log + header_to_metadata) with \
              keymeter on core 0 too (so (b) and (c) get the same CPU), records published to mosquitto \
-             (core 1). Same h2load flags for all three; best run of each counts.\n\n",
+             (core 1); (d) the same as (c) but keymeter on core 1, so Envoy has core 0 to itself: the \
+             measured ceiling of (c) for an ext_authz server that cost nothing. Same h2load flags for \
+             all four; best run of each counts.\n\n",
         );
         md.push_str(LOAD_HEADER);
         for (name, l) in &runs {
             let name = name.trim_start_matches("run-");
-            let best_mark = [a, b, c]
+            let best_mark = [a, b, c, d]
                 .iter()
                 .flatten()
                 .any(|x| x.0 == format!("run-{name}"));
@@ -2267,6 +2311,15 @@ mod report {
                 eb / (ec + k),
             );
         }
+        if let (Some(ceiling), Some(share)) = (ceiling, share_of_ceiling) {
+            let _ = writeln!(
+                md,
+                "Measured ceiling: with keymeter off core 0, Envoy alone reached **{ceiling:.2} ×** (b) (run d); \
+                 (c) reached {share:.2} × of that. The gap between the ceiling and the 0.7 target is Envoy's own \
+                 work per request for the ext_authz call and the access log, which no authorization server \
+                 can remove.\n"
+            );
+        }
         md.push_str(&pipeline_notes(&dir, "c-"));
         md.push_str(&targets_table(&targets));
         Some(Scenario {
@@ -2279,7 +2332,11 @@ mod report {
                 "a_no_auth": a.map(|x| &x.1),
                 "b_api_key_auth": b.map(|x| &x.1),
                 "c_keymeter": c.map(|x| &x.1),
+                "d_keymeter_off_core": d.map(|x| &x.1),
+                "ceiling_measured_d_over_b": ceiling,
+                "c_over_d": share_of_ceiling,
                 "records": records,
+                "records_d": records_d,
                 "runs": runs.iter().map(|(n, l)| serde_json::json!({"run": n, "rps": l.rps})).collect::<Vec<_>>(),
                 "cpu_us_per_request": {"a_envoy": ea, "b_envoy": eb, "c_envoy": ec, "c_keymeter": km_us},
                 "ceiling_with_free_keymeter": eb.zip(ec).map(|(b, c)| b / c),
@@ -2766,4 +2823,100 @@ mod tests {
             Some(41.0)
         );
     }
+}
+
+/// See `Cmd::OpenLoop`.
+async fn open_loop(
+    url: &str,
+    rate: f64,
+    secs: f64,
+    connections: usize,
+    body: &Path,
+    log: &Path,
+) -> Result<()> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("bad --url {url}: {e}"))?;
+    let authority = uri.authority().ok_or("--url needs host:port")?.to_string();
+    let body = bytes::Bytes::from(std::fs::read(body)?);
+    let mut senders = Vec::new();
+    for _ in 0..connections {
+        let tcp = tokio::net::TcpStream::connect(&authority).await?;
+        tcp.set_nodelay(true)?;
+        let (send, conn) = h2::client::handshake(tcp).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        senders.push(send);
+    }
+    let n = (rate * secs) as u64;
+    let interval = Duration::from_secs_f64(1.0 / rate);
+    // (due since the epoch in µs, HTTP status or 0 for an error, latency in µs)
+    let results = std::sync::Arc::new(std::sync::Mutex::new(Vec::with_capacity(n as usize)));
+    let mut tasks = tokio::task::JoinSet::new();
+    let epoch_us = SystemTime::now().duration_since(UNIX_EPOCH)?.as_micros() as u64;
+    let start = Instant::now();
+    for i in 0..n {
+        let due = start + interval.mul_f64(i as f64);
+        // Spin (letting responses be handled) until the request is due: tokio's timers
+        // have 1 ms granularity, far coarser than the spacing.
+        while Instant::now() < due {
+            tokio::task::yield_now().await;
+        }
+        let request = http::Request::post(uri.clone())
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())?;
+        let send = senders[(i as usize) % connections].clone();
+        let body = body.clone();
+        let results = results.clone();
+        let due_us = epoch_us + (due - start).as_micros() as u64;
+        tasks.spawn(async move {
+            let status = async {
+                let mut send = send.ready().await.ok()?;
+                let (response, mut stream) = send.send_request(request, false).ok()?;
+                stream.send_data(body, true).ok()?;
+                let response = response.await.ok()?;
+                let status = response.status().as_u16();
+                let mut body = response.into_body();
+                while let Some(chunk) = body.data().await {
+                    let chunk = chunk.ok()?;
+                    let _ = body.flow_control().release_capacity(chunk.len());
+                }
+                body.trailers().await.ok()?;
+                Some(status)
+            }
+            .await
+            .unwrap_or(0);
+            let latency = due.elapsed().as_micros() as u64;
+            if let Ok(mut r) = results.lock() {
+                r.push((due_us, status, latency));
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let elapsed = start.elapsed().as_secs_f64();
+    let results = std::mem::take(&mut *results.lock().map_err(|_| "poisoned")?);
+    let mut w = BufWriter::new(std::fs::File::create(log)?);
+    let (mut ok, mut s4, mut s5, mut errored) = (0u64, 0u64, 0u64, 0u64);
+    for (due_us, status, latency) in &results {
+        writeln!(w, "{due_us}\t{status}\t{latency}")?;
+        match status {
+            200..=299 => ok += 1,
+            400..=499 => s4 += 1,
+            500..=599 => s5 += 1,
+            _ => errored += 1,
+        }
+    }
+    w.flush()?;
+    let done = results.len() as u64;
+    println!(
+        "finished in {elapsed:.2}s, {:.2} req/s, open loop at {rate} req/s",
+        done as f64 / elapsed
+    );
+    println!(
+        "requests: {n} total, {n} started, {done} done, {} succeeded, {} failed, {errored} errored, 0 timeout",
+        ok,
+        done - ok
+    );
+    println!("status codes: {ok} 2xx, 0 3xx, {s4} 4xx, {s5} 5xx");
+    Ok(())
 }
