@@ -382,7 +382,7 @@ impl AccessLogService for AccessLogServer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{RouteRule, StatusClass};
+    use crate::config::RouteRule;
     use crate::keys::{KeyEntry, fingerprint};
     use envoy_types::pb::envoy::config::core::v3::Metadata;
     use envoy_types::pb::envoy::data::accesslog::v3::{
@@ -646,15 +646,7 @@ mod tests {
 
     #[test]
     fn route_defaults_and_rejections() {
-        let rule = RouteRule {
-            host: None,
-            path_prefix: "/v1/search".into(),
-            method: None,
-            status: StatusClass::Success,
-            module: "search".into(),
-            model: "default".into(),
-            usage: 1,
-        };
+        let rule = RouteRule::search_example();
         let o = outcome(
             E {
                 path: "/v1/search?q=1",

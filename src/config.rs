@@ -476,6 +476,22 @@ pub struct RouteRule {
     pub usage: u64,
 }
 
+#[cfg(test)]
+impl RouteRule {
+    /// For tests: a successful `/v1/search` request bills 1 unit of `search`/`default`.
+    pub(crate) fn search_example() -> RouteRule {
+        RouteRule {
+            host: None,
+            path_prefix: "/v1/search".into(),
+            method: None,
+            status: StatusClass::Success,
+            module: "search".into(),
+            model: "default".into(),
+            usage: 1,
+        }
+    }
+}
+
 fn default_path_prefix() -> String {
     "/".into()
 }

@@ -20,19 +20,18 @@ mod support;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use keymeter::dev::billing::BillingStandIn;
-use keymeter::keys::{KeyEntry, KeyList};
+use keymeter::keys::KeyEntry;
 use serde_json::Value;
 use support::backend::Reply;
 use support::envoy::render_deploy_config_with_keymeter_replicas;
 use support::keymeter::{billing, metric_value};
 use support::{
-    Backend, ChildGuard, Envoy, EnvoyPorts, Mosquitto, RecordedRequest, TestDir, free_port,
+    Backend, ChildGuard, Envoy, EnvoyPorts, Mosquitto, RecordedRequest, TestDir, binary, free_port,
     http_client, wait_until,
 };
 use tokio::task::JoinHandle;
@@ -69,36 +68,24 @@ impl Replica {
     async fn start(name: &str, broker_port: u16, max_inflight: u16) -> Replica {
         let dir = TestDir::new(name);
         let keys = dir.path().join("keys.json");
-        keymeter::keys::sync::write_key_list(
-            &keys,
-            &KeyList {
-                keys: vec![KeyEntry::ok("app-faults", KEY)],
-                saved_at: None,
-            },
-        )
-        .unwrap();
+        binary::write_keys(&keys, vec![KeyEntry::ok("app-faults", KEY)]);
         let (grpc, admin) = (free_port(), free_port());
         let outbox = dir.path().join("outbox");
-        let config = dir.path().join("keymeter.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[listen]\ngrpc = \"127.0.0.1:{grpc}\"\nadmin = \"127.0.0.1:{admin}\"\n\
-                 [mqtt]\nhost = \"127.0.0.1\"\nport = {broker_port}\n\
-                 client_id = \"keymeter-faults-{name}\"\n\
-                 reconnect_max_secs = 1\nkeep_alive_secs = 30\n\
-                 [mqtt.tls]\nenabled = false\n\
-                 [keys]\nfile = \"{}\"\n\
-                 [outbox]\ndir = \"{}\"\nmax_inflight = {max_inflight}\n\
+        let config = binary::write_config(
+            dir.path(),
+            (grpc, admin),
+            broker_port,
+            &format!(
+                "client_id = \"keymeter-faults-{name}\"\nreconnect_max_secs = 1\nkeep_alive_secs = 30"
+            ),
+            &format!(
+                "[keys]\nfile = \"{}\"\n[outbox]\ndir = \"{}\"\nmax_inflight = {max_inflight}\n\
                  [log]\nformat = \"json\"\n",
                 keys.display(),
                 outbox.display()
             ),
-        )
-        .unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_keymeter"));
-        command.arg("--config").arg(config).env_remove("RUST_LOG");
-        let process = ChildGuard::spawn(name, command, dir.path());
+        );
+        let process = ChildGuard::spawn(name, binary::command(&config), dir.path());
         let mut replica = Replica {
             process,
             admin,
@@ -111,16 +98,7 @@ impl Replica {
     }
 
     async fn wait_ready(&mut self) {
-        let url = format!("http://127.0.0.1:{}/readyz", self.admin);
-        self.process
-            .wait_for("keymeter /readyz returns 200", WAIT, || async {
-                http_client()
-                    .get(&url)
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status() == 200)
-            })
-            .await;
+        binary::wait_ready(&mut self.process, self.admin, WAIT).await;
     }
 
     /// `/metrics`, or `None` while the admin port does not answer.
@@ -386,6 +364,32 @@ impl Delivery {
     }
 }
 
+/// Asserts that every request of `sent` was served (200) while `what`, waits until each
+/// one's record arrived, and returns all that was delivered and the requests without a
+/// record.
+async fn served_and_billed(
+    sent: &[Sent],
+    what: &str,
+    billing: &BillingStandIn,
+    keymeter: &Replica,
+) -> (Delivery, BTreeSet<u64>) {
+    assert_eq!(
+        count_status(sent, 200),
+        sent.len(),
+        "every request is served while {what}: {:?}",
+        sent.iter().filter(|s| s.status != 200).collect::<Vec<_>>()
+    );
+    let served = served_seqs(sent);
+    wait_until("a record for every request", WAIT, || async {
+        let d = Delivery::of(&billing.reports());
+        served.iter().all(|s| d.has(*s))
+    })
+    .await;
+    let delivery = everything_delivered(billing, &[keymeter]).await;
+    let missing = delivery.check_against(sent);
+    (delivery, missing)
+}
+
 /// Waits until every replica's outbox is empty (everything it accepted was
 /// acknowledged by the broker), then sends a marker through the broker to the
 /// stand-in and waits for it: the broker queued every acknowledged record for the
@@ -501,20 +505,9 @@ async fn every_request_served_during_a_broker_outage_has_exactly_one_record() {
     tokio::time::sleep(Duration::from_secs(3)).await; // traffic after it
     let sent = load.finish().await;
 
-    assert_eq!(
-        count_status(&sent, 200),
-        sent.len(),
-        "every request is served while the broker is down: {:?}",
-        sent.iter().filter(|s| s.status != 200).collect::<Vec<_>>()
-    );
+    let (delivery, missing) =
+        served_and_billed(&sent, "the broker is down", &billing, &keymeter).await;
     let served = served_seqs(&sent);
-    wait_until("a record for every request", WAIT, || async {
-        let d = Delivery::of(&billing.reports());
-        served.iter().all(|s| d.has(*s))
-    })
-    .await;
-    let delivery = everything_delivered(&billing, &[&keymeter]).await;
-    let missing = delivery.check_against(&sent);
     // When each repeated record's request was sent, relative to the broker's stop
     // (negative: before it).
     let repeated_sent_ms: Vec<(u64, i128)> = delivery
@@ -845,20 +838,9 @@ async fn a_stuck_broker_slows_no_request_and_piles_records_up_on_disk() {
     tokio::time::sleep(Duration::from_secs(2)).await; // traffic after
     let sent = load.finish().await;
 
-    assert_eq!(
-        count_status(&sent, 200),
-        sent.len(),
-        "every request is served while the broker is stuck: {:?}",
-        sent.iter().filter(|s| s.status != 200).collect::<Vec<_>>()
-    );
+    let (delivery, missing) =
+        served_and_billed(&sent, "the broker is stuck", &billing, &keymeter).await;
     let served = served_seqs(&sent);
-    wait_until("a record for every request", WAIT, || async {
-        let d = Delivery::of(&billing.reports());
-        served.iter().all(|s| d.has(*s))
-    })
-    .await;
-    let delivery = everything_delivered(&billing, &[&keymeter]).await;
-    let missing = delivery.check_against(&sent);
     let before: Vec<&Sent> = sent.iter().filter(|s| s.at < stuck_at).collect();
     let during: Vec<&Sent> = sent
         .iter()

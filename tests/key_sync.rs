@@ -13,17 +13,18 @@ use support::{Mosquitto, TestDir, wait_until};
 
 const WAIT: Duration = Duration::from_secs(10);
 
+/// The billing system's list in most tests here: one valid key, one blocked.
+fn good_and_bad() -> Vec<KeyEntry> {
+    vec![
+        KeyEntry::ok("app-1", "sk-good"),
+        KeyEntry::blocked("app-2", "sk-bad", "balance"),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_updates_leave_the_store_unchanged() {
     let broker = Mosquitto::start().await;
-    let billing = billing(
-        broker.port(),
-        vec![
-            KeyEntry::ok("app-1", "sk-good"),
-            KeyEntry::blocked("app-2", "sk-bad", "balance"),
-        ],
-    )
-    .await;
+    let billing = billing(broker.port(), good_and_bad()).await;
     let mut config = Config::for_local_broker("127.0.0.1", broker.port());
     config.keys.max_update_bytes = 4096;
     let keymeter = Keymeter::start_ready(config).await;
@@ -116,14 +117,7 @@ async fn snapshot_authorizes_known_keys_after_a_restart_with_the_broker_down() {
     let dir = TestDir::new("snapshot");
     let snapshot = dir.path().join("keys.snapshot.json");
     let mut broker = Mosquitto::start().await;
-    let billing = billing(
-        broker.port(),
-        vec![
-            KeyEntry::ok("app-1", "sk-good"),
-            KeyEntry::blocked("app-2", "sk-bad", "balance"),
-        ],
-    )
-    .await;
+    let billing = billing(broker.port(), good_and_bad()).await;
     let mut config = Config::for_local_broker("127.0.0.1", broker.port());
     config.keys.snapshot = Some(snapshot.clone());
     let keymeter = Keymeter::start_ready(config.clone()).await;

@@ -20,8 +20,8 @@ fn tls_config(port: u16, ca: Option<&std::path::Path>) -> Config {
     c
 }
 
-/// Waits until keymeter reports a failed connection and returns the `/readyz` body.
-async fn refused(keymeter: &Keymeter) -> String {
+/// Waits until keymeter counts a failed broker connection.
+async fn connection_error_counted(keymeter: &Keymeter) {
     wait_until("a connection error is counted", WAIT, || async {
         keymeter
             .metric("keymeter_mqtt_connection_errors_total")
@@ -29,6 +29,11 @@ async fn refused(keymeter: &Keymeter) -> String {
             >= 1.0
     })
     .await;
+}
+
+/// Waits until keymeter reports a failed connection and returns the `/readyz` body.
+async fn refused(keymeter: &Keymeter) -> String {
+    connection_error_counted(keymeter).await;
     let (code, body) = keymeter.readyz().await;
     assert_eq!(code, 503, "no keys can have arrived: {body}");
     assert_eq!(keymeter.metric("keymeter_mqtt_connected").await, 0.0);
@@ -127,13 +132,7 @@ async fn a_refused_broker_leaves_checks_answering_from_the_key_store() {
     let mut config = tls_config(broker.tls_port().unwrap(), Some(&pki.other_ca_cert));
     config.keys.file = Some(keys);
     let keymeter = Keymeter::start_ready(config).await;
-    wait_until("the TLS refusal is counted", WAIT, || async {
-        keymeter
-            .metric("keymeter_mqtt_connection_errors_total")
-            .await
-            >= 1.0
-    })
-    .await;
+    connection_error_counted(&keymeter).await;
     let (code, body) = keymeter.readyz().await;
     assert_eq!(code, 200, "keys are loaded: {body}");
     assert!(

@@ -5,7 +5,6 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::Duration;
 
 use keymeter::keys::KeyEntry;
@@ -13,7 +12,9 @@ use keymeter::proto::v1::usage_client::UsageClient;
 use keymeter::proto::v1::{ReportRequest, UsageRecord};
 use support::backend::Reply;
 use support::keymeter::{billing, check, http_status, try_check};
-use support::{Backend, ChildGuard, Envoy, EnvoyPorts, Mosquitto, TestDir, free_port, http_client};
+use support::{
+    Backend, ChildGuard, Envoy, EnvoyPorts, Mosquitto, TestDir, binary, free_port, http_client,
+};
 
 const GOOD: &str = "sk-secret-good-4f8a2c";
 const BLOCKED: &str = "sk-secret-blocked-77d1e0";
@@ -35,23 +36,19 @@ async fn no_raw_key_in_trace_logs_metrics_or_deny_bodies() {
     )
     .await;
     let (grpc, admin) = (free_port(), free_port());
-    let config = dir.path().join("keymeter.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[listen]\ngrpc = \"127.0.0.1:{grpc}\"\nadmin = \"127.0.0.1:{admin}\"\n\
-             [mqtt]\nhost = \"127.0.0.1\"\nport = {}\n[mqtt.tls]\nenabled = false\n\
-             [keys]\nsnapshot = \"{}\"\n[outbox]\ndir = \"{}\"\n\
+    let config = binary::write_config(
+        dir.path(),
+        (grpc, admin),
+        broker.port(),
+        "",
+        &format!(
+            "[keys]\nsnapshot = \"{}\"\n[outbox]\ndir = \"{}\"\n\
              [log]\nformat = \"json\"\nlevel = \"trace\"\n",
-            broker.port(),
             dir.path().join("snapshot.json").display(),
             dir.path().join("outbox").display(),
         ),
-    )
-    .unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keymeter"));
-    cmd.arg("--config").arg(&config).env_remove("RUST_LOG");
-    let mut keymeter = ChildGuard::spawn("keymeter", cmd, dir.path());
+    );
+    let mut keymeter = ChildGuard::spawn("keymeter", binary::command(&config), dir.path());
     keymeter
         .wait_for("keys from the billing system", WAIT, || async {
             try_check(grpc, &[("api-key", GOOD)])
@@ -142,22 +139,8 @@ async fn no_raw_key_in_trace_logs_metrics_or_deny_bodies() {
         3,
         "two metered requests and one report: {reports:?}"
     );
-    let metrics = http_client()
-        .get(format!("http://127.0.0.1:{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let readyz = http_client()
-        .get(format!("http://127.0.0.1:{admin}/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(format!("http://127.0.0.1:{admin}/metrics")).await;
+    let readyz = get_text(format!("http://127.0.0.1:{admin}/readyz")).await;
     let exit = keymeter.terminate(Duration::from_secs(10)).await;
     assert!(exit.success());
 
@@ -181,4 +164,9 @@ async fn no_raw_key_in_trace_logs_metrics_or_deny_bodies() {
         }
     }
     println!("searched {lines} log lines at trace level: no raw key");
+}
+
+async fn get_text(url: String) -> String {
+    let response = http_client().get(url).send().await.unwrap();
+    response.text().await.unwrap()
 }

@@ -4,22 +4,13 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::Duration;
 
-use keymeter::keys::{KeyEntry, KeyList};
+use keymeter::keys::KeyEntry;
 use support::keymeter::{billing, check, http_status};
-use support::{ChildGuard, Mosquitto, TestDir, free_port, http_client};
+use support::{ChildGuard, Mosquitto, TestDir, binary, free_port, http_client};
 
 const WAIT: Duration = Duration::from_secs(15);
-
-fn write_keys(path: &std::path::Path, keys: Vec<KeyEntry>) {
-    let list = KeyList {
-        keys,
-        saved_at: None,
-    };
-    keymeter::keys::sync::write_key_list(path, &list).unwrap();
-}
 
 async fn status(grpc: u16, key: &str) -> i32 {
     http_status(&check(grpc, &[("api-key", key)]).await)
@@ -35,7 +26,7 @@ async fn binary_reloads_on_sighup_logs_json_and_stops_on_sigterm() {
     )
     .await;
     let keys_file = dir.path().join("keys.json");
-    write_keys(&keys_file, vec![KeyEntry::ok("local", "sk-from-file")]);
+    binary::write_keys(&keys_file, vec![KeyEntry::ok("local", "sk-from-file")]);
     let config = dir.path().join("keymeter.toml");
     std::fs::write(
         &config,
@@ -48,12 +39,9 @@ async fn binary_reloads_on_sighup_logs_json_and_stops_on_sigterm() {
     )
     .unwrap();
     let (grpc, admin) = (free_port(), free_port());
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keymeter"));
-    cmd.arg("--config")
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        // Deploy-time values from the environment win over the file.
-        .env("KEYMETER_MQTT_PORT", broker.port().to_string())
+    let mut cmd = binary::command(&config);
+    // Deploy-time values from the environment win over the file.
+    cmd.env("KEYMETER_MQTT_PORT", broker.port().to_string())
         .env("KEYMETER_GRPC_LISTEN", format!("127.0.0.1:{grpc}"))
         .env("KEYMETER_ADMIN_LISTEN", format!("127.0.0.1:{admin}"));
     let mut keymeter = ChildGuard::spawn("keymeter", cmd, dir.path());
@@ -78,7 +66,7 @@ async fn binary_reloads_on_sighup_logs_json_and_stops_on_sigterm() {
     assert_eq!(status(grpc, "sk-from-file").await, 200);
     assert_eq!(status(grpc, "sk-added-later").await, 401);
 
-    write_keys(
+    binary::write_keys(
         &keys_file,
         vec![
             KeyEntry::ok("local", "sk-from-file"),

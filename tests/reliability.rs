@@ -9,11 +9,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use keymeter::Config;
-use keymeter::keys::{KeyEntry, KeyList};
+use keymeter::keys::KeyEntry;
 use keymeter::proto::v1::usage_client::UsageClient;
 use keymeter::proto::v1::{ReportRequest, UsageRecord};
 use support::keymeter::{Keymeter, billing, check, http_status};
-use support::{ChildGuard, Mosquitto, TestDir, free_port, http_client, wait_until};
+use support::{ChildGuard, Mosquitto, TestDir, binary, free_port, wait_until};
 
 const GOOD: &str = "sk-reliable-0001";
 const WAIT: Duration = Duration::from_secs(20);
@@ -48,45 +48,19 @@ fn record(usage: u64, idempotency_key: String, metadata_json: String) -> UsageRe
 /// ready without the broker.
 fn keymeter_binary(dir: &TestDir, broker_port: u16, grpc: u16, admin: u16) -> Command {
     let keys = dir.path().join("keys.json");
-    keymeter::keys::sync::write_key_list(
-        &keys,
-        &KeyList {
-            keys: vec![KeyEntry::ok("app-1", GOOD)],
-            saved_at: None,
-        },
-    )
-    .unwrap();
-    let config = dir.path().join("keymeter.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[listen]\ngrpc = \"127.0.0.1:{grpc}\"\nadmin = \"127.0.0.1:{admin}\"\n\
-             [mqtt]\nhost = \"127.0.0.1\"\nport = {broker_port}\nreconnect_max_secs = 1\n\
-             [mqtt.tls]\nenabled = false\n\
-             [keys]\nfile = \"{}\"\n\
-             [outbox]\ndir = \"{}\"\n\
-             [log]\nformat = \"json\"\n",
+    binary::write_keys(&keys, vec![KeyEntry::ok("app-1", GOOD)]);
+    let config = binary::write_config(
+        dir.path(),
+        (grpc, admin),
+        broker_port,
+        "reconnect_max_secs = 1",
+        &format!(
+            "[keys]\nfile = \"{}\"\n[outbox]\ndir = \"{}\"\n[log]\nformat = \"json\"\n",
             keys.display(),
             dir.path().join("outbox").display()
         ),
-    )
-    .unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keymeter"));
-    cmd.arg("--config").arg(config).env_remove("RUST_LOG");
-    cmd
-}
-
-async fn wait_ready(process: &mut ChildGuard, admin: u16) {
-    let url = format!("http://127.0.0.1:{admin}/readyz");
-    process
-        .wait_for("keymeter ready", WAIT, || async {
-            http_client()
-                .get(&url)
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == 200)
-        })
-        .await;
+    );
+    binary::command(&config)
 }
 
 /// The Report API answers only once records are fsynced: a SIGKILL right after loses
@@ -104,7 +78,7 @@ async fn records_acknowledged_by_the_report_api_survive_sigkill() {
         keymeter_binary(&dir, broker.port(), grpc, admin),
         dir.path(),
     );
-    wait_ready(&mut keymeter, admin).await;
+    binary::wait_ready(&mut keymeter, admin, WAIT).await;
 
     let mut client = report_client(grpc).await;
     let mut acknowledged = HashSet::new();
@@ -125,7 +99,7 @@ async fn records_acknowledged_by_the_report_api_survive_sigkill() {
 
     broker.start_again().await;
     keymeter.start();
-    wait_ready(&mut keymeter, admin).await;
+    binary::wait_ready(&mut keymeter, admin, WAIT).await;
     let reports = billing.wait_for_reports(acknowledged.len(), WAIT).await;
     let delivered: Vec<&str> = reports
         .iter()

@@ -405,7 +405,6 @@ fn parse_records(text: &str, limits: Limits) -> Result<Vec<Usage>, Rejection> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::StatusClass;
 
     const LIMITS: Limits = Limits {
         max_metadata_bytes: 8192,
@@ -422,15 +421,7 @@ mod tests {
     }
 
     fn rule() -> RouteRule {
-        RouteRule {
-            host: None,
-            path_prefix: "/v1/search".into(),
-            method: None,
-            status: StatusClass::Success,
-            module: "search".into(),
-            model: "default".into(),
-            usage: 1,
-        }
+        RouteRule::search_example()
     }
 
     #[test]

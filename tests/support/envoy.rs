@@ -279,17 +279,9 @@ impl Envoy {
             .await;
         let admin_port = read_admin_port().expect("admin port");
 
-        let client = http_client();
         let ready_url = format!("http://127.0.0.1:{admin_port}/ready");
         process
-            .wait_for("envoy /ready to return 200", STARTUP_TIMEOUT, || {
-                let ready = client.get(&ready_url).send();
-                async move {
-                    ready
-                        .await
-                        .is_ok_and(|r| r.status() == reqwest::StatusCode::OK)
-                }
-            })
+            .wait_for_http_ok("envoy /ready to return 200", &ready_url, STARTUP_TIMEOUT)
             .await;
 
         let listeners = match fetch_listeners(admin_port).await {

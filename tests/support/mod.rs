@@ -10,6 +10,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod backend;
+pub mod binary;
 pub mod envoy;
 pub mod keymeter;
 pub mod mosquitto;

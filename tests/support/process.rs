@@ -199,6 +199,20 @@ impl ChildGuard {
     }
 
     /// Waits until stdout or stderr contains `needle`.
+    /// Waits until a GET of `url` answers 200.
+    pub async fn wait_for_http_ok(&mut self, what: &str, url: &str, timeout: Duration) {
+        let client = super::http_client();
+        self.wait_for(what, timeout, || {
+            let ready = client.get(url).send();
+            async move {
+                ready
+                    .await
+                    .is_ok_and(|r| r.status() == reqwest::StatusCode::OK)
+            }
+        })
+        .await;
+    }
+
     pub async fn wait_for_log(&mut self, needle: &str, timeout: Duration) {
         let (out, err) = (self.stdout_log.clone(), self.stderr_log.clone());
         self.wait_for(&format!("log line containing {needle:?}"), timeout, || {

@@ -64,16 +64,12 @@ impl Prometheus {
             .arg("--log.level=info");
         let mut process = ChildGuard::spawn("prometheus", command, dir.path());
         let ready_url = format!("http://127.0.0.1:{port}/-/ready");
-        let client = http_client();
         process
-            .wait_for("prometheus /-/ready to return 200", STARTUP_TIMEOUT, || {
-                let ready = client.get(&ready_url).send();
-                async move {
-                    ready
-                        .await
-                        .is_ok_and(|r| r.status() == reqwest::StatusCode::OK)
-                }
-            })
+            .wait_for_http_ok(
+                "prometheus /-/ready to return 200",
+                &ready_url,
+                STARTUP_TIMEOUT,
+            )
             .await;
         Prometheus { process, port, dir }
     }
