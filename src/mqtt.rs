@@ -29,6 +29,8 @@ use crate::outbox::Outbox;
 const CLIENT_QUEUE: usize = 65_536 + 64;
 /// First reconnect delay; doubles up to `mqtt.reconnect_max_secs`.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+/// How long a stopping keymeter waits for PUBACKs of records already sent.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(2);
 /// Key update messages waiting to be parsed; the event loop waits when it is full.
 const KEY_UPDATE_QUEUE: usize = 16;
 
@@ -265,6 +267,7 @@ pub fn start(
             sent: VecDeque::new(),
             unacked: HashMap::new(),
         }),
+        draining: false,
     };
     // The connection runs on a thread (and runtime) of its own: under heavy gRPC load
     // the server's workers have long queues of access-log messages, and a PUBACK
@@ -331,6 +334,8 @@ struct Connection {
     keys_retry_every: Duration,
     updates: mpsc::Sender<Vec<u8>>,
     publisher: Option<Publisher>,
+    /// Shutting down: only acknowledgements are awaited, nothing new is sent.
+    draining: bool,
 }
 
 impl Connection {
@@ -389,9 +394,39 @@ impl Connection {
                 }
             }
         }
+        self.drain_in_flight(&mut eventloop).await;
         self.status.set(false, None);
         self.metrics.mqtt_connected.set(0);
         let _ = self.client.try_disconnect();
+    }
+
+    /// At shutdown, waits (at most [`SHUTDOWN_DRAIN`]) for the broker to acknowledge the
+    /// records already sent, so the next start does not send them again. Nothing new is
+    /// sent: records not yet sent stay in the outbox for the next start.
+    async fn drain_in_flight(&mut self, eventloop: &mut rumqttc::EventLoop) {
+        let in_flight = |c: &Connection| c.publisher.as_ref().map_or(0, Publisher::in_flight);
+        let before = in_flight(self);
+        if before == 0 || !self.status.is_connected() {
+            return;
+        }
+        self.draining = true;
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN;
+        while in_flight(self) > 0 {
+            match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+                Ok(Ok(event)) => {
+                    if !self.on_event(event).await {
+                        break;
+                    }
+                }
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+        let left = in_flight(self);
+        tracing::info!(
+            acknowledged = before - left.min(before),
+            unacknowledged = left,
+            "shutdown: waited for the broker's acknowledgements of records in flight"
+        );
     }
 
     /// Handles one event; false stops the task.
@@ -473,7 +508,7 @@ impl Connection {
 
     /// Hands outbox records to the client until the window is full.
     fn fill_window(&mut self) {
-        if !self.status.is_connected() {
+        if !self.status.is_connected() || self.draining {
             return;
         }
         let Some(p) = &mut self.publisher else {

@@ -732,8 +732,8 @@ async fn sigterm_under_load(replicas: usize) -> SigtermRun {
 
 /// SIGTERM of a keymeter under load, with one keymeter behind Envoy and with two:
 /// every record the stopped process had accepted is delivered (pending ones after the
-/// restart), every request served outside the stop/restart window is billed, no request
-/// gets two different records (a repeated delivery keeps its record id), and the cost of
+/// restart), every request served outside the stop/restart window is billed, no record is
+/// delivered twice (the stopping process waits for its PUBACKs), and the cost of
 /// the stop is measured: requests served without a record (Envoy drops access-log
 /// entries it cannot send) and requests refused (503). With two replicas nothing is
 /// refused and nothing goes unbilled: Envoy retries on the other one.
@@ -772,6 +772,12 @@ async fn sigterm_of_a_keymeter_under_load_with_one_and_with_two_replicas() {
             "{run:?}"
         );
         assert!(run.accepted_before_stop > 0, "{run:?}");
+        // A stopping keymeter waits for the broker to acknowledge what it sent, so the
+        // restarted one sends none of it again.
+        assert_eq!(
+            run.duplicates, 0,
+            "records delivered twice across a SIGTERM: {run:?}"
+        );
     }
 }
 
