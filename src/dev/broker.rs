@@ -45,8 +45,19 @@ impl EmbeddedBroker {
         let addr = if addr.port() == 0 {
             // rumqttd binds by itself and cannot report the port it got, so reserve one
             // here and hand it over; another process could grab it in between (unlikely).
-            let probe = TcpListener::bind(SocketAddr::new(addr.ip(), 0))?;
-            probe.local_addr()?
+            // The kernel may offer a port again once its probe is closed: never hand the
+            // same one to two brokers of this process, or the second would find the
+            // first one listening there and take it for its own.
+            static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+            let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
+            loop {
+                let probe = TcpListener::bind(SocketAddr::new(addr.ip(), 0))?;
+                let found = probe.local_addr()?;
+                if !handed_out.contains(&found.port()) {
+                    handed_out.push(found.port());
+                    break found;
+                }
+            }
         } else {
             addr
         };
