@@ -219,18 +219,6 @@ enum Cmd {
         #[arg(long)]
         field: String,
     },
-    /// Writes an h2load `--timing-script-file`: PER_MS requests every millisecond for
-    /// SECS seconds (evenly paced load, unlike `--rps`, which sends bursts every 10 ms).
-    Pace {
-        #[arg(long)]
-        url: String,
-        #[arg(long, default_value_t = 1)]
-        per_ms: usize,
-        #[arg(long)]
-        secs: f64,
-        #[arg(long)]
-        out: PathBuf,
-    },
     /// An open-loop gRPC client: sends the gRPC-framed BODY to URL at RATE requests/s,
     /// evenly spaced (one request every 1/RATE s, spread over CONNECTIONS HTTP/2
     /// connections), for SECS seconds. Latency counts from when a request was due, not
@@ -441,21 +429,6 @@ async fn run(cmd: Cmd) -> Result<()> {
                 serde_json::Value::String(s) => println!("{s}"),
                 other => println!("{other}"),
             }
-            Ok(())
-        }
-        Cmd::Pace {
-            url,
-            per_ms,
-            secs,
-            out,
-        } => {
-            let mut w = BufWriter::new(std::fs::File::create(&out)?);
-            for ms in 0..(secs * 1000.0) as u64 {
-                for _ in 0..per_ms.max(1) {
-                    writeln!(w, "{ms}.000\t{url}")?;
-                }
-            }
-            w.flush()?;
             Ok(())
         }
         Cmd::OpenLoop {
@@ -2841,7 +2814,14 @@ async fn open_loop(
     for _ in 0..connections {
         let tcp = tokio::net::TcpStream::connect(&authority).await?;
         tcp.set_nodelay(true)?;
-        let (send, conn) = h2::client::handshake(tcp).await?;
+        // Wide windows: h2 limits how many small DATA frames (every gRPC response has
+        // one before its trailers) may wait unread to half the connection window, and
+        // an open-loop client reads responses only between sends.
+        let (send, conn) = h2::client::Builder::new()
+            .initial_connection_window_size(64 << 20)
+            .initial_window_size(1 << 20)
+            .handshake(tcp)
+            .await?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -2851,6 +2831,7 @@ async fn open_loop(
     let interval = Duration::from_secs_f64(1.0 / rate);
     // (due since the epoch in µs, HTTP status or 0 for an error, latency in µs)
     let results = std::sync::Arc::new(std::sync::Mutex::new(Vec::with_capacity(n as usize)));
+    let errors = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::<String, u64>::new()));
     let mut tasks = tokio::task::JoinSet::new();
     let epoch_us = SystemTime::now().duration_since(UNIX_EPOCH)?.as_micros() as u64;
     let start = Instant::now();
@@ -2868,24 +2849,33 @@ async fn open_loop(
         let send = senders[(i as usize) % connections].clone();
         let body = body.clone();
         let results = results.clone();
+        let errors = errors.clone();
         let due_us = epoch_us + (due - start).as_micros() as u64;
         tasks.spawn(async move {
-            let status = async {
-                let mut send = send.ready().await.ok()?;
-                let (response, mut stream) = send.send_request(request, false).ok()?;
-                stream.send_data(body, true).ok()?;
-                let response = response.await.ok()?;
+            let outcome: Result<u16, h2::Error> = async {
+                let mut send = send.ready().await?;
+                let (response, mut stream) = send.send_request(request, false)?;
+                stream.send_data(body, true)?;
+                let response = response.await?;
                 let status = response.status().as_u16();
                 let mut body = response.into_body();
                 while let Some(chunk) = body.data().await {
-                    let chunk = chunk.ok()?;
+                    let chunk = chunk?;
                     let _ = body.flow_control().release_capacity(chunk.len());
                 }
-                body.trailers().await.ok()?;
-                Some(status)
+                body.trailers().await?;
+                Ok(status)
             }
-            .await
-            .unwrap_or(0);
+            .await;
+            let status = match outcome {
+                Ok(status) => status,
+                Err(e) => {
+                    if let Ok(mut errors) = errors.lock() {
+                        *errors.entry(e.to_string()).or_insert(0u64) += 1;
+                    }
+                    0
+                }
+            };
             let latency = due.elapsed().as_micros() as u64;
             if let Ok(mut r) = results.lock() {
                 r.push((due_us, status, latency));
@@ -2918,5 +2908,8 @@ async fn open_loop(
         done - ok
     );
     println!("status codes: {ok} 2xx, 0 3xx, {s4} 4xx, {s5} 5xx");
+    for (error, count) in errors.lock().map_err(|_| "poisoned")?.iter() {
+        eprintln!("open-loop: {count} request(s) failed: {error}");
+    }
     Ok(())
 }
