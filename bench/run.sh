@@ -34,14 +34,14 @@ if [ "$MODE" = full ]; then
   HALF_DUR=20
   S2_DUR=15
   S3_N=100000
-  S4_DUR=15 S4_REPS=3
+  S4_DUR=6 S4_REPS=7
   S5_DUR=60 SOAK_SECS=600
 else
   DUR=3 WARM=1 REPS=1 SWEEP="1x100 4x32"
   HALF_DUR=5
   S2_DUR=4
   S3_N=20000
-  S4_DUR=4 S4_REPS=2
+  S4_DUR=3 S4_REPS=3
   S5_DUR=8 SOAK_SECS=0
 fi
 # Scenario 2 (and 5) load: HTTP/2 (h2c) to Envoy, 16 connections x 8 streams.

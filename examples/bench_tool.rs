@@ -2419,10 +2419,14 @@ mod report {
             let start = read::<serde_json::Value>(&dir.join(format!("start-{s}.json")));
             let rss = read::<BTreeMap<String, ProcStats>>(&dir.join(format!("rss-{s}.json")));
             let p99 = loads(&dir, &format!("p99-{s}-"));
-            let best_p99 = p99
+            // The median run: a single stall of the shared machine moves one run's p99 by
+            // milliseconds, in either process, so neither the lowest nor the highest is fair.
+            let mut p99s: Vec<u64> = p99
                 .iter()
                 .filter_map(|(_, l)| l.latency.as_ref().map(|x| x.p99_us))
-                .min();
+                .collect();
+            p99s.sort_unstable();
+            let best_p99 = p99s.get(p99s.len().saturating_sub(1) / 2).copied();
             if start.is_some() || rss.is_some() || !p99.is_empty() {
                 rows.push((s, start, rss, p99, best_p99));
             }
@@ -2461,8 +2465,8 @@ mod report {
         let mut md = String::from(
             "keymeter (core 0) started with a `keys.snapshot` of N keys: time from process start to \
              `/readyz` 200, RSS once ready (and the peak while loading), and Check latency at a fixed \
-             moderate rate for 1k and 1M keys (runs alternate between the two processes; the lowest p99 \
-             of each counts).\n\n\
+             moderate rate for 1k and 1M keys (runs alternate between the two processes; the median run \
+             of each counts: its p99, p50 and p99.9 are shown).\n\n\
              | keys | snapshot load → ready | RSS when ready | peak RSS | Check p99 at fixed rate (runs) | p50 | p99.9 |\n\
              |---|---:|---:|---:|---|---:|---:|\n",
         );
