@@ -465,6 +465,38 @@ impl Drop for Paused {
     }
 }
 
+/// One keymeter (connected to a real broker, with the billing stand-in) behind Envoy, in
+/// front of the `x-seq` backend: the set-up of the broker fault tests.
+struct Rig {
+    broker: Mosquitto,
+    billing: BillingStandIn,
+    keymeter: Replica,
+    _backend: Backend,
+    envoy: Envoy,
+}
+
+impl Rig {
+    async fn start(max_inflight: u16) -> Rig {
+        let broker = Mosquitto::start().await;
+        let billing = billing(broker.port(), vec![]).await;
+        let keymeter = Replica::start("keymeter", broker.port(), max_inflight).await;
+        wait_connected(&keymeter).await;
+        let backend = seq_backend().await;
+        let envoy = Envoy::start(EnvoyPorts {
+            keymeter_grpc: keymeter.grpc,
+            backend: backend.port(),
+        })
+        .await;
+        Rig {
+            broker,
+            billing,
+            keymeter,
+            _backend: backend,
+            envoy,
+        }
+    }
+}
+
 async fn wait_connected(replica: &Replica) {
     wait_until("keymeter is connected to the broker", WAIT, || async {
         replica.try_metric("keymeter_mqtt_connected").await == Some(1.0)
@@ -484,16 +516,13 @@ async fn wait_connected(replica: &Replica) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_request_served_during_a_broker_outage_has_exactly_one_record() {
     const OUTAGE: Duration = Duration::from_secs(15);
-    let mut broker = Mosquitto::start().await;
-    let billing = billing(broker.port(), vec![]).await;
-    let keymeter = Replica::start("keymeter", broker.port(), 100).await;
-    wait_connected(&keymeter).await;
-    let backend = seq_backend().await;
-    let envoy = Envoy::start(EnvoyPorts {
-        keymeter_grpc: keymeter.grpc,
-        backend: backend.port(),
-    })
-    .await;
+    let Rig {
+        mut broker,
+        billing,
+        keymeter,
+        _backend,
+        envoy,
+    } = Rig::start(100).await;
 
     let load = Load::start(envoy.url("/v1/chat"));
     tokio::time::sleep(Duration::from_secs(3)).await; // traffic before the outage
@@ -794,16 +823,13 @@ async fn sigterm_of_a_keymeter_under_load_with_one_and_with_two_replicas() {
 async fn a_stuck_broker_slows_no_request_and_piles_records_up_on_disk() {
     const MAX_INFLIGHT: u16 = 20;
     const STUCK: Duration = Duration::from_secs(10);
-    let mut broker = Mosquitto::start().await;
-    let billing = billing(broker.port(), vec![]).await;
-    let keymeter = Replica::start("keymeter", broker.port(), MAX_INFLIGHT).await;
-    wait_connected(&keymeter).await;
-    let backend = seq_backend().await;
-    let envoy = Envoy::start(EnvoyPorts {
-        keymeter_grpc: keymeter.grpc,
-        backend: backend.port(),
-    })
-    .await;
+    let Rig {
+        mut broker,
+        billing,
+        keymeter,
+        _backend,
+        envoy,
+    } = Rig::start(MAX_INFLIGHT).await;
 
     let load = Load::start(envoy.url("/v1/chat"));
     tokio::time::sleep(Duration::from_secs(3)).await; // traffic before
