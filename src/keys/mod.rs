@@ -211,13 +211,9 @@ pub struct KeyView {
 
 impl KeyView {
     /// O(1): a few hash lookups, no locks, no I/O, no allocation.
+    /// An empty layer answers without hashing (see `KeyTable::get`).
     pub fn get(&self, api_key: &str) -> Option<KeyInfo<'_>> {
-        let file = if self.file.is_empty() {
-            None
-        } else {
-            self.file.get(api_key)
-        };
-        effective(self.billing.get(api_key), file)
+        effective(self.billing.get(api_key), self.file.get(api_key))
     }
 
     /// The key whose fingerprint (as in the Check's dynamic metadata) is `fp`.
@@ -248,8 +244,7 @@ impl KeyView {
             return (self.billing.table.len(), self.billing.table.blocked());
         }
         let (mut len, mut blocked) = (0, 0);
-        let file_blocks =
-            |key: &str| !self.file.is_empty() && self.file.get(key).is_some_and(|f| f.blocked);
+        let file_blocks = |key: &str| self.file.get(key).is_some_and(|f| f.blocked);
         for k in self.billing.iter() {
             len += 1;
             blocked += usize::from(k.blocked || file_blocks(k.api_key));
