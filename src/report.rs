@@ -68,6 +68,7 @@ impl ReportService {
             model: name(&r.model, Rejection::ModelMissing, Rejection::ModelInvalid)?,
             usage: r.usage,
             metadata: parse_metadata_text(&r.metadata_json, self.limits)?,
+            metadata_dropped: None,
         })
     }
 }

@@ -18,7 +18,6 @@ use crate::outbox::{FsyncPolicy, Outbox, OutboxConfig};
 use crate::proto::v1::usage_server::UsageServer;
 use crate::report::ReportService;
 use crate::usage::recorder::Recorder;
-use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogServiceServer;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 /// HTTP/2 flow-control windows of the gRPC listener.
@@ -190,11 +189,13 @@ pub async fn run(
     ));
 
     let authz = AuthzService::new(keys.clone(), metrics.clone(), config.check.clone());
+    let max_message = config.listen.max_message_bytes;
     let access_log = AccessLogServer::new(
         keys.clone(),
         recorder.clone(),
         config.check.clone(),
         config.usage.clone(),
+        max_message,
         token.clone(),
     );
     let report = ReportService::new(
@@ -206,7 +207,6 @@ pub async fn run(
     );
     let incoming =
         tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
-    let max_message = config.listen.max_message_bytes;
     // Checks are tiny and come many per connection: wide flow-control windows save
     // WINDOW_UPDATE round trips on a busy Envoy connection.
     let mut builder = tonic::transport::Server::builder()
@@ -224,7 +224,7 @@ pub async fn run(
     let grpc = builder
         .add_service(health_service)
         .add_service(CheckServer::new(authz, max_message))
-        .add_service(AccessLogServiceServer::new(access_log).max_decoding_message_size(max_message))
+        .add_service(access_log)
         .add_service(UsageServer::new(report).max_decoding_message_size(max_message))
         .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
 

@@ -3,8 +3,9 @@
 //! - Garbage, truncated, lying and oversized gRPC messages on all three methods (Check,
 //!   the access-log stream, the Report API) each get a gRPC status, never a dropped
 //!   connection or a hang: Check and Report answer the decoder's error (INTERNAL;
-//!   OUT_OF_RANGE over `listen.max_message_bytes`), the access-log stream logs it and
-//!   ends with OK ([`refusal_on`]). keymeter keeps serving afterwards.
+//!   OUT_OF_RANGE over `listen.max_message_bytes`); the access-log stream counts a
+//!   message it cannot decode and goes on ([`content_refusal_on`]), and ends only for
+//!   broken framing or size. keymeter keeps serving afterwards.
 //! - CheckRequests that decode but are nonsense are denied (401), not errors.
 //! - Hostile HTTP requests through Envoy (huge headers, thousands of headers, non-UTF-8
 //!   keys, a key in both header names, a repeated key header) are refused by Envoy or
@@ -40,7 +41,9 @@ use keymeter::proto::v1::{ReportRequest, ReportResponse, UsageRecord};
 use prost::Message;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use support::backend::Reply;
-use support::keymeter::{Keymeter, billing, check, check_request, http_status, metric_value};
+use support::keymeter::{
+    Keymeter, billing, check, check_request, http_status, metric_sum, metric_value,
+};
 use support::{Backend, Envoy, EnvoyPorts, Mosquitto, TestDir, free_port, http_client, wait_until};
 use tonic::Code;
 use tonic::codegen::http;
@@ -325,25 +328,16 @@ fn print_table(title: &str, header: (&str, &str, &str), rows: &[(String, String,
     }
 }
 
-/// The sum of every sample of metric `family` (all label sets) in Prometheus text.
-fn metric_sum(text: &str, family: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let rest = l.strip_prefix(family)?;
-            let rest = match rest.strip_prefix('{') {
-                Some(labels) => labels.split_once("} ")?.1,
-                None => rest.strip_prefix(' ')?,
-            };
-            rest.split_whitespace().next()?.parse::<f64>().ok()
-        })
-        .sum()
-}
-
-/// The status keymeter answers on `path` to a message its decoder refuses with `error`:
-/// the decoder's error on every method (the access-log stream ends with it too).
-fn refusal_on(_path: &str, error: Code) -> Code {
-    error
+/// The status keymeter answers on `path` to a well-framed message whose content does
+/// not decode: INTERNAL on Check and Report; the access-log stream counts the message,
+/// uses what it can of it and goes on, so that one bad message cannot cost the
+/// entries behind it (the stream ends normally here, when the client ends it).
+fn content_refusal_on(path: &str) -> Code {
+    if path == ACCESS_LOG {
+        Code::Ok
+    } else {
+        Code::Internal
+    }
 }
 
 /// keymeter on a key file (no broker needed: nothing listens on its MQTT port).
@@ -372,8 +366,8 @@ async fn keymeter_with_key_file(max_message_bytes: usize) -> Keymeter {
 
 /// Every malformed message on every method gets a gRPC status within 10 s (Check and
 /// Report: INTERNAL; one byte over `max_message_bytes`: OUT_OF_RANGE, also when only
-/// the 5-byte header claiming 1 GiB has arrived; the access-log stream: OK, see
-/// [`refusal_on`]). A message of exactly `max_message_bytes` is still decoded, nothing
+/// the 5-byte header claiming 1 GiB has arrived; the access-log stream: OK for content,
+/// see [`content_refusal_on`]). A message of exactly `max_message_bytes` is still decoded, nothing
 /// malformed reaches a handler's counters, and keymeter keeps answering correctly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_garbage_gets_clean_errors_and_keymeter_keeps_serving() {
@@ -434,37 +428,36 @@ async fn grpc_garbage_gets_clean_errors_and_keymeter_keeps_serving() {
             let metadata = metadata.clone();
             async move { raw_grpc(port, m.path, &metadata, body, end_stream).await }
         };
-        let refused = |error: Code| refusal_on(m.path, error);
-
         // (a) random bytes, properly framed.
         let a = call(frame(&m.random), true).await;
         seen.push((
             m.name,
             "random bytes (1 KiB)".into(),
             a,
-            refused(Code::Internal),
+            content_refusal_on(m.path),
         ));
         // (b) a valid message cut in half, framed with its cut length.
         let a = call(frame(&m.truncated), true).await;
         let case = "valid message cut in half".into();
-        seen.push((m.name, case, a, refused(Code::Internal)));
-        // (c) the length prefix claims 1000 bytes, 10 follow, then the stream ends.
+        seen.push((m.name, case, a, content_refusal_on(m.path)));
+        // (c) the length prefix claims 1000 bytes, 10 follow, then the stream ends:
+        // broken gRPC framing is a transport fault on every method.
         let a = call(frame_claiming(1000, &m.random[..10]), true).await;
         let case = "length prefix 1000, body 10, end".into();
-        seen.push((m.name, case, a, refused(Code::Internal)));
+        seen.push((m.name, case, a, Code::Internal));
         // (c') a frame header cut short: 3 of its 5 bytes.
         let a = call(vec![0, 0, 0], true).await;
         let case = "frame header cut (3 of 5 bytes)".into();
-        seen.push((m.name, case, a, refused(Code::Internal)));
+        seen.push((m.name, case, a, Code::Internal));
         // (d) a valid message one byte over the limit, sent whole.
         let a = call(frame(&m.over_limit), true).await;
         let case = format!("valid message, {} B (limit + 1)", LIMIT + 1);
-        seen.push((m.name, case, a, refused(Code::OutOfRange)));
+        seen.push((m.name, case, a, Code::OutOfRange));
         // (d') only a header claiming 1 GiB, the stream left open: refused without
         // waiting for (or buffering) a body.
         let a = call(frame_claiming(1 << 30, &[]), false).await;
         let case = "header claims 1 GiB, no body, open".into();
-        seen.push((m.name, case, a, refused(Code::OutOfRange)));
+        seen.push((m.name, case, a, Code::OutOfRange));
 
         // A message of exactly the limit is decoded and answered by the handler:
         // Check denies its unknown key, the access log takes its entry, Report refuses
@@ -502,18 +495,14 @@ async fn grpc_garbage_gets_clean_errors_and_keymeter_keeps_serving() {
         seen.push((m.name, "valid message afterwards".into(), a, Code::Ok));
     }
 
-    // A valid access-log message, then garbage on the same stream: the valid one is
-    // processed, the garbage ends the stream.
+    // A valid access-log message, garbage, and a valid one again on the same stream:
+    // both valid ones are processed, the garbage is counted, the stream goes on.
     let mut body = frame(&access_log_message(10).encode_to_vec());
     body.extend(frame(&methods[1].random));
+    body.extend(frame(&access_log_message(10).encode_to_vec()));
     let a = raw_grpc(port, ACCESS_LOG, &[], body, true).await;
-    let case = "valid message, then random bytes".into();
-    seen.push((
-        "StreamAccessLogs",
-        case,
-        a,
-        refusal_on(ACCESS_LOG, Code::Internal),
-    ));
+    let case = "valid, random bytes, valid".into();
+    seen.push(("StreamAccessLogs", case, a, Code::Ok));
 
     // Report: a key that is not visible ASCII in the first header name, the valid key
     // in the second: the first is a wrong key, as it is for a Check through Envoy.
@@ -574,17 +563,29 @@ async fn grpc_garbage_gets_clean_errors_and_keymeter_keeps_serving() {
     assert_eq!(checks("allowed"), 2.0, "{metrics}");
     assert_eq!(checks("invalid_key"), 2.0);
     assert_eq!(checks("missing_key"), 0.0);
-    // Access log: the at-limit message, the valid one, the valid one before garbage.
+    // Access log: the at-limit message, the valid one, the two around the garbage.
+    // The three messages that break (random twice, cut in half) are counted, and
+    // nothing of them was taken for an entry.
     assert_eq!(
         metric_value(&metrics, "keymeter_access_log_entries_total{kind=\"http\"}"),
-        3.0
+        4.0,
+        "{metrics}"
     );
     assert_eq!(
         metric_value(
             &metrics,
             "keymeter_usage_entries_not_billed_total{reason=\"denied\"}"
         ),
+        4.0
+    );
+    assert_eq!(
+        metric_value(&metrics, "keymeter_access_log_messages_malformed_total"),
         3.0
+    );
+    // Only the transport faults ended streams: (c), (c'), (d), (d').
+    assert_eq!(
+        metric_value(&metrics, "keymeter_access_log_stream_errors_total"),
+        4.0
     );
     // Report: only the valid call's record (the unreadable api-key was refused).
     assert_eq!(

@@ -81,12 +81,17 @@ pub struct Metrics {
     pub heartbeats_sent: Counter,
     pub ready: Gauge,
     pub access_log_streams: Gauge,
+    pub access_log_streams_opened: Counter,
+    pub access_log_stream_errors: Counter,
+    pub access_log_messages_malformed: Counter,
+    access_log_entries_skipped: Family<Labels, Counter>,
     pub http_entries: Counter,
     pub tcp_entries: Counter,
     entries_not_billed: Family<Labels, Counter>,
     pub records_received: Counter,
     pub records_accepted: Counter,
     records_rejected: Family<Labels, Counter>,
+    metadata_dropped: Family<Labels, Counter>,
     module_records: Family<OwnedLabels, Counter>,
     module_units: Family<OwnedLabels, Counter>,
     /// Module names that have their own label value (at most [`MAX_MODULE_LABELS`]).
@@ -226,6 +231,30 @@ impl Metrics {
             "Envoy access-log streams connected now",
             access_log_streams.clone(),
         );
+        let access_log_streams_opened = Counter::default();
+        registry.register(
+            "access_log_streams_opened",
+            "Envoy access-log streams opened (each Envoy worker keeps one; a rising rate means streams are being restarted)",
+            access_log_streams_opened.clone(),
+        );
+        let access_log_stream_errors = Counter::default();
+        registry.register(
+            "access_log_stream_errors",
+            "Access-log streams ended by a transport fault (reset, broken gRPC frame, message over listen.max_message_bytes); never by content",
+            access_log_stream_errors.clone(),
+        );
+        let access_log_messages_malformed = Counter::default();
+        registry.register(
+            "access_log_messages_malformed",
+            "Access-log messages whose protobuf encoding breaks part-way: the entries before the break are used, the stream stays open",
+            access_log_messages_malformed.clone(),
+        );
+        let access_log_entries_skipped = Family::<Labels, Counter>::default();
+        registry.register(
+            "access_log_entries_skipped",
+            "HTTP access-log entries skipped before they could be judged, by reason (malformed)",
+            access_log_entries_skipped.clone(),
+        );
         let access_log_entries = Family::<Labels, Counter>::default();
         registry.register(
             "access_log_entries",
@@ -261,6 +290,12 @@ impl Metrics {
             "usage_records_rejected",
             "Usage records rejected, by reason",
             records_rejected.clone(),
+        );
+        let metadata_dropped = Family::<Labels, Counter>::default();
+        registry.register(
+            "usage_metadata_dropped",
+            "Usage records billed without the metadata their backend sent, because it was not UTF-8, not JSON, not an object or too large",
+            metadata_dropped.clone(),
         );
         let module_records = Family::<OwnedLabels, Counter>::default();
         registry.register(
@@ -351,12 +386,17 @@ impl Metrics {
             heartbeats_sent,
             ready,
             access_log_streams,
+            access_log_streams_opened,
+            access_log_stream_errors,
+            access_log_messages_malformed,
+            access_log_entries_skipped,
             http_entries,
             tcp_entries,
             entries_not_billed,
             records_received,
             records_accepted,
             records_rejected,
+            metadata_dropped,
             module_records,
             module_units,
             modules_seen: Default::default(),
@@ -391,6 +431,16 @@ impl Metrics {
             let _ = self
                 .entries_not_billed
                 .get_or_create(&vec![("reason", why.as_str())]);
+        }
+        for why in crate::accesslog::Skipped::ALL {
+            let _ = self
+                .access_log_entries_skipped
+                .get_or_create(&vec![("reason", why.as_str())]);
+        }
+        for problem in crate::usage::MetadataProblem::ALL {
+            let _ = self
+                .metadata_dropped
+                .get_or_create(&vec![("reason", problem.as_str())]);
         }
         let contract = crate::usage::Rejection::ALL.map(|r| r.as_str());
         for reason in contract.into_iter().chain(PIPELINE_REJECTIONS) {
@@ -468,6 +518,22 @@ impl Metrics {
         self.records_rejected
             .get_or_create(&vec![("reason", reason)])
             .inc_by(n);
+    }
+
+    /// `n` access-log entries skipped for `why`.
+    pub fn access_log_entries_skipped(&self, why: crate::accesslog::Skipped, n: u64) {
+        if n > 0 {
+            self.access_log_entries_skipped
+                .get_or_create(&vec![("reason", why.as_str())])
+                .inc_by(n);
+        }
+    }
+
+    /// A record billed without its metadata, for `problem`.
+    pub fn metadata_dropped(&self, problem: crate::usage::MetadataProblem) {
+        self.metadata_dropped
+            .get_or_create(&vec![("reason", problem.as_str())])
+            .inc();
     }
 
     /// The Prometheus text exposition of every metric.

@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::config::{RouteRule, UsageConfig};
@@ -28,6 +29,49 @@ pub struct Usage {
     pub usage: u64,
     /// Empty means "no metadata": the field is then left out of the record.
     pub metadata: Map<String, Value>,
+    /// The backend sent metadata that could not be used: the usage is billed without
+    /// it (losing the charge would be worse than losing its details).
+    pub metadata_dropped: Option<MetadataProblem>,
+}
+
+/// Why declared metadata was unusable. `as_str` is the metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MetadataProblem {
+    NotUtf8,
+    InvalidJson,
+    NotObject,
+    TooLarge,
+}
+
+impl MetadataProblem {
+    pub const ALL: [MetadataProblem; 4] = [
+        MetadataProblem::NotUtf8,
+        MetadataProblem::InvalidJson,
+        MetadataProblem::NotObject,
+        MetadataProblem::TooLarge,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MetadataProblem::NotUtf8 => "not_utf8",
+            MetadataProblem::InvalidJson => "invalid_json",
+            MetadataProblem::NotObject => "not_object",
+            MetadataProblem::TooLarge => "too_large",
+        }
+    }
+}
+
+/// Where metadata must be right (the Report API answers the caller at once), a
+/// problem with it rejects the record.
+impl From<MetadataProblem> for Rejection {
+    fn from(p: MetadataProblem) -> Rejection {
+        match p {
+            MetadataProblem::NotUtf8 => Rejection::NotUtf8,
+            MetadataProblem::InvalidJson => Rejection::MetadataInvalidJson,
+            MetadataProblem::NotObject => Rejection::MetadataNotObject,
+            MetadataProblem::TooLarge => Rejection::MetadataTooLarge,
+        }
+    }
 }
 
 /// Why a declaration was rejected. `as_str` is the metric label.
@@ -210,28 +254,43 @@ impl Limits {
     }
 }
 
-/// Turns a declaration into validated usages. `default` is the matching route rule,
-/// if any: it fills fields the backend left out (backend values always win).
-/// `Ok(vec![])` means there is nothing to bill.
+/// Turns a declaration into validated usages, one verdict per record: a single-field
+/// declaration is one record, `records` one per item. `default` is the matching route
+/// rule, if any: it fills fields the backend left out (backend values always win).
+/// An empty list means there is nothing to bill.
+///
+/// Verdicts are per field: a bad module, model or usage rejects its record; bad
+/// metadata is dropped and the usage still bills ([`Usage::metadata_dropped`]).
 pub fn usages(
     declared: &Declared,
     default: Option<&RouteRule>,
     limits: Limits,
-) -> Result<Vec<Usage>, Rejection> {
+) -> Vec<Result<Usage, Rejection>> {
     if let Some(records) = &declared.records {
         return parse_records(records, limits);
     }
     if declared.is_empty() {
-        return Ok(match default {
-            Some(rule) => vec![Usage {
-                module: rule.module.clone(),
-                model: rule.model.clone(),
-                usage: rule.usage,
-                metadata: Map::new(),
-            }],
-            None => Vec::new(),
-        });
+        return default
+            .map(|rule| {
+                Ok(Usage {
+                    module: rule.module.clone(),
+                    model: rule.model.clone(),
+                    usage: rule.usage,
+                    metadata: Map::new(),
+                    metadata_dropped: None,
+                })
+            })
+            .into_iter()
+            .collect();
     }
+    vec![single(declared, default, limits)]
+}
+
+fn single(
+    declared: &Declared,
+    default: Option<&RouteRule>,
+    limits: Limits,
+) -> Result<Usage, Rejection> {
     let module = match (&declared.module, default) {
         (Some(m), _) => name(m, Rejection::ModuleMissing, Rejection::ModuleInvalid)?,
         (None, Some(rule)) => rule.module.clone(),
@@ -247,21 +306,35 @@ pub fn usages(
         (None, Some(rule)) => rule.usage,
         (None, None) => return Err(Rejection::UsageMissing),
     };
-    let metadata = match &declared.metadata {
-        Some(m) => parse_metadata_text(m, limits)?,
-        None => Map::new(),
+    let (metadata, metadata_dropped) = match &declared.metadata {
+        Some(m) => or_dropped(parse_metadata_text(m, limits)),
+        None => (Map::new(), None),
     };
-    Ok(vec![Usage {
+    Ok(Usage {
         module,
         model,
         usage,
         metadata,
-    }])
+        metadata_dropped,
+    })
+}
+
+/// Metadata, or none and why.
+fn or_dropped(
+    parsed: Result<Map<String, Value>, MetadataProblem>,
+) -> (Map<String, Value>, Option<MetadataProblem>) {
+    match parsed {
+        Ok(m) => (m, None),
+        Err(p) => (Map::new(), Some(p)),
+    }
 }
 
 /// Envoy replaces bytes that are not UTF-8 in logged header values with this
 /// character, so a name containing it was not valid UTF-8 at the backend.
 const ENVOY_INVALID_UTF8_MARK: char = '!';
+/// What keymeter's own decoding turns bytes that are not UTF-8 into (values that
+/// reach it through dynamic metadata keep the backend's raw bytes).
+const NOT_UTF8_MARK: char = char::REPLACEMENT_CHARACTER;
 
 /// A module or model name: non-empty, short, printable, UTF-8 at the source.
 pub fn name(value: &str, missing: Rejection, invalid: Rejection) -> Result<String, Rejection> {
@@ -269,7 +342,7 @@ pub fn name(value: &str, missing: Rejection, invalid: Rejection) -> Result<Strin
     if v.is_empty() {
         return Err(missing);
     }
-    if v.contains(ENVOY_INVALID_UTF8_MARK) || v.contains(char::REPLACEMENT_CHARACTER) {
+    if v.contains(ENVOY_INVALID_UTF8_MARK) || v.contains(NOT_UTF8_MARK) {
         return Err(Rejection::NotUtf8);
     }
     if v.len() > MAX_NAME_BYTES || v.chars().any(char::is_control) {
@@ -283,6 +356,9 @@ pub fn parse_usage_text(value: &str) -> Result<u64, Rejection> {
     let v = value.trim();
     if v.is_empty() {
         return Err(Rejection::UsageMissing);
+    }
+    if v.contains(NOT_UTF8_MARK) {
+        return Err(Rejection::NotUtf8);
     }
     let digits = match v.strip_prefix('-') {
         Some(rest) if !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_digit()) => {
@@ -333,10 +409,17 @@ pub fn parse_usage_json(value: &Value) -> Result<u64, Rejection> {
     }
 }
 
-/// A metadata object from its JSON text.
-pub fn parse_metadata_text(text: &str, limits: Limits) -> Result<Map<String, Value>, Rejection> {
+/// A metadata object from its JSON text. Text holding U+FFFD (what bytes that were
+/// not UTF-8 become) is refused whole: it was damaged before keymeter saw it.
+pub fn parse_metadata_text(
+    text: &str,
+    limits: Limits,
+) -> Result<Map<String, Value>, MetadataProblem> {
     if text.len() > limits.max_metadata_bytes {
-        return Err(Rejection::MetadataTooLarge);
+        return Err(MetadataProblem::TooLarge);
+    }
+    if text.contains(NOT_UTF8_MARK) {
+        return Err(MetadataProblem::NotUtf8);
     }
     let trimmed = text.trim();
     if trimmed.is_empty() {
@@ -344,62 +427,72 @@ pub fn parse_metadata_text(text: &str, limits: Limits) -> Result<Map<String, Val
     }
     match serde_json::from_str::<Value>(trimmed) {
         Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(Rejection::MetadataNotObject),
-        Err(_) => Err(Rejection::MetadataInvalidJson),
+        Ok(_) => Err(MetadataProblem::NotObject),
+        Err(_) => Err(MetadataProblem::InvalidJson),
     }
 }
 
-fn parse_metadata_json(value: &Value, limits: Limits) -> Result<Map<String, Value>, Rejection> {
+/// The `metadata` of one `records` item. `raw_not_utf8`: the item's text held U+FFFD,
+/// so a U+FFFD in its metadata marks damaged bytes rather than an escape.
+fn parse_metadata_json(
+    value: &Value,
+    raw_not_utf8: bool,
+    limits: Limits,
+) -> Result<Map<String, Value>, MetadataProblem> {
     match value {
         Value::Null => Ok(Map::new()),
         Value::Object(m) => {
-            let size = serde_json::to_string(m)
-                .map(|s| s.len())
-                .unwrap_or(usize::MAX);
-            if size > limits.max_metadata_bytes {
-                Err(Rejection::MetadataTooLarge)
+            let text = serde_json::to_string(m).unwrap_or_default();
+            if text.len() > limits.max_metadata_bytes {
+                Err(MetadataProblem::TooLarge)
+            } else if raw_not_utf8 && text.contains(NOT_UTF8_MARK) {
+                Err(MetadataProblem::NotUtf8)
             } else {
                 Ok(m.clone())
             }
         }
         // A JSON string holding an object, as header_to_metadata would pass it along.
         Value::String(s) => parse_metadata_text(s, limits),
-        _ => Err(Rejection::MetadataNotObject),
+        _ => Err(MetadataProblem::NotObject),
     }
 }
 
-/// The `records` array: `[{"module", "model", "usage", "metadata"?}, ...]`.
-fn parse_records(text: &str, limits: Limits) -> Result<Vec<Usage>, Rejection> {
+/// The `records` array: `[{"module", "model", "usage", "metadata"?}, ...]`, one
+/// verdict per item. Only an array that cannot be read at all is one rejection.
+fn parse_records(text: &str, limits: Limits) -> Vec<Result<Usage, Rejection>> {
     // Bound the work before parsing: each record is small.
     let max_text = limits.max_records * (limits.max_metadata_bytes + 2 * MAX_NAME_BYTES + 128);
     if text.len() > max_text {
-        return Err(Rejection::TooManyRecords);
+        return vec![Err(Rejection::TooManyRecords)];
     }
-    let Ok(Value::Array(items)) = serde_json::from_str::<Value>(text.trim()) else {
-        return Err(Rejection::RecordsInvalid);
+    let Ok(items) = serde_json::from_str::<Vec<&RawValue>>(text.trim()) else {
+        return vec![Err(Rejection::RecordsInvalid)];
     };
     if items.len() > limits.max_records {
-        return Err(Rejection::TooManyRecords);
+        return vec![Err(Rejection::TooManyRecords)];
     }
-    items
-        .iter()
-        .map(|item| {
-            let Value::Object(o) = item else {
-                return Err(Rejection::RecordsInvalid);
-            };
-            let text_field = |k: &str, missing, invalid| match o.get(k) {
-                None | Some(Value::Null) => Err(missing),
-                Some(Value::String(s)) => name(s, missing, invalid),
-                Some(_) => Err(invalid),
-            };
-            Ok(Usage {
-                module: text_field("module", Rejection::ModuleMissing, Rejection::ModuleInvalid)?,
-                model: text_field("model", Rejection::ModelMissing, Rejection::ModelInvalid)?,
-                usage: parse_usage_json(o.get("usage").unwrap_or(&Value::Null))?,
-                metadata: parse_metadata_json(o.get("metadata").unwrap_or(&Value::Null), limits)?,
-            })
-        })
-        .collect()
+    items.iter().map(|raw| record_item(raw, limits)).collect()
+}
+
+fn record_item(raw: &RawValue, limits: Limits) -> Result<Usage, Rejection> {
+    let Ok(Value::Object(o)) = serde_json::from_str::<Value>(raw.get()) else {
+        return Err(Rejection::RecordsInvalid);
+    };
+    let text_field = |k: &str, missing, invalid| match o.get(k) {
+        None | Some(Value::Null) => Err(missing),
+        Some(Value::String(s)) => name(s, missing, invalid),
+        Some(_) => Err(invalid),
+    };
+    let not_utf8 = raw.get().contains(NOT_UTF8_MARK);
+    let metadata = o.get("metadata").unwrap_or(&Value::Null);
+    let (metadata, metadata_dropped) = or_dropped(parse_metadata_json(metadata, not_utf8, limits));
+    Ok(Usage {
+        module: text_field("module", Rejection::ModuleMissing, Rejection::ModuleInvalid)?,
+        model: text_field("model", Rejection::ModelMissing, Rejection::ModelInvalid)?,
+        usage: parse_usage_json(o.get("usage").unwrap_or(&Value::Null))?,
+        metadata,
+        metadata_dropped,
+    })
 }
 
 #[cfg(test)]
@@ -420,6 +513,13 @@ mod tests {
         Declared::from_headers(&h, &FieldNames::from_config(&config))
     }
 
+    /// The verdict for a single-field declaration.
+    fn one(d: &Declared, rule: Option<&RouteRule>) -> Result<Usage, Rejection> {
+        let mut v = usages(d, rule, LIMITS);
+        assert_eq!(v.len(), 1, "{v:?}");
+        v.remove(0)
+    }
+
     fn rule() -> RouteRule {
         RouteRule::search_example()
     }
@@ -435,33 +535,28 @@ mod tests {
                 r#"{"prompt_tokens": 100, "completion_tokens": 50, "note": "héllo"}"#,
             ),
         ]);
-        let u = usages(&d, None, LIMITS).unwrap();
-        assert_eq!(u.len(), 1);
+        let u = one(&d, None).unwrap();
         assert_eq!(
-            (u[0].module.as_str(), u[0].model.as_str(), u[0].usage),
+            (u.module.as_str(), u.model.as_str(), u.usage),
             ("llm", "gpt-4", 150)
         );
-        assert_eq!(u[0].metadata["prompt_tokens"], 100);
-        assert_eq!(u[0].metadata["note"], "héllo");
+        assert_eq!(u.metadata["prompt_tokens"], 100);
+        assert_eq!(u.metadata["note"], "héllo");
+        assert_eq!(u.metadata_dropped, None);
     }
 
     #[test]
     fn nothing_declared_and_no_rule_bills_nothing() {
-        assert_eq!(usages(&declared(&[]), None, LIMITS), Ok(vec![]));
+        assert_eq!(usages(&declared(&[]), None, LIMITS), vec![]);
     }
 
     #[test]
     fn route_default_applies_and_backend_values_win() {
-        let u = usages(&declared(&[]), Some(&rule()), LIMITS).unwrap();
-        assert_eq!((u[0].module.as_str(), u[0].usage), ("search", 1));
-        let u = usages(
-            &declared(&[("x-billing-usage", "7")]),
-            Some(&rule()),
-            LIMITS,
-        )
-        .unwrap();
+        let u = one(&declared(&[]), Some(&rule())).unwrap();
+        assert_eq!((u.module.as_str(), u.usage), ("search", 1));
+        let u = one(&declared(&[("x-billing-usage", "7")]), Some(&rule())).unwrap();
         assert_eq!(
-            (u[0].module.as_str(), u[0].model.as_str(), u[0].usage),
+            (u.module.as_str(), u.model.as_str(), u.usage),
             ("search", "default", 7)
         );
     }
@@ -472,7 +567,7 @@ mod tests {
         let with = |extra: &[(&'static str, &'static str)]| {
             let mut v: Vec<(&str, &str)> = base.to_vec();
             v.extend_from_slice(extra);
-            usages(&declared(&v), None, LIMITS).unwrap_err()
+            one(&declared(&v), None).unwrap_err()
         };
         assert_eq!(
             with(&[("x-billing-usage", "abc")]),
@@ -493,47 +588,64 @@ mod tests {
         );
         assert_eq!(with(&[("x-billing-usage", "")]), Rejection::UsageMissing);
         assert_eq!(
-            with(&[("x-billing-usage", "1"), ("x-billing-metadata", "[1]")]),
-            Rejection::MetadataNotObject
-        );
-        assert_eq!(
-            with(&[("x-billing-usage", "1"), ("x-billing-metadata", "{oops")]),
-            Rejection::MetadataInvalidJson
-        );
-        let big = format!("{{\"k\": \"{}\"}}", "x".repeat(9000));
-        let d = declared(&[
-            ("x-billing-module", "llm"),
-            ("x-billing-model", "m"),
-            ("x-billing-usage", "1"),
-            ("x-billing-metadata", &big),
-        ]);
-        assert_eq!(
-            usages(&d, None, LIMITS).unwrap_err(),
-            Rejection::MetadataTooLarge
+            with(&[("x-billing-usage", "1\u{fffd}")]),
+            Rejection::NotUtf8
         );
         let d = declared(&[
             ("x-billing-module", " "),
             ("x-billing-model", "m"),
             ("x-billing-usage", "1"),
         ]);
-        assert_eq!(
-            usages(&d, None, LIMITS).unwrap_err(),
-            Rejection::ModuleMissing
-        );
+        assert_eq!(one(&d, None).unwrap_err(), Rejection::ModuleMissing);
         let d = declared(&[("x-billing-module", "llm"), ("x-billing-usage", "1")]);
-        assert_eq!(
-            usages(&d, None, LIMITS).unwrap_err(),
-            Rejection::ModelMissing
-        );
+        assert_eq!(one(&d, None).unwrap_err(), Rejection::ModelMissing);
         let d = declared(&[
             ("x-billing-module", "llm\u{7}"),
             ("x-billing-model", "m"),
             ("x-billing-usage", "1"),
         ]);
-        assert_eq!(
-            usages(&d, None, LIMITS).unwrap_err(),
-            Rejection::ModuleInvalid
-        );
+        assert_eq!(one(&d, None).unwrap_err(), Rejection::ModuleInvalid);
+        for model in ["caf\u{fffd}", "caf!"] {
+            let d = declared(&[
+                ("x-billing-module", "llm"),
+                ("x-billing-model", model),
+                ("x-billing-usage", "1"),
+            ]);
+            assert_eq!(one(&d, None).unwrap_err(), Rejection::NotUtf8, "{model}");
+        }
+    }
+
+    #[test]
+    fn bad_metadata_is_dropped_and_the_usage_still_bills() {
+        let big = format!("{{\"k\": \"{}\"}}", "x".repeat(9000));
+        for (metadata, problem) in [
+            ("[1]", MetadataProblem::NotObject),
+            ("{oops", MetadataProblem::InvalidJson),
+            (r#"{"note": "caf\ufffd"}"#, MetadataProblem::NotUtf8),
+            (big.as_str(), MetadataProblem::TooLarge),
+        ] {
+            let metadata = metadata.replace("\\ufffd", "\u{fffd}");
+            let d = declared(&[
+                ("x-billing-module", "llm"),
+                ("x-billing-model", "m"),
+                ("x-billing-usage", "5"),
+                ("x-billing-metadata", &metadata),
+            ]);
+            let u = one(&d, None).unwrap();
+            assert_eq!(u.usage, 5);
+            assert!(u.metadata.is_empty());
+            assert_eq!(u.metadata_dropped, Some(problem), "{metadata:.20}");
+        }
+        // An escaped U+FFFD is what a backend writes on purpose: kept.
+        let d = declared(&[
+            ("x-billing-module", "llm"),
+            ("x-billing-model", "m"),
+            ("x-billing-usage", "5"),
+            ("x-billing-metadata", r#"{"note": "\ufffd"}"#),
+        ]);
+        let u = one(&d, None).unwrap();
+        assert_eq!(u.metadata["note"], "\u{fffd}");
+        assert_eq!(u.metadata_dropped, None);
     }
 
     #[test]
@@ -554,32 +666,61 @@ mod tests {
             r#"[{"module": "llm", "model": "gpt-4", "usage": 120, "metadata": {"prompt_tokens": 100}},
                 {"module": "tts", "model": "eleven", "usage": "12"}]"#,
         )]);
-        let u = usages(&d, None, LIMITS).unwrap();
+        let u: Vec<Usage> = usages(&d, None, LIMITS)
+            .into_iter()
+            .collect::<Result<_, _>>()
+            .unwrap();
         assert_eq!(u.len(), 2);
         assert_eq!(u[1].module, "tts");
         assert_eq!(u[1].usage, 12);
         assert!(u[1].metadata.is_empty());
         let bad = |text: &str| usages(&declared(&[("x-billing-records", text)]), None, LIMITS);
-        assert_eq!(bad("{}"), Err(Rejection::RecordsInvalid));
-        assert_eq!(bad("[1]"), Err(Rejection::RecordsInvalid));
+        assert_eq!(bad("{}"), vec![Err(Rejection::RecordsInvalid)]);
+        assert_eq!(bad("[1]"), vec![Err(Rejection::RecordsInvalid)]);
         assert_eq!(
             bad(r#"[{"module": "a", "model": "b", "usage": -1}]"#),
-            Err(Rejection::UsageNegative)
+            vec![Err(Rejection::UsageNegative)]
         );
         assert_eq!(
             bad(r#"[{"module": "a", "model": "b", "usage": 1.5}]"#),
-            Err(Rejection::UsageNotANumber)
+            vec![Err(Rejection::UsageNotANumber)]
         );
         assert_eq!(
             bad(r#"[{"model": "b", "usage": 1}]"#),
-            Err(Rejection::ModuleMissing)
+            vec![Err(Rejection::ModuleMissing)]
         );
         let many = format!(
             "[{}]",
             vec![r#"{"module":"a","model":"b","usage":1}"#; 17].join(",")
         );
-        assert_eq!(bad(&many), Err(Rejection::TooManyRecords));
-        assert_eq!(bad("[]"), Ok(vec![]));
+        assert_eq!(bad(&many), vec![Err(Rejection::TooManyRecords)]);
+        assert_eq!(bad("[]"), vec![]);
+    }
+
+    #[test]
+    fn each_records_item_has_its_own_verdict() {
+        let d = declared(&[(
+            "x-billing-records",
+            "[{\"module\": \"llm\", \"model\": \"gpt-4\", \"usage\": 1},
+              {\"module\": \"llm\", \"model\": \"caf\u{fffd}\", \"usage\": 2},
+              {\"module\": \"tts\", \"model\": \"e\", \"usage\": 3, \"metadata\": {\"n\": \"\u{fffd}\"}},
+              {\"module\": \"tts\", \"model\": \"e\", \"usage\": 4, \"metadata\": [1]}]",
+        )]);
+        let v = usages(&d, None, LIMITS);
+        assert_eq!(v.len(), 4);
+        assert_eq!(v[0].as_ref().unwrap().usage, 1);
+        assert_eq!(v[1], Err(Rejection::NotUtf8));
+        let third = v[2].as_ref().unwrap();
+        assert_eq!(
+            (third.usage, third.metadata_dropped),
+            (3, Some(MetadataProblem::NotUtf8))
+        );
+        assert!(third.metadata.is_empty());
+        let fourth = v[3].as_ref().unwrap();
+        assert_eq!(
+            (fourth.usage, fourth.metadata_dropped),
+            (4, Some(MetadataProblem::NotObject))
+        );
     }
 
     #[test]

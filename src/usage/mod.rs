@@ -6,5 +6,5 @@ pub mod record;
 pub mod recorder;
 pub mod routes;
 
-pub use contract::{Declared, Field, FieldNames, Limits, Rejection, Usage};
+pub use contract::{Declared, Field, FieldNames, Limits, MetadataProblem, Rejection, Usage};
 pub use record::UsageRecord;

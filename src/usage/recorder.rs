@@ -8,7 +8,7 @@ use crate::admin::metrics::Metrics;
 use crate::keys::sync::now_ms;
 use crate::outbox::{AppendError, Durability, NewRecord, Outbox};
 
-use super::{Rejection, UsageRecord};
+use super::{MetadataProblem, Rejection, UsageRecord};
 
 /// At most one rejection log line per this many milliseconds; the rest are counted.
 const REJECTION_LOG_INTERVAL_MS: i64 = 1000;
@@ -81,19 +81,11 @@ impl Recorder {
         }
     }
 
-    /// Counts a rejected declaration and logs it, at most once a second.
+    /// Counts a rejected declaration and logs it (rate-limited).
     pub fn reject(&self, reason: Rejection, source: &str, app_id: &str, path: &str) {
         self.metrics.records_received.inc();
         self.metrics.records_rejected(reason.as_str(), 1);
-        let now = now_ms();
-        let last = self.last_log_ms.load(Ordering::Relaxed);
-        if now - last >= REJECTION_LOG_INTERVAL_MS
-            && self
-                .last_log_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+        self.log_limited(|suppressed| {
             tracing::warn!(
                 reason = reason.as_str(),
                 source,
@@ -102,6 +94,43 @@ impl Recorder {
                 suppressed_since_last_log = suppressed,
                 "usage rejected; nothing billed for it"
             );
+        });
+    }
+
+    /// Counts a record billed without the metadata its backend sent, and logs it
+    /// (rate-limited, sharing the limit with rejections).
+    pub fn metadata_dropped(
+        &self,
+        problem: MetadataProblem,
+        source: &str,
+        app_id: &str,
+        path: &str,
+    ) {
+        self.metrics.metadata_dropped(problem);
+        self.log_limited(|suppressed| {
+            tracing::warn!(
+                reason = problem.as_str(),
+                source,
+                app_id,
+                path,
+                suppressed_since_last_log = suppressed,
+                "usage metadata dropped; the usage is billed without it"
+            );
+        });
+    }
+
+    /// Runs `log` at most once a [`REJECTION_LOG_INTERVAL_MS`], with the number of
+    /// lines suppressed since the last one; the others are only counted.
+    fn log_limited(&self, log: impl FnOnce(u64)) {
+        let now = now_ms();
+        let last = self.last_log_ms.load(Ordering::Relaxed);
+        if now - last >= REJECTION_LOG_INTERVAL_MS
+            && self
+                .last_log_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            log(self.suppressed.swap(0, Ordering::Relaxed));
         } else {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
         }

@@ -3,36 +3,33 @@
 //!
 //! The stream has no acknowledgements and Envoy drops what it cannot send, so entries
 //! are turned into records in memory and written to the outbox right away; nothing
-//! slow (MQTT) happens on this path. [`entry_outcome`] is the whole decision for one
-//! entry, a plain function over the entry and the key view.
+//! slow (MQTT) happens on this path. Messages are decoded by `wire.rs` so that bad
+//! content costs at most its own entry, and [`entry_outcome`] is the whole decision
+//! for one entry, a plain function over the entry and the key view. `service.rs` is
+//! the gRPC side.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+mod service;
+pub mod wire;
+
+pub use service::AccessLogServer;
 
 use envoy_types::pb::envoy::config::core::v3::RequestMethod;
-use envoy_types::pb::envoy::data::accesslog::v3::HttpAccessLogEntry;
-use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogService;
-use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::LogEntries;
-use envoy_types::pb::envoy::service::accesslog::v3::{
-    StreamAccessLogsMessage, StreamAccessLogsResponse,
-};
-use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
-use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status, Streaming};
 
 use crate::authz::{METADATA_APP_ID, METADATA_KEY_FINGERPRINT, find_key};
 use crate::config::{CheckConfig, UsageConfig};
+use crate::keys::KeyView;
 use crate::keys::sync::now_ms;
-use crate::keys::{KeyStore, KeyView};
-use crate::outbox::Durability;
-use crate::usage::contract::{Declared, Field, FieldNames, Limits, usages};
+use crate::usage::contract::{Declared, Field, FieldNames, Limits, MetadataProblem, usages};
 use crate::usage::record::record_id;
-use crate::usage::recorder::Recorder;
 use crate::usage::routes::{RequestFacts, matching};
 use crate::usage::{Rejection, UsageRecord};
+use wire::{Fields, LogEntry, MetaValue};
 
 /// Where Envoy's ext_authz filter puts the Check's dynamic metadata.
 pub const EXT_AUTHZ_NAMESPACE: &str = "envoy.filters.http.ext_authz";
+
+/// Stands in for a key header that was not UTF-8: never a valid key.
+const UNREADABLE_KEY: &str = "\u{fffd}";
 
 /// Why an HTTP entry bills nothing. `as_str` is the metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,16 +62,42 @@ impl NotBilled {
     }
 }
 
+/// Why an access-log entry was skipped before it could be judged. `as_str` is the
+/// metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skipped {
+    /// The entry's bytes are not a valid `HTTPAccessLogEntry`.
+    Malformed,
+}
+
+impl Skipped {
+    pub const ALL: [Skipped; 1] = [Skipped::Malformed];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Skipped::Malformed => "malformed",
+        }
+    }
+}
+
 /// What one access-log entry amounts to.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Bill(Vec<UsageRecord>),
     NotBilled(NotBilled),
-    /// The backend declared usage, but not validly. `app_id` is for the log line.
-    Rejected {
-        reason: Rejection,
-        app_id: String,
-    },
+    /// The backend (or a route default) declared usage: a verdict per record.
+    Declared(Declaration),
+}
+
+/// The verdicts on one response's declared records.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Declaration {
+    /// Who the records bill, also for the log lines of rejections.
+    pub app_id: String,
+    pub records: Vec<UsageRecord>,
+    /// Records not billed, by reason (the others still bill).
+    pub rejected: Vec<Rejection>,
+    /// Records billed without the metadata the backend sent, by reason.
+    pub metadata_dropped: Vec<MetadataProblem>,
 }
 
 /// Configuration an entry is judged by.
@@ -83,32 +106,39 @@ pub struct Rules<'a> {
     pub usage: &'a UsageConfig,
 }
 
+impl Rules<'_> {
+    /// The dynamic-metadata namespaces an entry is judged by, for `wire::decode_entry`.
+    pub fn namespaces(&self) -> [&str; 2] {
+        [EXT_AUTHZ_NAMESPACE, &self.usage.metadata_namespace]
+    }
+}
+
 /// The decision for one HTTP entry: who pays (from the Check's metadata, else the
 /// logged key header and the key store), what the backend declared (trailers, then
 /// headers, then `header_to_metadata` metadata) or what a route default says.
-pub fn entry_outcome(entry: &HttpAccessLogEntry, keys: &KeyView, rules: &Rules<'_>) -> Outcome {
-    let common = entry.common_properties.as_ref();
-    let request = entry.request.as_ref();
-    let response = entry.response.as_ref();
-    if response.is_some_and(|r| r.response_code_details.starts_with("ext_authz")) {
+pub fn entry_outcome(entry: &LogEntry<'_>, keys: &KeyView, rules: &Rules<'_>) -> Outcome {
+    if entry.response_code_details.starts_with("ext_authz") {
         return Outcome::NotBilled(NotBilled::Denied);
     }
-    let filter_metadata = common
-        .and_then(|c| c.metadata.as_ref())
-        .map(|m| &m.filter_metadata);
-    let authz = filter_metadata.and_then(|m| m.get(EXT_AUTHZ_NAMESPACE));
+    let authz = entry.metadata(EXT_AUTHZ_NAMESPACE);
 
     // Who pays.
     let from_check = authz
-        .and_then(|s| string_field(s, METADATA_KEY_FINGERPRINT))
-        .and_then(|fp| keys.get_by_fingerprint(&fp));
+        .and_then(|s| s.text(METADATA_KEY_FINGERPRINT))
+        .and_then(|fp| keys.get_by_fingerprint(fp));
     let payer = match from_check {
         Some(key) => key,
         None => {
-            let empty = HashMap::new();
-            let headers = request.map_or(&empty, |r| &r.request_headers);
-            let Some(api_key) = find_key(rules.check, |name| headers.get(name).map(String::as_str))
-            else {
+            let headers = &entry.request_headers;
+            let Some(api_key) = find_key(rules.check, |name| {
+                headers.get(name).map(|v| {
+                    if v.contains('\u{fffd}') {
+                        UNREADABLE_KEY
+                    } else {
+                        v
+                    }
+                })
+            }) else {
                 return Outcome::NotBilled(NotBilled::NoKey);
             };
             match keys.get(api_key) {
@@ -123,19 +153,19 @@ pub fn entry_outcome(entry: &HttpAccessLogEntry, keys: &KeyView, rules: &Rules<'
     };
     // The Check's app id is what the request was allowed as.
     let app_id = authz
-        .and_then(|s| string_field(s, METADATA_APP_ID))
-        .unwrap_or_else(|| payer.app_id.to_string());
+        .and_then(|s| s.text(METADATA_APP_ID))
+        .unwrap_or(payer.app_id)
+        .to_string();
 
     // What the backend declared.
     let names = FieldNames::from_config(rules.usage);
-    let empty = HashMap::new();
-    let trailers = response.map_or(&empty, |r| &r.response_trailers);
-    let headers = response.map_or(&empty, |r| &r.response_headers);
-    let metadata = filter_metadata.and_then(|m| m.get(&rules.usage.metadata_namespace));
-    let from_headers = Declared::merge(&[trailers, headers], &names, |h, name, _| {
-        h.get(name).cloned()
-    });
-    let from_metadata = metadata
+    let from_headers = Declared::merge(
+        &[&entry.response_trailers, &entry.response_headers],
+        &names,
+        |h, name, _| h.get(name).map(str::to_string),
+    );
+    let from_metadata = entry
+        .metadata(&rules.usage.metadata_namespace)
         .map(|m| Declared::merge(&[m], &names, |s, _, field| metadata_field(s, field)))
         .unwrap_or_default();
     let declared = Declared {
@@ -146,236 +176,86 @@ pub fn entry_outcome(entry: &HttpAccessLogEntry, keys: &KeyView, rules: &Rules<'
         records: from_headers.records.or(from_metadata.records),
     };
 
-    let status = response
-        .and_then(|r| r.response_code)
-        .map_or(0, |c| c.value);
+    let method = RequestMethod::try_from(entry.request_method).map_or("", |m| m.as_str_name());
     let facts = RequestFacts {
-        host: request.map_or("", |r| r.authority.as_str()),
-        path: request.map_or("", |r| r.path.as_str()),
-        method: request
-            .and_then(|r| RequestMethod::try_from(r.request_method).ok())
-            .map_or("", |m| m.as_str_name()),
-        status,
+        host: &entry.authority,
+        path: &entry.path,
+        method,
+        status: entry.response_code.unwrap_or(0),
     };
     let default = matching(&rules.usage.routes, facts);
-    let usages = match usages(&declared, default, Limits::from_config(rules.usage)) {
-        Ok(u) if u.is_empty() => return Outcome::NotBilled(NotBilled::NoUsage),
-        Ok(u) => u,
-        Err(reason) => return Outcome::Rejected { reason, app_id },
-    };
+    let verdicts = usages(&declared, default, Limits::from_config(rules.usage));
+    if verdicts.is_empty() {
+        return Outcome::NotBilled(NotBilled::NoUsage);
+    }
 
     let completed_ms = completion_ms(entry);
-    let request_id = request.map_or("", |r| r.request_id.as_str());
-    let start = common
-        .and_then(|c| c.start_time.as_ref())
+    let start = entry
+        .start_time
         .map(|t| format!("{}.{:09}", t.seconds, t.nanos))
         .unwrap_or_default();
-    let records = usages
-        .into_iter()
-        .enumerate()
-        .map(|(i, usage)| {
-            // Envoy's request id, made unguessable for clients that send their own
-            // x-request-id: the same entry always yields the same id.
-            let id = record_id(&[
-                request_id.as_bytes(),
-                start.as_bytes(),
-                facts.path.as_bytes(),
-                i.to_string().as_bytes(),
-            ]);
-            UsageRecord::new(&app_id, payer.api_key, usage, completed_ms, id)
-        })
-        .collect();
-    Outcome::Bill(records)
+    let mut declaration = Declaration {
+        app_id,
+        ..Declaration::default()
+    };
+    for (i, verdict) in verdicts.into_iter().enumerate() {
+        let usage = match verdict {
+            Ok(usage) => usage,
+            Err(reason) => {
+                declaration.rejected.push(reason);
+                continue;
+            }
+        };
+        declaration.metadata_dropped.extend(usage.metadata_dropped);
+        // Envoy's request id, made unguessable for clients that send their own
+        // x-request-id: the same entry always yields the same id, and each item of a
+        // declaration keeps its position's id whatever the verdict on the others.
+        let id = record_id(&[
+            entry.request_id.as_bytes(),
+            start.as_bytes(),
+            entry.path.as_bytes(),
+            i.to_string().as_bytes(),
+        ]);
+        declaration.records.push(UsageRecord::new(
+            &declaration.app_id,
+            payer.api_key,
+            usage,
+            completed_ms,
+            id,
+        ));
+    }
+    Outcome::Declared(declaration)
 }
 
 /// When the request completed: start time plus the time to the last byte sent
 /// downstream (or the latest other duration Envoy logged), in epoch milliseconds.
-fn completion_ms(entry: &HttpAccessLogEntry) -> i64 {
-    let Some(common) = entry.common_properties.as_ref() else {
-        return now_ms();
-    };
-    let Some(start) = common.start_time.as_ref() else {
+fn completion_ms(entry: &LogEntry<'_>) -> i64 {
+    let Some(start) = entry.start_time else {
         return now_ms();
     };
     let elapsed = [
-        &common.time_to_last_downstream_tx_byte,
-        &common.time_to_last_upstream_rx_byte,
-        &common.time_to_last_rx_byte,
+        entry.time_to_last_downstream_tx_byte,
+        entry.time_to_last_upstream_rx_byte,
+        entry.time_to_last_rx_byte,
     ]
     .into_iter()
-    .find_map(|d| d.as_ref())
-    .map_or(0, |d| d.seconds * 1000 + i64::from(d.nanos) / 1_000_000);
-    start.seconds * 1000 + i64::from(start.nanos) / 1_000_000 + elapsed
-}
-
-fn string_field(s: &Struct, key: &str) -> Option<String> {
-    match s.fields.get(key)?.kind.as_ref()? {
-        Kind::StringValue(v) => Some(v.clone()),
-        _ => None,
-    }
+    .find_map(|d| d)
+    .map_or(0, |d| d.as_millis());
+    start.as_millis().saturating_add(elapsed)
 }
 
 /// A usage field from dynamic metadata: `header_to_metadata` gives strings by default
 /// and numbers or structs when a type is configured.
-fn metadata_field(s: &Struct, field: Field) -> Option<String> {
-    let value = s.fields.get(field.metadata_key())?;
-    match value.kind.as_ref()? {
-        Kind::StringValue(v) => Some(v.clone()),
-        Kind::NumberValue(n) if n.fract() == 0.0 && n.abs() < 9.0e15 => {
+fn metadata_field(s: &Fields<'_>, field: Field) -> Option<String> {
+    match s.get(field.metadata_key())? {
+        MetaValue::Text(v) => Some(v.to_string()),
+        MetaValue::Number(n) if n.fract() == 0.0 && n.abs() < 9.0e15 => {
             Some(format!("{}", *n as i64))
         }
-        Kind::NumberValue(n) => Some(n.to_string()),
-        Kind::BoolValue(b) => Some(b.to_string()),
-        Kind::NullValue(_) => None,
-        _ => Some(to_json(value).to_string()),
-    }
-}
-
-fn to_json(v: &Value) -> serde_json::Value {
-    match v.kind.as_ref() {
-        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
-        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(*n)
-            .map_or(serde_json::Value::Null, serde_json::Value::Number),
-        Some(Kind::StringValue(s)) => serde_json::Value::String(s.clone()),
-        Some(Kind::BoolValue(b)) => serde_json::Value::Bool(*b),
-        Some(Kind::StructValue(s)) => serde_json::Value::Object(
-            s.fields
-                .iter()
-                .map(|(k, v)| (k.clone(), to_json(v)))
-                .collect(),
-        ),
-        Some(Kind::ListValue(l)) => {
-            serde_json::Value::Array(l.values.iter().map(to_json).collect())
-        }
-    }
-}
-
-/// The gRPC service.
-pub struct AccessLogServer {
-    keys: Arc<KeyStore>,
-    recorder: Arc<Recorder>,
-    check: CheckConfig,
-    usage: UsageConfig,
-    shutdown: CancellationToken,
-}
-
-impl AccessLogServer {
-    pub fn new(
-        keys: Arc<KeyStore>,
-        recorder: Arc<Recorder>,
-        check: CheckConfig,
-        usage: UsageConfig,
-        shutdown: CancellationToken,
-    ) -> Self {
-        AccessLogServer {
-            keys,
-            recorder,
-            check,
-            usage,
-            shutdown,
-        }
-    }
-
-    /// Turns one batch of entries into records and writes them to the outbox.
-    async fn handle_http(&self, entries: &[HttpAccessLogEntry]) {
-        let metrics = self.recorder.metrics();
-        metrics.http_entries.inc_by(entries.len() as u64);
-        let rules = Rules {
-            check: &self.check,
-            usage: &self.usage,
-        };
-        let mut records = Vec::new();
-        {
-            let view = self.keys.view();
-            for entry in entries {
-                match entry_outcome(entry, &view, &rules) {
-                    Outcome::Bill(r) => records.extend(r),
-                    Outcome::NotBilled(why) => metrics.entry_not_billed(why.as_str()),
-                    Outcome::Rejected { reason, app_id } => {
-                        let path = entry.request.as_ref().map_or("", |r| r.path.as_str());
-                        self.recorder.reject(reason, "access_log", &app_id, path);
-                    }
-                }
-            }
-        }
-        // Written (not yet fsynced) is enough here: it survives a keymeter crash, and
-        // Envoy would not resend the entry anyway.
-        let _ = self.recorder.record(&records, Durability::Written).await;
-    }
-}
-
-impl AccessLogServer {
-    /// At shutdown: takes what Envoy already sent (buffered in the connection) before
-    /// the stream is dropped, so those entries still become records.
-    async fn drain(&self, stream: &mut Streaming<StreamAccessLogsMessage>, node: &str) {
-        let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN;
-        while let Ok(Ok(Some(message))) = tokio::time::timeout_at(deadline, stream.message()).await
-        {
-            if let Some(LogEntries::HttpLogs(http)) = message.log_entries {
-                self.handle_http(&http.log_entry).await;
-            }
-        }
-        tracing::debug!(node = %node, "access-log stream drained for shutdown");
-    }
-}
-
-/// How long a stream is read after shutdown starts, for entries already in flight.
-const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_millis(300);
-
-/// Decrements the stream gauge however the stream ends.
-struct StreamGauge<'a>(&'a crate::admin::metrics::Metrics);
-
-impl Drop for StreamGauge<'_> {
-    fn drop(&mut self) {
-        self.0.access_log_streams.dec();
-    }
-}
-
-#[tonic::async_trait]
-impl AccessLogService for AccessLogServer {
-    async fn stream_access_logs(
-        &self,
-        request: Request<Streaming<StreamAccessLogsMessage>>,
-    ) -> Result<Response<StreamAccessLogsResponse>, Status> {
-        let peer = request.remote_addr();
-        let mut stream = request.into_inner();
-        let metrics = self.recorder.metrics();
-        metrics.access_log_streams.inc();
-        let _gauge = StreamGauge(metrics);
-        let mut node = String::new();
-        loop {
-            let message = tokio::select! {
-                _ = self.shutdown.cancelled() => {
-                    self.drain(&mut stream, &node).await;
-                    break;
-                }
-                m = stream.message() => m,
-            };
-            let message = match message {
-                Ok(Some(m)) => m,
-                Ok(None) => break,
-                Err(status) => {
-                    // A message that does not decode (or is too large) ends the stream
-                    // with the decoder's error, so the sender sees it too.
-                    tracing::warn!(node = %node, error = %status, "access-log stream failed");
-                    return Err(status);
-                }
-            };
-            // The identifier comes with the first message only.
-            if let Some(id) = message.identifier {
-                node = id.node.map(|n| n.id).unwrap_or_default();
-                tracing::info!(node = %node, log_name = %id.log_name, peer = ?peer, "access-log stream connected");
-            }
-            match message.log_entries {
-                Some(LogEntries::HttpLogs(http)) => self.handle_http(&http.log_entry).await,
-                Some(LogEntries::TcpLogs(tcp)) => {
-                    metrics.tcp_entries.inc_by(tcp.log_entry.len() as u64);
-                }
-                None => {}
-            }
-        }
-        tracing::info!(node = %node, "access-log stream closed");
-        Ok(Response::new(StreamAccessLogsResponse {}))
+        MetaValue::Number(n) => Some(n.to_string()),
+        MetaValue::Bool(b) => Some(b.to_string()),
+        MetaValue::Null => None,
+        MetaValue::Json(j) => Some(j.to_string()),
     }
 }
 
@@ -383,11 +263,14 @@ impl AccessLogService for AccessLogServer {
 mod tests {
     use super::*;
     use crate::config::RouteRule;
-    use crate::keys::{KeyEntry, fingerprint};
+    use crate::keys::{KeyEntry, KeyStore, fingerprint};
     use envoy_types::pb::envoy::config::core::v3::Metadata;
     use envoy_types::pb::envoy::data::accesslog::v3::{
-        AccessLogCommon, HttpRequestProperties, HttpResponseProperties,
+        AccessLogCommon, HttpAccessLogEntry, HttpRequestProperties, HttpResponseProperties,
     };
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    use prost::Message;
+    use std::collections::HashMap;
 
     fn store() -> KeyStore {
         let s = KeyStore::new();
@@ -495,14 +378,24 @@ mod tests {
             ..UsageConfig::default()
         };
         let check = CheckConfig::default();
-        entry_outcome(
-            &entry(e),
-            &store().view(),
-            &Rules {
-                check: &check,
-                usage: &usage,
-            },
-        )
+        let rules = Rules {
+            check: &check,
+            usage: &usage,
+        };
+        // Through the wire, as the service sees it.
+        let bytes = entry(e).encode_to_vec();
+        let decoded = wire::decode_entry(&bytes, &rules.namespaces()).unwrap();
+        entry_outcome(&decoded, &store().view(), &rules)
+    }
+
+    /// The records of an entry that declared only valid usage.
+    fn billed(o: Outcome) -> Vec<UsageRecord> {
+        match o {
+            Outcome::Declared(d) if d.rejected.is_empty() && d.metadata_dropped.is_empty() => {
+                d.records
+            }
+            _ => panic!("{o:?}"),
+        }
     }
 
     fn usage_headers(usage: &'static str) -> Vec<(&'static str, &'static str)> {
@@ -531,7 +424,7 @@ mod tests {
             },
             vec![],
         );
-        let Outcome::Bill(r) = o else { panic!("{o:?}") };
+        let r = billed(o);
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].api_key, "sk-good");
         assert_eq!(r[0].app_id, "app-1");
@@ -550,10 +443,7 @@ mod tests {
             },
             vec![],
         );
-        assert!(
-            matches!(&o, Outcome::Bill(r) if r[0].app_id == "app-1"),
-            "{o:?}"
-        );
+        assert_eq!(billed(o)[0].app_id, "app-1");
         let o = outcome(
             E {
                 request_headers: vec![("api-key", "sk-unknown")],
@@ -601,7 +491,7 @@ mod tests {
             },
             vec![],
         );
-        assert!(matches!(&o, Outcome::Bill(r) if r[0].usage == 7), "{o:?}");
+        assert_eq!(billed(o)[0].usage, 7);
         let o = outcome(
             E {
                 metadata: vec![
@@ -620,7 +510,7 @@ mod tests {
             },
             vec![],
         );
-        let Outcome::Bill(r) = o else { panic!("{o:?}") };
+        let r = billed(o);
         assert_eq!((r[0].module.as_str(), r[0].usage), ("tts", 12));
         assert_eq!(r[0].metadata["chars"], 12);
     }
@@ -635,10 +525,7 @@ mod tests {
             metadata: vec![check_metadata()],
             ..E::default()
         };
-        let (Outcome::Bill(a), Outcome::Bill(b)) = (outcome(e(), vec![]), outcome(e(), vec![]))
-        else {
-            panic!()
-        };
+        let (a, b) = (billed(outcome(e(), vec![])), billed(outcome(e(), vec![])));
         assert_eq!(a.len(), 2);
         assert_ne!(a[0].record_id, a[1].record_id);
         assert_eq!(a[0].record_id, b[0].record_id, "same entry, same id");
@@ -655,10 +542,7 @@ mod tests {
             },
             vec![rule.clone()],
         );
-        assert!(
-            matches!(&o, Outcome::Bill(r) if r[0].module == "search"),
-            "{o:?}"
-        );
+        assert_eq!(billed(o)[0].module, "search");
         let o = outcome(
             E {
                 code: 502,
@@ -679,10 +563,11 @@ mod tests {
         );
         assert_eq!(
             o,
-            Outcome::Rejected {
-                reason: Rejection::UsageNegative,
-                app_id: "app-1".into()
-            }
+            Outcome::Declared(Declaration {
+                app_id: "app-1".into(),
+                rejected: vec![Rejection::UsageNegative],
+                ..Declaration::default()
+            })
         );
     }
 }
