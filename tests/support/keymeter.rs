@@ -132,6 +132,23 @@ impl Keymeter {
     pub async fn check(&self, headers: &[(&str, &str)]) -> CheckResponse {
         check(self.grpc_port, headers).await
     }
+
+    /// Asserts that no record went missing in this process, from `/metrics`:
+    /// received + replayed from the outbox = published + pending + rejected.
+    pub async fn assert_no_record_unaccounted(&self) {
+        let (_, text) = self.admin_get("/metrics").await;
+        let v = |s: &str| metric_value(&text, s);
+        let received = v("keymeter_usage_records_received_total");
+        let replayed = v("keymeter_outbox_replayed_records_total");
+        let published = v("keymeter_usage_records_published_total");
+        let pending = v("keymeter_outbox_pending_records");
+        let rejected = metric_sum(&text, "keymeter_usage_records_rejected_total");
+        assert_eq!(
+            received + replayed,
+            published + pending + rejected,
+            "received {received} + replayed {replayed} = published {published} + pending {pending} + rejected {rejected}"
+        );
+    }
 }
 
 impl Drop for Keymeter {
@@ -220,6 +237,21 @@ pub fn http_status(r: &CheckResponse) -> i32 {
         _ if r.status.as_ref().map_or(0, |s| s.code) == 0 => 200,
         _ => 403,
     }
+}
+
+/// The sum of every sample of metric `family` (all label sets) in Prometheus text.
+pub fn metric_sum(text: &str, family: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(family)?;
+            let rest = match rest.strip_prefix('{') {
+                Some(labels) => labels.split_once("} ")?.1,
+                None => rest.strip_prefix(' ')?,
+            };
+            rest.split_whitespace().next()?.parse::<f64>().ok()
+        })
+        .sum()
 }
 
 /// Parses one sample's value out of Prometheus text.

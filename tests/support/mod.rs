@@ -18,6 +18,7 @@ pub mod mqtt;
 pub mod pki;
 pub mod process;
 pub mod prometheus;
+pub mod raw_backend;
 
 pub use backend::{Backend, RecordedRequest};
 pub use envoy::{
@@ -26,7 +27,7 @@ pub use envoy::{
 pub use mosquitto::{Mosquitto, MosquittoOptions};
 pub use mqtt::{MqttTestClient, mqtt_options, rustls_client_config, tls_transport};
 pub use pki::TestPki;
-pub use process::{ChildGuard, TestDir};
+pub use process::{ChildGuard, Paused, TestDir};
 
 use std::collections::HashSet;
 use std::net::{Ipv4Addr, TcpListener};
