@@ -71,10 +71,13 @@ fn reply(req: &RecordedRequest) -> Reply {
         "/bad/negative" => usage("llm", "gpt-4", "-5"),
         "/bad/overflow" => usage("llm", "gpt-4", "99999999999999999999"),
         "/bad/empty-model" => usage("llm", " ", "1"),
-        "/bad/metadata-array" => usage("llm", "gpt-4", "1").header("x-billing-metadata", "[1, 2]"),
+        // Bad metadata is dropped and the usage still bills.
+        "/bad/metadata-array" => usage("tts", "eleven", "12").header("x-billing-metadata", "[1, 2]"),
         "/bad/metadata-huge" => {
-            let huge = format!("{{\"blob\": \"{}\"}}", "x".repeat(9000));
-            usage("llm", "gpt-4", "1").header("x-billing-metadata", &huge)
+            // Over keymeter's usage.max_metadata_bytes in that test (1 KiB), under the
+            // 8 KiB at which Envoy's header_to_metadata drops a value.
+            let huge = format!("{{\"blob\": \"{}\"}}", "x".repeat(2000));
+            usage("tts", "eleven", "12").header("x-billing-metadata", &huge)
         }
         "/v1/search" => Reply::ok().chunk("results"),
         "/v1/search-broken" => Reply::status(503).chunk("down"),
@@ -151,23 +154,9 @@ impl Rig {
         self.keymeter.metric(sample).await
     }
 
-    /// received = published + pending + rejected, read from /metrics.
+    /// received + replayed = published + pending + rejected, read from /metrics.
     async fn assert_identity(&self) {
-        let text = self.keymeter.admin_get("/metrics").await.1;
-        let v = |s: &str| support::keymeter::metric_value(&text, s);
-        let rejected: f64 = text
-            .lines()
-            .filter(|l| l.starts_with("keymeter_usage_records_rejected_total{"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
-        let received = v("keymeter_usage_records_received_total");
-        let published = v("keymeter_usage_records_published_total");
-        let pending = v("keymeter_outbox_pending_records");
-        assert_eq!(
-            received,
-            published + pending + rejected,
-            "received {received} = published {published} + pending {pending} + rejected {rejected}"
-        );
+        self.keymeter.assert_no_record_unaccounted().await;
     }
 }
 
@@ -319,16 +308,19 @@ async fn denied_and_keyless_requests_never_bill_and_route_defaults_do() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_usage_values_are_rejected_and_counted_while_good_ones_still_bill() {
-    let rig = Rig::start(false, |_| {}).await;
-    let bad = [
+    // The shipped config (header_to_metadata on), metadata limited to 1 KiB.
+    let rig = Rig::start(true, |c| c.usage.max_metadata_bytes = 1024).await;
+    let rejected = [
         ("/bad/not-a-number", "usage_not_a_number"),
         ("/bad/negative", "usage_negative"),
         ("/bad/overflow", "usage_overflow"),
         ("/bad/empty-model", "model_missing"),
-        ("/bad/metadata-array", "metadata_not_object"),
-        ("/bad/metadata-huge", "metadata_too_large"),
     ];
-    for (path, _) in &bad {
+    let metadata_dropped = [
+        ("/bad/metadata-array", "not_object"),
+        ("/bad/metadata-huge", "too_large"),
+    ];
+    for path in rejected.iter().chain(&metadata_dropped).map(|(p, _)| p) {
         assert_eq!(rig.post("/v1/speech", Some(GOOD)).await.status, 200);
         assert_eq!(
             rig.post(path, Some(GOOD)).await.status,
@@ -336,12 +328,23 @@ async fn bad_usage_values_are_rejected_and_counted_while_good_ones_still_bill() 
             "the client is served either way"
         );
     }
-    let reports = rig.reports(bad.len()).await;
+    // Every good request bills, and so do the two with bad metadata, without it.
+    let n = rejected.len() + 2 * metadata_dropped.len();
+    let reports = rig.reports(n).await;
     assert!(reports.iter().all(|r| r["module"] == "tts"), "{reports:?}");
-    for (path, reason) in bad {
+    assert!(r_has_no_metadata(&reports, "tts"), "{reports:?}");
+    for (path, reason) in rejected {
         let n = rig
             .metric(&format!(
                 "keymeter_usage_records_rejected_total{{reason=\"{reason}\"}}"
+            ))
+            .await;
+        assert_eq!(n, 1.0, "{path} counted as {reason}");
+    }
+    for (path, reason) in metadata_dropped {
+        let n = rig
+            .metric(&format!(
+                "keymeter_usage_metadata_dropped_total{{reason=\"{reason}\"}}"
             ))
             .await;
         assert_eq!(n, 1.0, "{path} counted as {reason}");
@@ -424,6 +427,7 @@ async fn records_pending_at_a_graceful_stop_are_delivered_after_the_restart() {
         keymeter.metric("keymeter_outbox_pending_records").await == PENDING as f64
     })
     .await;
+    keymeter.assert_no_record_unaccounted().await;
     keymeter.stop().await; // graceful: what a SIGTERM does
     broker.start_again().await;
 
@@ -450,6 +454,11 @@ async fn records_pending_at_a_graceful_stop_are_delivered_after_the_restart() {
             .await,
         PENDING as f64
     );
+    wait_until("the outbox drains", WAIT, || async {
+        keymeter.metric("keymeter_outbox_pending_records").await == 0.0
+    })
+    .await;
+    keymeter.assert_no_record_unaccounted().await;
     keymeter.stop().await;
 }
 
@@ -559,8 +568,6 @@ async fn non_utf8_usage_headers_are_rejected_and_the_stream_carries_on() {
     use axum::http::{HeaderValue, Response};
     let broker = Mosquitto::start().await;
     let billing = billing(broker.port(), keys()).await;
-    let keymeter =
-        Keymeter::start_ready(Config::for_local_broker("127.0.0.1", broker.port())).await;
     let backend = Backend::start_with(|req: &RecordedRequest| {
         let model = if req.path.starts_with("/bad") {
             HeaderValue::from_bytes(b"gpt-\xff\xfe").unwrap()
@@ -575,30 +582,49 @@ async fn non_utf8_usage_headers_are_rejected_and_the_stream_carries_on() {
             .unwrap()
     })
     .await;
-    let envoy = Envoy::start_with_config(
-        support::envoy::render_deploy_config_without_header_to_metadata(EnvoyPorts {
+    // The shipped config hands the raw bytes over as metadata; without
+    // header_to_metadata Envoy logs the header with `!` for each bad byte.
+    let mut billed = 0;
+    for header_to_metadata in [true, false] {
+        let keymeter =
+            Keymeter::start_ready(Config::for_local_broker("127.0.0.1", broker.port())).await;
+        let ports = EnvoyPorts {
             keymeter_grpc: keymeter.grpc_port(),
             backend: backend.port(),
-        }),
-    )
-    .await;
-    for path in ["/good/1", "/bad/1", "/good/2"] {
-        let r = http_client()
-            .post(envoy.url(path))
-            .header("api-key", GOOD)
-            .send()
+        };
+        let envoy = if header_to_metadata {
+            Envoy::start(ports).await
+        } else {
+            Envoy::start_with_config(
+                support::envoy::render_deploy_config_without_header_to_metadata(ports),
+            )
             .await
-            .unwrap();
-        assert_eq!(r.status(), 200, "{path}");
+        };
+        for path in ["/good/1", "/bad/1", "/good/2"] {
+            let r = http_client()
+                .post(envoy.url(path))
+                .header("api-key", GOOD)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{path}");
+        }
+        billed += 2;
+        let reports = billing.wait_for_reports(billed, WAIT).await;
+        wait_until("the bad value is counted", WAIT, || async {
+            keymeter
+                .metric("keymeter_usage_records_rejected_total{reason=\"not_utf8\"}")
+                .await
+                == 1.0
+        })
+        .await;
+        assert_eq!(reports.len(), billed, "{reports:?}");
+        assert!(reports.iter().all(|r| r["model"] == "gpt-4"), "{reports:?}");
+        wait_until("the outbox drains", WAIT, || async {
+            keymeter.metric("keymeter_outbox_pending_records").await == 0.0
+        })
+        .await;
+        keymeter.assert_no_record_unaccounted().await;
+        keymeter.stop().await;
     }
-    let reports = billing.wait_for_reports(2, WAIT).await;
-    wait_until("the bad value is counted", WAIT, || async {
-        keymeter
-            .metric("keymeter_usage_records_rejected_total{reason=\"not_utf8\"}")
-            .await
-            == 1.0
-    })
-    .await;
-    assert_eq!(reports.len(), 2, "{reports:?}");
-    assert!(reports.iter().all(|r| r["model"] == "gpt-4"), "{reports:?}");
 }
