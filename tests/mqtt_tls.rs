@@ -87,6 +87,27 @@ async fn untrusted_broker_certificates_are_refused_with_a_clear_error() {
     keymeter.stop().await;
 }
 
+/// A certificate from the trusted CA, but for another host name: refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_certificate_for_another_host_name_is_refused() {
+    let mut pki = TestPki::generate();
+    pki.server_cert = pki.wrong_name_cert.clone();
+    pki.server_key = pki.wrong_name_key.clone();
+    let broker = Mosquitto::start_with_tls(&pki).await;
+    let port = broker.tls_port().unwrap();
+    let keymeter = Keymeter::start(tls_config(port, Some(&pki.ca_cert))).await;
+    let body = refused(&keymeter).await;
+    assert!(
+        body.contains("TLS handshake with the broker failed"),
+        "{body}"
+    );
+    assert!(
+        body.contains("certificate not valid for name \"127.0.0.1\""),
+        "{body}"
+    );
+    keymeter.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn login_is_refused_with_a_wrong_password_and_works_with_the_right_one() {
     let broker = Mosquitto::start_with_password("keymeter", "right-password").await;

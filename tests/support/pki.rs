@@ -13,8 +13,12 @@ use super::process::TestDir;
 /// - `ca_cert`/`ca_key`: the test CA;
 /// - `server_cert`/`server_key`: for `localhost` and `127.0.0.1`, signed by the CA;
 /// - `other_ca_cert`/`other_ca_key`: an unrelated CA, for "untrusted" tests;
-/// - `client_cert`/`client_key`: a client certificate (CN `envoy`) signed by the CA.
+/// - `client_cert`/`client_key`: a client certificate (CN `envoy`) signed by the CA;
+/// - `wrong_name_cert`/`wrong_name_key`: a server certificate signed by the CA for
+///   `broker.invalid` only, for "hostname mismatch" tests.
 pub struct TestPki {
+    pub wrong_name_cert: PathBuf,
+    pub wrong_name_key: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
     pub ca_cert: PathBuf,
@@ -38,21 +42,25 @@ impl TestPki {
         let (ca, ca_key) = new_ca("keymeter test CA");
         let (other_ca, other_ca_key) = new_ca("keymeter unrelated CA");
 
-        let mut params = CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
-            .expect("valid SANs");
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "localhost");
-        params.use_authority_key_identifier_extension = true;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        let server_key = KeyPair::generate().expect("generate key");
-        let server = params
-            .signed_by(&server_key, &ca, &ca_key)
-            .expect("sign server cert");
+        let server_cert = |names: Vec<String>| {
+            let mut params = CertificateParams::new(names.clone()).expect("valid SANs");
+            params
+                .distinguished_name
+                .push(DnType::CommonName, &names[0]);
+            params.use_authority_key_identifier_extension = true;
+            params.key_usages = vec![
+                KeyUsagePurpose::DigitalSignature,
+                KeyUsagePurpose::KeyEncipherment,
+            ];
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            let key = KeyPair::generate().expect("generate key");
+            let cert = params
+                .signed_by(&key, &ca, &ca_key)
+                .expect("sign server cert");
+            (cert, key)
+        };
+        let (server, server_key) = server_cert(vec!["localhost".into(), "127.0.0.1".into()]);
+        let (wrong_name, wrong_name_key) = server_cert(vec!["broker.invalid".into()]);
 
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("no SANs");
         params.distinguished_name.push(DnType::CommonName, "envoy");
@@ -65,6 +73,8 @@ impl TestPki {
             .expect("sign client cert");
 
         TestPki {
+            wrong_name_cert: write("wrong-name.pem", wrong_name.pem()),
+            wrong_name_key: write("wrong-name.key", wrong_name_key.serialize_pem()),
             client_cert: write("client.pem", client.pem()),
             client_key: write("client.key", client_key.serialize_pem()),
             ca_cert: write("ca.pem", ca.pem()),
