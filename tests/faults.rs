@@ -31,8 +31,8 @@ use support::backend::Reply;
 use support::envoy::render_deploy_config_with_keymeter_replicas;
 use support::keymeter::{billing, metric_value};
 use support::{
-    Backend, ChildGuard, Envoy, EnvoyPorts, Mosquitto, RecordedRequest, TestDir, binary, free_port,
-    http_client, wait_until,
+    Backend, ChildGuard, Envoy, EnvoyPorts, Mosquitto, Paused, RecordedRequest, TestDir, binary,
+    free_port, http_client, wait_until,
 };
 use tokio::task::JoinHandle;
 
@@ -444,25 +444,6 @@ fn outbox_records(dir: &Path) -> Vec<Value> {
         }
     }
     records
-}
-
-/// SIGSTOPs a process now and SIGCONTs it when dropped, also when the test panics.
-struct Paused(libc::pid_t);
-
-impl Paused {
-    fn new(process: &ChildGuard) -> Paused {
-        let pid = process.pid().expect("process is running") as libc::pid_t;
-        process.signal(libc::SIGSTOP);
-        Paused(pid)
-    }
-}
-
-impl Drop for Paused {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) has no memory-safety preconditions; the pid is a child that
-        // its ChildGuard has not reaped yet (the guard outlives this one).
-        unsafe { libc::kill(self.0, libc::SIGCONT) };
-    }
 }
 
 /// One keymeter (connected to a real broker, with the billing stand-in) behind Envoy, in

@@ -273,3 +273,23 @@ impl Drop for ChildGuard {
         }
     }
 }
+
+/// SIGSTOPs a process now and SIGCONTs it when dropped, also when the test panics: a
+/// peer whose connections stay up while it answers nothing.
+pub struct Paused(libc::pid_t);
+
+impl Paused {
+    pub fn new(process: &ChildGuard) -> Paused {
+        let pid = process.pid().expect("process is running") as libc::pid_t;
+        process.signal(libc::SIGSTOP);
+        Paused(pid)
+    }
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) has no memory-safety preconditions; the pid is a child that
+        // its ChildGuard has not reaped yet (the guard outlives this one).
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
