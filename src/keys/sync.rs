@@ -534,6 +534,34 @@ mod tests {
         assert!(reader.join().unwrap() > 0);
     }
 
+    /// The worked example in README "Where keys come from" does what the README says.
+    #[test]
+    fn the_readme_example_does_what_the_readme_says() {
+        let readme = include_str!("../../README.md");
+        let example = readme
+            .split("A worked example")
+            .nth(1)
+            .and_then(|r| r.split("```json\n").nth(1))
+            .and_then(|r| r.split("```").next())
+            .expect("README has the worked example");
+        let store = KeyStore::new();
+        let metrics = Metrics::new();
+        store.apply_billing_update(&[KeyEntry::ok("app-0", "sk-old")]);
+        let applied = apply_billing_message(&store, &metrics, example.as_bytes(), MAX).unwrap();
+        assert_eq!((applied.entries, applied.skipped), (3, 2));
+        let view = store.view();
+        let state = |key| view.get(key).map(|k| (k.app_id, k.blocked));
+        assert_eq!(state("sk-live-1"), Some(("app-1", false)));
+        assert_eq!(state("sk-live-4"), Some(("app-4", false)));
+        assert_eq!(state("sk-old"), Some(("app-0", true)));
+        assert_eq!(state("sk-live-2"), None);
+        let text = metrics.render();
+        for reason in ["no_app_id", "not_an_object"] {
+            let sample = format!("keymeter_key_entries_skipped_total{{reason=\"{reason}\"}} 1");
+            assert!(text.contains(&sample), "{sample}");
+        }
+    }
+
     #[test]
     fn the_keys_file_stays_strict_and_names_the_entry() {
         for (list, detail) in [
