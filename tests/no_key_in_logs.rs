@@ -116,16 +116,21 @@ async fn no_raw_key_in_trace_logs_metrics_or_deny_bodies() {
     let status = UsageClient::new(channel).report(denied).await.unwrap_err();
     bodies.push_str(status.message());
 
+    // A key in a skipped entry and in a message rejected whole (it stops mid-JSON);
+    // the good update goes last, so once it applies the two before were handled.
+    for bad in [
+        format!(
+            r#"{{"updates": [{{"app_id": 5, "api_key": "{IN_BAD_UPDATE}", "status": "ok"}}], "timestamp": 1}}"#
+        ),
+        format!(r#"{{"updates": [{{"app_id": "a", "api_key": "{IN_BAD_UPDATE}", "status": "ok"}}"#),
+    ] {
+        billing
+            .publish_raw("billing/keys/update", bad.into_bytes())
+            .await
+            .unwrap();
+    }
     billing
         .publish_update(vec![KeyEntry::ok("app-3", ADDED)])
-        .await
-        .unwrap();
-    billing
-        .publish_raw(
-            "billing/keys/update",
-            format!(r#"{{"updates": [{{"app_id": 5, "api_key": "{IN_BAD_UPDATE}", "status": "ok"}}], "timestamp": 1}}"#)
-                .into_bytes(),
-        )
         .await
         .unwrap();
     keymeter
@@ -151,6 +156,10 @@ async fn no_raw_key_in_trace_logs_metrics_or_deny_bodies() {
     assert!(
         logs.contains("rejected billing key update"),
         "the malformed update was seen"
+    );
+    assert!(
+        logs.contains("skipped unusable entries of a billing key update"),
+        "the entry without a usable app id was seen"
     );
     for key in [GOOD, BLOCKED, UNKNOWN, ADDED, IN_BAD_UPDATE] {
         for (what, text) in [

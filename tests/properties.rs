@@ -8,9 +8,11 @@ use std::path::Path;
 use keymeter::admin::metrics::Metrics;
 use keymeter::config::{Config, UsageConfig};
 use keymeter::keys::sync::{apply_billing_message, parse_update};
+use keymeter::keys::update::check_api_key;
 use keymeter::keys::{KeyEntry, KeyStore};
 use keymeter::usage::contract::{Declared, FieldNames, Limits, usages};
 use proptest::prelude::*;
+use serde_json::Value;
 
 const MAX: usize = 1 << 20;
 
@@ -49,20 +51,32 @@ proptest! {
     #[test]
     fn key_update_parser_never_panics_on_bytes(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
         match parse_update(&bytes, MAX) {
-            Ok(u) => prop_assert!(u.updates.iter().all(|e| !e.api_key.is_empty())),
+            Ok(u) => prop_assert!(u.entries.iter().all(|e| check_api_key(&e.api_key).is_ok())),
             Err(r) => prop_assert!(!r.reason.is_empty()),
         }
     }
 
+    /// A message is rejected whole exactly when it is no key update at all: not JSON,
+    /// not an object, or `updates` neither an array nor null. A rejected one changes
+    /// nothing; any other one applies (its bad entries are skipped one by one, see
+    /// tests/key_update_model.rs).
     #[test]
     fn rejected_key_updates_change_nothing(text in jsonish()) {
         let store = KeyStore::new();
         let metrics = Metrics::new();
         store.apply_billing_update(&[KeyEntry::ok("app", "sk-before"), KeyEntry::blocked("app", "sk-blocked", "r")]);
         let before = store.billing_entries();
-        if let Err(r) = apply_billing_message(&store, &metrics, text.as_bytes(), MAX) {
-            prop_assert!(!r.reason.is_empty());
-            prop_assert_eq!(store.billing_entries(), before);
+        let is_update = match serde_json::from_str::<Value>(&text) {
+            Ok(Value::Object(m)) => matches!(m.get("updates"), None | Some(Value::Null | Value::Array(_))),
+            _ => false,
+        };
+        match apply_billing_message(&store, &metrics, text.as_bytes(), MAX) {
+            Err(r) => {
+                prop_assert!(!is_update, "rejected a key update: {} ({})", text, r);
+                prop_assert!(["bad_json", "wrong_shape"].contains(&r.reason), "{}", r);
+                prop_assert_eq!(store.billing_entries(), before);
+            }
+            Ok(_) => prop_assert!(is_update, "applied something that is no key update: {}", text),
         }
     }
 

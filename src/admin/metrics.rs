@@ -39,6 +39,8 @@ pub const PIPELINE_REJECTIONS: [&str; 4] = [
 ];
 
 /// Reasons a key list (billing message, snapshot or keys file) is rejected whole.
+/// `invalid_entry` is for files only: a message skips its bad entries one by one
+/// (`keymeter_key_entries_skipped_total`).
 pub const KEY_UPDATE_REJECTIONS: [&str; 6] = [
     "too_large",
     "bad_json",
@@ -69,6 +71,7 @@ pub struct Metrics {
     pub key_updates_applied: Counter,
     key_updates_rejected: Family<Labels, Counter>,
     pub key_entries_ignored: Counter,
+    key_entries_skipped: Family<Labels, Counter>,
     key_last_update: Gauge,
     key_source_last_update: Family<Labels, Gauge>,
     pub key_request_pending: Gauge,
@@ -156,8 +159,14 @@ impl Metrics {
         let key_entries_ignored = Counter::default();
         registry.register(
             "key_entries_ignored",
-            "Key entries skipped because their status is neither ok nor blocked",
+            "Key entries ignored because their status is neither ok nor blocked: they change nothing, as in the SDK",
             key_entries_ignored.clone(),
+        );
+        let key_entries_skipped = Family::<Labels, Counter>::default();
+        registry.register(
+            "key_entries_skipped",
+            "Entries of billing key updates that keymeter could not use, by reason; the other entries of their message applied",
+            key_entries_skipped.clone(),
         );
         let key_last_update = Gauge::default();
         registry.register(
@@ -374,6 +383,7 @@ impl Metrics {
             key_updates_applied,
             key_updates_rejected,
             key_entries_ignored,
+            key_entries_skipped,
             key_last_update,
             key_source_last_update,
             key_request_pending,
@@ -421,6 +431,11 @@ impl Metrics {
             let _ = self
                 .key_updates_rejected
                 .get_or_create(&vec![("reason", reason)]);
+        }
+        for reason in crate::keys::update::SkipReason::ALL {
+            let _ = self
+                .key_entries_skipped
+                .get_or_create(&vec![("reason", reason.as_str())]);
         }
         for result in ["ok", "error"] {
             let _ = self
@@ -499,6 +514,13 @@ impl Metrics {
             .inc();
     }
 
+    /// `n` entries of one key update skipped for `reason` (a `SkipReason` label).
+    pub fn key_entries_skipped(&self, reason: &'static str, n: u64) {
+        self.key_entries_skipped
+            .get_or_create(&vec![("reason", reason)])
+            .inc_by(n);
+    }
+
     pub fn keys_file_reload(&self, result: &'static str) {
         self.keys_file_reloads
             .get_or_create(&vec![("result", result)])
@@ -572,6 +594,7 @@ mod tests {
             "keymeter_usage_records_rejected_total{reason=\"not_utf8\"} 0",
             "keymeter_key_updates_rejected_total{reason=\"bad_json\"} 0",
             "keymeter_key_updates_rejected_total{reason=\"file_unreadable\"} 0",
+            "keymeter_key_entries_skipped_total{reason=\"no_app_id\"} 0",
             "keymeter_usage_entries_not_billed_total{reason=\"denied\"} 0",
             "keymeter_keys_file_reloads_total{result=\"error\"} 0",
             "keymeter_keys{status=\"blocked\"} 0",

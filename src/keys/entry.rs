@@ -3,7 +3,8 @@
 //! One shape serves three places: `billing/keys/update` messages (`{"updates": [...]}`),
 //! the local keys file and the snapshot (`{"keys": [...]}`). Full lists are parsed as
 //! [`KeyListRef`], whose strings borrow from the file's bytes: a million keys cost no
-//! allocation per key on their way into the store.
+//! allocation per key on their way into the store. Update messages are read more
+//! leniently, entry by entry (`update.rs`), into the same [`KeyEntryRef`].
 
 use std::borrow::Cow;
 
@@ -134,8 +135,9 @@ impl AsKeyEntry for KeyEntryRef<'_> {
     }
 }
 
-/// Payload of `billing/keys/update`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Payload of `billing/keys/update` as the billing system's stand-in writes it. keymeter
+/// never parses a message into this strict shape: see `update::parse`.
+#[derive(Debug, Clone, Serialize)]
 pub struct KeyUpdate {
     pub updates: Vec<KeyEntry>,
     pub timestamp: i64,

@@ -16,6 +16,7 @@
 pub mod entry;
 pub mod sync;
 mod table;
+pub mod update;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -277,6 +278,9 @@ pub struct Applied {
     pub entries: usize,
     /// Entries skipped because their status is neither `ok` nor `blocked`.
     pub ignored: usize,
+    /// Entries of an update message that keymeter could not use (see
+    /// [`update::SkipReason`]); the rest of their message applied.
+    pub skipped: usize,
     /// Keys whose state changed (for an update: as a Check sees it; for a full list:
     /// in that source's layer).
     pub changed: usize,
@@ -350,7 +354,9 @@ impl KeyStore {
         out
     }
 
-    /// Applies billing-system entries on top of what it said before (an update message).
+    /// Applies billing-system entries on top of what it said before (an update message),
+    /// in order. A `blocked` entry with an empty app id keeps the app id the billing
+    /// system gave the key before (for the deny's metrics and the snapshot).
     /// One atomic change: readers see either all of it or none of it.
     pub fn apply_billing_update<E: AsKeyEntry>(&self, entries: &[E]) -> Applied {
         let guard = self.writer.lock().unwrap_or_else(|p| p.into_inner());
@@ -359,19 +365,22 @@ impl KeyStore {
         let mut delta = (*old.billing.delta).clone();
         let mut touched: Vec<Arc<str>> = Vec::new();
         for e in entries {
-            let Some(new) = stated_entry(e.fields(), &mut applied) else {
+            let Some(mut new) = stated_entry(e.fields(), &mut applied) else {
                 continue;
             };
             let current = match delta.by_key.get(new.api_key) {
                 Some(changed) => Some(changed.info()),
                 None => old.billing.table.get(new.api_key),
             };
+            if new.blocked && new.app_id.is_empty() {
+                new.app_id = current.map_or("", |c| c.app_id);
+            }
             if current.is_some_and(|c| c.states_same(&new)) {
                 continue;
             }
+            // Owned before the delta changes: `new` may borrow from it.
             let key: Arc<str> = new.api_key.into();
             let fingerprint = fingerprint_bits(new.api_key);
-            delta.by_fingerprint.insert(fingerprint, key.clone());
             let changed = Changed {
                 api_key: key.clone(),
                 app_id: new.app_id.into(),
@@ -379,6 +388,7 @@ impl KeyStore {
                 reason: new.reason.into(),
                 fingerprint,
             };
+            delta.by_fingerprint.insert(fingerprint, key.clone());
             delta.by_key.insert(key.clone(), changed);
             touched.push(key);
         }

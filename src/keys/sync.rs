@@ -1,9 +1,14 @@
 //! Keeping the key store in sync: billing-system update messages, the local keys
 //! file (polled, and reloaded on SIGHUP) and the fail-static snapshot on disk.
 //!
-//! Every input is parsed and validated whole before anything is applied, so a bad
-//! message or file changes nothing; it is counted by reason and logged.
+//! An update message applies entry by entry (`update.rs`): its usable entries apply
+//! as one atomic change, each unusable entry is skipped on its own, counted by reason
+//! and logged by position. Only a message that is not a key update at all (not JSON,
+//! not an object, too large) changes nothing. The keys file and the snapshot are
+//! validated whole before anything is applied: one bad entry rejects the file, naming
+//! the entry. Every rejection is counted by reason and logged.
 
+use std::fmt::Write as _;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,11 +16,12 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{Applied, AsKeyEntry, KeyList, KeyListRef, KeyStatus, KeyStore, KeyUpdate, Source};
+use super::update::{self, MAX_FIELD_BYTES, ParsedUpdate, SkipReason, Skipped};
+use super::{Applied, AsKeyEntry, KeyList, KeyListRef, KeyStatus, KeyStore, Source};
 use crate::admin::metrics::Metrics;
 
-/// Longest accepted API key or app id: far above real keys, small enough to bound memory.
-const MAX_FIELD_BYTES: usize = 1024;
+/// Skipped entries named in the one log line of a message; the rest are only counted.
+const SKIPS_LOGGED: usize = 20;
 
 /// Why a key list was rejected whole; `reason` is the metric label.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,17 +43,17 @@ fn rejected(reason: &'static str, detail: impl Into<String>) -> Rejected {
     }
 }
 
-/// Parses and validates a `billing/keys/update` payload.
-pub fn parse_update(payload: &[u8], max_bytes: usize) -> Result<KeyUpdate, Rejected> {
+/// Parses a `billing/keys/update` payload, judging each entry on its own. Fails only
+/// when the payload is over `max_bytes`, not JSON, not a JSON object, or its `updates`
+/// is neither an array nor `null`.
+pub fn parse_update(payload: &[u8], max_bytes: usize) -> Result<ParsedUpdate<'_>, Rejected> {
     if payload.len() > max_bytes {
         return Err(rejected(
             "too_large",
             format!("{} bytes, limit {max_bytes}", payload.len()),
         ));
     }
-    let update: KeyUpdate = serde_json::from_slice(payload).map_err(json_rejection)?;
-    validate_entries(&update.updates)?;
-    Ok(update)
+    update::parse(payload).map_err(json_rejection)
 }
 
 /// Parses and validates a keys file or snapshot (`{"keys": [...]}`).
@@ -66,24 +72,22 @@ fn json_rejection(e: serde_json::Error) -> Rejected {
     }
 }
 
+/// A full list must hold only entries an update message would apply unchanged: the
+/// first one that breaks a rule rejects the list, named by its position.
 fn validate_entries<E: AsKeyEntry>(entries: &[E]) -> Result<(), Rejected> {
     for (i, e) in entries.iter().enumerate() {
         let e = e.fields();
         let bad = |what: &str| rejected("invalid_entry", format!("entry {i}: {what}"));
-        if e.api_key.is_empty() {
-            return Err(bad("empty api_key"));
+        let mut broken = update::check_api_key(e.api_key);
+        // A block may leave its app id empty; one it states must be usable.
+        if broken.is_ok() && (*e.status == KeyStatus::Ok || !e.app_id.is_empty()) {
+            broken = update::check_app_id(e.app_id);
         }
-        if e.api_key.len() > MAX_FIELD_BYTES {
-            return Err(bad("api_key longer than 1024 bytes"));
+        if let Err(reason) = broken {
+            return Err(bad(reason.describe()));
         }
-        if e.api_key.chars().any(|c| c.is_control() || c == ' ') {
-            return Err(bad("api_key contains spaces or control characters"));
-        }
-        if e.app_id.is_empty() && *e.status == KeyStatus::Ok {
-            return Err(bad("empty app_id"));
-        }
-        if e.app_id.len() > MAX_FIELD_BYTES || e.reason.len() > MAX_FIELD_BYTES {
-            return Err(bad("app_id or reason longer than 1024 bytes"));
+        if e.reason.len() > MAX_FIELD_BYTES {
+            return Err(bad("reason longer than 1024 bytes"));
         }
     }
     Ok(())
@@ -109,12 +113,15 @@ fn record_applied(store: &KeyStore, metrics: &Metrics, source: Source, applied: 
         entries = applied.entries,
         changed = applied.changed,
         ignored = applied.ignored,
+        skipped = applied.skipped,
         keys = view.len(),
         "key list applied"
     );
 }
 
-/// Handles one `billing/keys/update` payload: all of it, or (on any error) none of it.
+/// Handles one `billing/keys/update` payload: every usable entry applies, in order, as
+/// one atomic change; unusable entries are skipped, counted and logged (position and
+/// reason, never a key). A payload that is no key update at all changes nothing.
 pub fn apply_billing_message(
     store: &KeyStore,
     metrics: &Metrics,
@@ -123,7 +130,10 @@ pub fn apply_billing_message(
 ) -> Result<Applied, Rejected> {
     match parse_update(payload, max_bytes) {
         Ok(update) => {
-            let applied = store.apply_billing_update(&update.updates);
+            let mut applied = store.apply_billing_update(&update.entries);
+            applied.ignored += update.ignored;
+            applied.skipped = update.skipped.len();
+            record_skipped(metrics, &update.skipped, update.total());
             record_applied(store, metrics, Source::Billing, applied);
             Ok(applied)
         }
@@ -138,6 +148,43 @@ pub fn apply_billing_message(
             Err(r)
         }
     }
+}
+
+/// Counts the skipped entries of one message by reason, and logs them in one line.
+fn record_skipped(metrics: &Metrics, skipped: &[Skipped], total: usize) {
+    if skipped.is_empty() {
+        return;
+    }
+    let mut counts = [0u64; SkipReason::ALL.len()];
+    for s in skipped {
+        if let Some(i) = SkipReason::ALL.iter().position(|r| *r == s.reason) {
+            counts[i] += 1;
+        }
+    }
+    for (reason, n) in SkipReason::ALL.iter().zip(counts) {
+        if n > 0 {
+            metrics.key_entries_skipped(reason.as_str(), n);
+        }
+    }
+    let mut listed = String::new();
+    for s in skipped.iter().take(SKIPS_LOGGED) {
+        let _ = write!(
+            listed,
+            "{}{}: {}",
+            if listed.is_empty() { "" } else { ", " },
+            s.index,
+            s.reason
+        );
+    }
+    if skipped.len() > SKIPS_LOGGED {
+        let _ = write!(listed, ", and {} more", skipped.len() - SKIPS_LOGGED);
+    }
+    tracing::warn!(
+        skipped = skipped.len(),
+        entries = total,
+        skipped_entries = %listed,
+        "skipped unusable entries of a billing key update (index: reason); the other entries applied"
+    );
 }
 
 /// Loads the snapshot into the billing layer at start-up. A missing file is normal
@@ -333,12 +380,9 @@ mod tests {
         let reasons = [
             parse_update(b"{", MAX).unwrap_err().reason,
             parse_update(br#"{"updates": 1}"#, MAX).unwrap_err().reason,
-            parse_update(
-                br#"{"updates": [{"app_id": "a", "api_key": "", "status": "ok"}]}"#,
-                MAX,
-            )
-            .unwrap_err()
-            .reason,
+            parse_key_list(br#"{"keys": [{"app_id": "a", "api_key": "", "status": "ok"}]}"#)
+                .unwrap_err()
+                .reason,
             parse_update(b"{}", 1).unwrap_err().reason,
             load_keys_file(
                 &KeyStore::default(),
@@ -355,32 +399,14 @@ mod tests {
     }
 
     #[test]
-    fn parses_the_billing_format() {
-        let payload = br#"{"updates": [{"app_id": "app-1", "api_key": "sk-test-0001", "status": "ok", "reason": ""}, {"app_id": "app-2", "api_key": "sk-blocked", "status": "blocked", "reason": "balance"}], "timestamp": 1}"#;
-        let u = parse_update(payload, MAX).unwrap();
-        assert_eq!(u.updates.len(), 2);
-        assert_eq!(u.updates[1].status, KeyStatus::Blocked);
-        assert_eq!(u.updates[1].reason, "balance");
-    }
-
-    #[test]
-    fn malformed_messages_are_rejected_with_a_reason() {
+    fn only_a_payload_that_is_no_key_update_is_rejected() {
         let cases: &[(&[u8], &str)] = &[
             (b"not json", "bad_json"),
             (b"{\"updates\": [", "bad_json"),
             (b"{\"updates\": 5, \"timestamp\": 1}", "wrong_shape"),
-            (b"{\"timestamp\": 1}", "wrong_shape"),
             (
-                br#"{"updates": [{"app_id": 1, "api_key": "k", "status": "ok"}], "timestamp": 1}"#,
+                b"[{\"api_key\": \"k\", \"status\": \"blocked\"}]",
                 "wrong_shape",
-            ),
-            (
-                br#"{"updates": [{"app_id": "a", "api_key": "", "status": "ok"}], "timestamp": 1}"#,
-                "invalid_entry",
-            ),
-            (
-                br#"{"updates": [{"app_id": "", "api_key": "k", "status": "ok"}], "timestamp": 1}"#,
-                "invalid_entry",
             ),
         ];
         for (payload, reason) in cases {
@@ -389,6 +415,14 @@ mod tests {
         }
         let big = vec![b' '; 2048];
         assert_eq!(parse_update(&big, 1024).unwrap_err().reason, "too_large");
+        // What the strict parser used to reject whole now applies entry by entry.
+        for payload in [
+            &b"{\"timestamp\": 1}"[..],
+            br#"{"updates": [{"app_id": 1, "api_key": "k", "status": "ok"}], "timestamp": 1}"#,
+            br#"{"updates": [{"app_id": "a", "api_key": "", "status": "ok"}], "timestamp": 1}"#,
+        ] {
+            assert!(parse_update(payload, MAX).is_ok());
+        }
     }
 
     #[test]
@@ -396,22 +430,172 @@ mod tests {
         let store = KeyStore::new();
         let metrics = Metrics::new();
         store.apply_billing_update(&[KeyEntry::ok("a", "good")]);
-        // Valid JSON that would block `good`, but with one invalid entry: all or nothing.
-        let payload = br#"{"updates": [{"app_id": "a", "api_key": "good", "status": "blocked", "reason": "x"}, {"app_id": "a", "api_key": "", "status": "ok"}], "timestamp": 2}"#;
+        let payload = br#"{"updates": [{"app_id": "a", "api_key": "good", "status": "blocked", "reason": "x"}], "timestamp": 2"#;
         assert!(apply_billing_message(&store, &metrics, payload, MAX).is_err());
         assert!(!store.view().get("good").unwrap().blocked);
         assert!(
             metrics
                 .render()
-                .contains("keymeter_key_updates_rejected_total{reason=\"invalid_entry\"} 1")
+                .contains("keymeter_key_updates_rejected_total{reason=\"bad_json\"} 1")
         );
     }
 
     #[test]
+    fn bad_entries_are_skipped_counted_and_the_rest_applies() {
+        let store = KeyStore::new();
+        let metrics = Metrics::new();
+        store.apply_billing_update(&[KeyEntry::ok("a", "good"), KeyEntry::ok("app-9", "k9")]);
+        let payload = br#"{"updates": [
+            {"app_id": "a", "api_key": "good", "status": "blocked", "reason": "x"},
+            {"app_id": "a", "api_key": "", "status": "ok"},
+            "garbage",
+            {"api_key": "k9", "status": "blocked"},
+            {"app_id": "b", "api_key": "new", "status": "ok"},
+            {"app_id": null, "api_key": "new2", "status": "ok"},
+            {"app_id": "b", "api_key": "new3", "status": "suspended"}
+        ]}"#;
+        let applied = apply_billing_message(&store, &metrics, payload, MAX).unwrap();
+        assert_eq!(
+            (
+                applied.entries,
+                applied.ignored,
+                applied.skipped,
+                applied.changed
+            ),
+            (3, 1, 3, 3)
+        );
+        let view = store.view();
+        assert!(view.get("good").unwrap().blocked);
+        let k9 = view.get("k9").unwrap();
+        assert!(k9.blocked);
+        assert_eq!(
+            k9.app_id, "app-9",
+            "a block without app id keeps the known one"
+        );
+        assert_eq!(view.get("new").unwrap().app_id, "b");
+        assert!(view.get("new2").is_none() && view.get("new3").is_none());
+        let text = metrics.render();
+        for sample in [
+            "keymeter_key_entries_skipped_total{reason=\"no_api_key\"} 1",
+            "keymeter_key_entries_skipped_total{reason=\"not_an_object\"} 1",
+            "keymeter_key_entries_skipped_total{reason=\"no_app_id\"} 1",
+            "keymeter_key_entries_ignored_total 1",
+            "keymeter_key_updates_applied_total 1",
+            "keymeter_key_updates_rejected_total{reason=\"invalid_entry\"} 0",
+        ] {
+            assert!(text.contains(sample), "{sample} in\n{text}");
+        }
+    }
+
+    /// Readers load one view per Check: whatever they load holds all of a message or
+    /// none of it, even while a large message with bad entries is being applied.
+    #[test]
+    fn a_check_never_sees_half_a_message() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let store = Arc::new(KeyStore::new());
+        let metrics = Metrics::new();
+        store.apply_billing_update(&[KeyEntry::ok("a", "first"), KeyEntry::ok("a", "last")]);
+        let done = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (store, done) = (store.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut reads = 0u64;
+                while !done.load(Ordering::Relaxed) {
+                    let view = store.view();
+                    let first = view.get("first").unwrap().blocked;
+                    let last = view.get("last").unwrap().blocked;
+                    assert_eq!(first, last, "half a message visible after {reads} reads");
+                    reads += 1;
+                }
+                reads
+            })
+        };
+        for round in 0..10 {
+            let status = if round % 2 == 0 { "blocked" } else { "ok" };
+            let mut entries = vec![format!(
+                r#"{{"app_id": "a", "api_key": "first", "status": "{status}"}}"#
+            )];
+            for i in 0..5_000 {
+                entries.push(format!(
+                    r#"{{"app_id": "a", "api_key": "fill-{round}-{i}", "status": "ok"}}"#
+                ));
+                if i % 1000 == 0 {
+                    entries.push(r#"{"api_key": "no-app", "status": "ok"}"#.into());
+                }
+            }
+            entries.push(format!(
+                r#"{{"app_id": "a", "api_key": "last", "status": "{status}"}}"#
+            ));
+            let payload = format!(r#"{{"updates": [{}]}}"#, entries.join(","));
+            let applied = apply_billing_message(&store, &metrics, payload.as_bytes(), MAX).unwrap();
+            assert_eq!(applied.skipped, 5);
+        }
+        done.store(true, Ordering::Relaxed);
+        assert!(reader.join().unwrap() > 0);
+    }
+
+    /// The worked example in README "Where keys come from" does what the README says.
+    #[test]
+    fn the_readme_example_does_what_the_readme_says() {
+        let readme = include_str!("../../README.md");
+        let example = readme
+            .split("A worked example")
+            .nth(1)
+            .and_then(|r| r.split("```json\n").nth(1))
+            .and_then(|r| r.split("```").next())
+            .expect("README has the worked example");
+        let store = KeyStore::new();
+        let metrics = Metrics::new();
+        store.apply_billing_update(&[KeyEntry::ok("app-0", "sk-old")]);
+        let applied = apply_billing_message(&store, &metrics, example.as_bytes(), MAX).unwrap();
+        assert_eq!((applied.entries, applied.skipped), (3, 2));
+        let view = store.view();
+        let state = |key| view.get(key).map(|k| (k.app_id, k.blocked));
+        assert_eq!(state("sk-live-1"), Some(("app-1", false)));
+        assert_eq!(state("sk-live-4"), Some(("app-4", false)));
+        assert_eq!(state("sk-old"), Some(("app-0", true)));
+        assert_eq!(state("sk-live-2"), None);
+        let text = metrics.render();
+        for reason in ["no_app_id", "not_an_object"] {
+            let sample = format!("keymeter_key_entries_skipped_total{{reason=\"{reason}\"}} 1");
+            assert!(text.contains(&sample), "{sample}");
+        }
+    }
+
+    #[test]
+    fn the_keys_file_stays_strict_and_names_the_entry() {
+        for (list, detail) in [
+            (
+                &br#"{"keys": [{"app_id": "a", "api_key": "k", "status": "ok"}, {"app_id": "a", "api_key": " k", "status": "ok"}]}"#[..],
+                "entry 1: api_key has a control character or a leading or trailing space",
+            ),
+            (
+                br#"{"keys": [{"app_id": "", "api_key": "k", "status": "ok"}]}"#,
+                "entry 0: ok entry whose app_id is missing, null, empty or not a string",
+            ),
+            (
+                br#"{"keys": [{"app_id": "a\r\n", "api_key": "k", "status": "blocked"}]}"#,
+                "entry 0: app_id has a control character",
+            ),
+        ] {
+            let r = parse_key_list(list).unwrap_err();
+            assert_eq!((r.reason, r.detail.as_str()), ("invalid_entry", detail));
+        }
+        // What the billing layer can hold, the snapshot can hold: inner spaces, blocks
+        // without an app id.
+        let ok = br#"{"keys": [{"app_id": "a", "api_key": "sk two", "status": "ok"}, {"app_id": "", "api_key": "k", "status": "blocked", "reason": ""}]}"#;
+        assert_eq!(parse_key_list(ok).unwrap().keys.len(), 2);
+    }
+
+    #[test]
     fn rejection_detail_never_echoes_a_key() {
-        let payload = br#"{"updates": [{"app_id": "a", "api_key": "sk-secret-value", "status": 7}], "timestamp": 1}"#;
+        let payload = br#"{"updates": [{"app_id": "a", "api_key": "sk-secret-value", "status": 7}], "timestamp": 1"#;
         let r = parse_update(payload, MAX).unwrap_err();
         assert!(!r.detail.contains("sk-secret-value"), "{}", r.detail);
+        let list =
+            br#"{"keys": [{"app_id": "a", "api_key": "sk-secret\u0000value", "status": "ok"}]}"#;
+        let r = parse_key_list(list).unwrap_err();
+        assert!(!r.detail.contains("sk-secret"), "{}", r.detail);
     }
 
     #[test]
