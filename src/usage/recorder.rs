@@ -85,16 +85,8 @@ impl Recorder {
     pub fn reject(&self, reason: Rejection, source: &str, app_id: &str, path: &str) {
         self.metrics.records_received.inc();
         self.metrics.records_rejected(reason.as_str(), 1);
-        self.log_limited(|suppressed| {
-            tracing::warn!(
-                reason = reason.as_str(),
-                source,
-                app_id,
-                path,
-                suppressed_since_last_log = suppressed,
-                "usage rejected; nothing billed for it"
-            );
-        });
+        let what = "usage rejected; nothing billed for it";
+        self.log_limited(reason.as_str(), source, app_id, path, what);
     }
 
     /// Counts a record billed without the metadata its backend sent, and logs it
@@ -107,21 +99,14 @@ impl Recorder {
         path: &str,
     ) {
         self.metrics.metadata_dropped(problem);
-        self.log_limited(|suppressed| {
-            tracing::warn!(
-                reason = problem.as_str(),
-                source,
-                app_id,
-                path,
-                suppressed_since_last_log = suppressed,
-                "usage metadata dropped; the usage is billed without it"
-            );
-        });
+        let what = "usage metadata dropped; the usage is billed without it";
+        self.log_limited(problem.as_str(), source, app_id, path, what);
     }
 
-    /// Runs `log` at most once a [`REJECTION_LOG_INTERVAL_MS`], with the number of
-    /// lines suppressed since the last one; the others are only counted.
-    fn log_limited(&self, log: impl FnOnce(u64)) {
+    /// Logs `what` happened to a declaration at most once a
+    /// [`REJECTION_LOG_INTERVAL_MS`], with the number of lines suppressed since the last
+    /// one; the others are only counted.
+    fn log_limited(&self, reason: &str, source: &str, app_id: &str, path: &str, what: &str) {
         let now = now_ms();
         let last = self.last_log_ms.load(Ordering::Relaxed);
         if now - last >= REJECTION_LOG_INTERVAL_MS
@@ -130,7 +115,15 @@ impl Recorder {
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            log(self.suppressed.swap(0, Ordering::Relaxed));
+            let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+            tracing::warn!(
+                reason,
+                source,
+                app_id,
+                path,
+                suppressed_since_last_log = suppressed,
+                "{what}"
+            );
         } else {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
         }

@@ -99,15 +99,20 @@ async fn serve(socket: tokio::net::TcpStream, respond: Arc<Responder>) {
     }
 }
 
-/// A `200` response with `headers` (raw bytes, written as given) and a small body.
-pub fn with_headers(headers: &[(&str, &[u8])]) -> Vec<u8> {
-    let mut out = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n".to_vec();
-    for (name, value) in headers {
+/// Appends `name: value` lines, the values as given.
+fn push_fields(out: &mut Vec<u8>, fields: &[(&str, &[u8])]) {
+    for (name, value) in fields {
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
     }
+}
+
+/// A `200` response with `headers` (raw bytes, written as given) and a small body.
+pub fn with_headers(headers: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut out = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n".to_vec();
+    push_fields(&mut out, headers);
     out.extend_from_slice(b"\r\nok");
     out
 }
@@ -120,12 +125,7 @@ pub fn with_trailers(trailers: &[(&str, &[u8])]) -> Vec<u8> {
         names.join(", ")
     )
     .into_bytes();
-    for (name, value) in trailers {
-        out.extend_from_slice(name.as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
-    }
+    push_fields(&mut out, trailers);
     out.extend_from_slice(b"\r\n");
     out
 }
