@@ -2,10 +2,11 @@
 //!
 //! - Garbage, truncated, lying and oversized gRPC messages on all three methods (Check,
 //!   the access-log stream, the Report API) each get a gRPC status, never a dropped
-//!   connection or a hang: Check and Report answer the decoder's error (INTERNAL;
-//!   OUT_OF_RANGE over `listen.max_message_bytes`); the access-log stream counts a
-//!   message it cannot decode and goes on ([`content_refusal_on`]), and ends only for
-//!   broken framing or size. keymeter keeps serving afterwards.
+//!   connection or a hang: broken gRPC framing is INTERNAL and a message over
+//!   `listen.max_message_bytes` OUT_OF_RANGE on every method; content that does not
+//!   decode is a deny answer (400) on Check, INTERNAL on Report, and counted on the
+//!   access-log stream, which goes on ([`content_refusal_on`]). keymeter keeps serving
+//!   afterwards.
 //! - CheckRequests that decode but are nonsense are denied (401), not errors.
 //! - Hostile HTTP requests through Envoy (huge headers, thousands of headers, non-UTF-8
 //!   keys, a key in both header names, a repeated key header) are refused by Envoy or
@@ -329,14 +330,15 @@ fn print_table(title: &str, header: (&str, &str, &str), rows: &[(String, String,
 }
 
 /// The status keymeter answers on `path` to a well-framed message whose content does
-/// not decode: INTERNAL on Check and Report; the access-log stream counts the message,
-/// uses what it can of it and goes on, so that one bad message cannot cost the
-/// entries behind it (the stream ends normally here, when the client ends it).
+/// not decode: the Report API answers INTERNAL; a Check is answered with a deny (an
+/// error would leave the decision to Envoy's `failure_mode_allow`); the access-log
+/// stream counts the message, uses what it can of it and goes on, so that one bad
+/// message cannot cost the entries behind it (it ends normally when the client ends it).
 fn content_refusal_on(path: &str) -> Code {
-    if path == ACCESS_LOG {
-        Code::Ok
-    } else {
+    if path == REPORT {
         Code::Internal
+    } else {
+        Code::Ok
     }
 }
 
@@ -364,10 +366,9 @@ async fn keymeter_with_key_file(max_message_bytes: usize) -> Keymeter {
 // 1. gRPC garbage at keymeter directly
 // ---------------------------------------------------------------------------------
 
-/// Every malformed message on every method gets a gRPC status within 10 s (Check and
-/// Report: INTERNAL; one byte over `max_message_bytes`: OUT_OF_RANGE, also when only
-/// the 5-byte header claiming 1 GiB has arrived; the access-log stream: OK for content,
-/// see [`content_refusal_on`]). A message of exactly `max_message_bytes` is still decoded, nothing
+/// Every malformed message on every method gets a gRPC status within 10 s (broken
+/// framing: INTERNAL; one byte over `max_message_bytes`: OUT_OF_RANGE, also when only
+/// the 5-byte header claiming 1 GiB has arrived; content: see [`content_refusal_on`]). A message of exactly `max_message_bytes` is still decoded, nothing
 /// malformed reaches a handler's counters, and keymeter keeps answering correctly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_garbage_gets_clean_errors_and_keymeter_keeps_serving() {
@@ -430,6 +431,9 @@ async fn grpc_garbage_gets_clean_errors_and_keymeter_keeps_serving() {
         };
         // (a) random bytes, properly framed.
         let a = call(frame(&m.random), true).await;
+        if m.path == CHECK {
+            assert_eq!(http_status(&a.decode::<CheckResponse>()), 400, "a deny");
+        }
         seen.push((
             m.name,
             "random bytes (1 KiB)".into(),
@@ -438,6 +442,9 @@ async fn grpc_garbage_gets_clean_errors_and_keymeter_keeps_serving() {
         ));
         // (b) a valid message cut in half, framed with its cut length.
         let a = call(frame(&m.truncated), true).await;
+        if m.path == CHECK {
+            assert_eq!(http_status(&a.decode::<CheckResponse>()), 400, "a deny");
+        }
         let case = "valid message cut in half".into();
         seen.push((m.name, case, a, content_refusal_on(m.path)));
         // (c) the length prefix claims 1000 bytes, 10 follow, then the stream ends:
@@ -563,6 +570,7 @@ async fn grpc_garbage_gets_clean_errors_and_keymeter_keeps_serving() {
     assert_eq!(checks("allowed"), 2.0, "{metrics}");
     assert_eq!(checks("invalid_key"), 2.0);
     assert_eq!(checks("missing_key"), 0.0);
+    assert_eq!(checks("malformed"), 2.0, "random bytes and the cut message");
     // Access log: the at-limit message, the valid one, the two around the garbage.
     // The three messages that break (random twice, cut in half) are counted, and
     // nothing of them was taken for an entry.

@@ -61,6 +61,8 @@ pub struct CheckOutcomes {
     pub blocked_key: Counter,
     /// Invalid keys answered 429 by the brute-force guard.
     pub rate_limited: Counter,
+    /// Bytes that are not a CheckRequest, denied with 400.
+    pub malformed: Counter,
 }
 
 pub struct Metrics {
@@ -132,6 +134,7 @@ impl Metrics {
             invalid_key: outcome("invalid_key"),
             blocked_key: outcome("blocked_key"),
             rate_limited: outcome("rate_limited"),
+            malformed: outcome("malformed"),
         };
         // 10 µs .. ~160 ms: a Check should sit in the first buckets.
         let check_duration = Histogram::new(

@@ -10,6 +10,9 @@ mod service;
 pub mod wire;
 
 pub use service::CheckServer;
+/// What a key header that cannot be read as one value (sent twice, not UTF-8) stands
+/// for, wherever keys are read: it matches no key.
+pub use wire::UNREADABLE as UNREADABLE_KEY;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -22,7 +25,6 @@ use envoy_types::ext_authz::v3::pb::{
 };
 use envoy_types::pb::google::rpc;
 use prost::Message;
-use tonic::Status;
 
 use crate::admin::metrics::Metrics;
 use crate::config::CheckConfig;
@@ -34,17 +36,35 @@ pub const METADATA_APP_ID: &str = "app_id";
 pub const METADATA_KEY_FINGERPRINT: &str = "key_fp";
 
 /// gRPC status codes carried inside a CheckResponse.
+const GRPC_INVALID_ARGUMENT: i32 = 3;
 const GRPC_PERMISSION_DENIED: i32 = 7;
 const GRPC_RESOURCE_EXHAUSTED: i32 = 8;
 const GRPC_UNAUTHENTICATED: i32 = 16;
 
-/// The outcome of a Check, free of transport types.
+/// The outcome of a Check (or of a Report API call's key), free of transport types.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision<'a> {
-    Allow { app_id: &'a str, fingerprint: u64 },
+    Allow {
+        app_id: &'a str,
+        fingerprint: u64,
+    },
     MissingKey,
     InvalidKey,
-    Blocked { reason: &'a str },
+    Blocked {
+        reason: &'a str,
+    },
+    /// An invalid key from an address over the brute-force guard's limit.
+    RateLimited {
+        retry_after: Duration,
+    },
+}
+
+/// Who asks, for the brute-force guard: its address, and now.
+#[derive(Clone, Copy)]
+pub struct Asker<'g> {
+    pub guard: &'g guard::InvalidKeyGuard,
+    pub client: IpAddr,
+    pub now: Instant,
 }
 
 /// Finds the key in request headers: `key_headers` in order (the first present and
@@ -80,13 +100,18 @@ fn trim_ows(v: &str) -> &str {
     v.trim_matches([' ', '\t'])
 }
 
-/// The decision for a request whose key (if any) is `key`.
-pub fn decide<'v>(key: Option<&str>, keys: &'v KeyView) -> Decision<'v> {
+/// The decision for a request whose key (if any) is `key`. An invalid key counts
+/// against `asker`'s address with the brute-force guard (when it is on and the address
+/// known), which may turn it into [`Decision::RateLimited`]; valid keys never touch it.
+pub fn decide<'v>(key: Option<&str>, keys: &'v KeyView, asker: Option<Asker<'_>>) -> Decision<'v> {
     let Some(key) = key else {
         return Decision::MissingKey;
     };
     match keys.get(key) {
-        None => Decision::InvalidKey,
+        None => match asker.and_then(|a| a.guard.on_invalid(a.client, a.now)) {
+            Some(retry_after) => Decision::RateLimited { retry_after },
+            None => Decision::InvalidKey,
+        },
         Some(k) if k.blocked => Decision::Blocked { reason: k.reason },
         Some(k) => Decision::Allow {
             app_id: k.app_id,
@@ -104,6 +129,8 @@ struct Answers {
     /// The two common denials, encoded once.
     missing_key: Bytes,
     invalid_key: Bytes,
+    /// The answer to bytes that are not a CheckRequest.
+    malformed: Bytes,
 }
 
 pub struct AuthzService {
@@ -111,7 +138,7 @@ pub struct AuthzService {
     metrics: Arc<Metrics>,
     config: CheckConfig,
     answers: Answers,
-    guard: Option<guard::InvalidKeyGuard>,
+    guard: Option<Arc<guard::InvalidKeyGuard>>,
 }
 
 impl AuthzService {
@@ -131,6 +158,7 @@ impl AuthzService {
             www_authenticate: format!("ApiKey realm=\"{}\"", config.realm),
             missing_key: Bytes::new(),
             invalid_key: Bytes::new(),
+            malformed: Bytes::new(),
         };
         let mut service = AuthzService {
             keys,
@@ -157,24 +185,36 @@ impl AuthzService {
             )
             .encode_to_vec()
             .into();
+        service.answers.malformed = service
+            .deny(
+                400,
+                GRPC_INVALID_ARGUMENT,
+                "malformed_check_request",
+                "the authorization request could not be read",
+            )
+            .encode_to_vec()
+            .into();
         service.guard = service
             .config
             .invalid_key_limit
             .as_ref()
-            .map(guard::InvalidKeyGuard::new);
+            .map(|limit| Arc::new(guard::InvalidKeyGuard::new(limit)));
         service
     }
 
     /// Decides one encoded `CheckRequest` and returns the encoded `CheckResponse`.
-    /// Every decision is an answer; only bytes that are not a protobuf message are an
-    /// error (Envoy then applies `failure_mode_allow`, which the provided configs keep
-    /// closed).
-    pub fn check_bytes(&self, request: &[u8]) -> Result<Bytes, Status> {
+    /// Every outcome is an answer, even bytes that are not a CheckRequest (a deny,
+    /// 400): an error would leave the decision to Envoy's `failure_mode_allow`.
+    pub fn check_bytes(&self, request: &[u8]) -> Bytes {
         let started = Instant::now();
-        let view = wire::scan(request).map_err(|_| Status::internal("malformed CheckRequest"))?;
+        let Ok(view) = wire::scan(request) else {
+            self.metrics.checks.malformed.inc();
+            return self.answers.malformed.clone();
+        };
         let key = find_key(&self.config, |name| view.header(name));
         let keys = self.keys.view();
-        let response: Bytes = match decide(key, &keys) {
+        let asker = self.asker(view.source_ip());
+        let response: Bytes = match decide(key, &keys, asker) {
             Decision::Allow {
                 app_id,
                 fingerprint,
@@ -198,16 +238,14 @@ impl AuthzService {
                 self.metrics.checks.missing_key.inc();
                 self.answers.missing_key.clone()
             }
-            Decision::InvalidKey => match self.over_limit(view.source_ip()) {
-                Some(wait) => {
-                    self.metrics.checks.rate_limited.inc();
-                    self.too_many(wait).encode_to_vec().into()
-                }
-                None => {
-                    self.metrics.checks.invalid_key.inc();
-                    self.answers.invalid_key.clone()
-                }
-            },
+            Decision::InvalidKey => {
+                self.metrics.checks.invalid_key.inc();
+                self.answers.invalid_key.clone()
+            }
+            Decision::RateLimited { retry_after } => {
+                self.metrics.checks.rate_limited.inc();
+                self.too_many(retry_after).encode_to_vec().into()
+            }
             Decision::Blocked { reason } => {
                 self.metrics.checks.blocked_key.inc();
                 let message = if reason.is_empty() {
@@ -223,22 +261,27 @@ impl AuthzService {
         self.metrics
             .check_duration
             .observe(started.elapsed().as_secs_f64());
-        Ok(response)
+        response
     }
 
     /// [`Self::check_bytes`] on prost types: for tests and tools, not the hot path.
     pub fn check(&self, request: &CheckRequest) -> CheckResponse {
-        let answer = self
-            .check_bytes(&request.encode_to_vec())
-            .expect("an encoded CheckRequest always scans");
+        let answer = self.check_bytes(&request.encode_to_vec());
         CheckResponse::decode(answer).expect("keymeter encodes valid CheckResponses")
     }
 
-    /// Records an invalid key with the brute-force guard; `Some(wait)` when the client
-    /// address is over its limit.
-    fn over_limit(&self, client: Option<IpAddr>) -> Option<Duration> {
-        let guard = self.guard.as_ref()?;
-        guard.on_invalid(client?, Instant::now())
+    /// The brute-force guard's view of `client`, when the guard is on.
+    fn asker(&self, client: Option<IpAddr>) -> Option<Asker<'_>> {
+        Some(Asker {
+            guard: self.guard.as_deref()?,
+            client: client?,
+            now: Instant::now(),
+        })
+    }
+
+    /// The brute-force guard, to share with the Report API: one count per address.
+    pub fn guard(&self) -> Option<Arc<guard::InvalidKeyGuard>> {
+        self.guard.clone()
     }
 
     fn too_many(&self, wait: Duration) -> CheckResponse {
@@ -282,7 +325,7 @@ impl AuthzService {
 }
 
 /// Tells the client where the key goes, from the configured header names.
-fn missing_key_message(config: &CheckConfig) -> String {
+pub(crate) fn missing_key_message(config: &CheckConfig) -> String {
     let mut places: Vec<String> = config
         .key_headers
         .iter()
@@ -338,7 +381,7 @@ mod tests {
         let s = store();
         let h = headers(pairs);
         let key = find_key(config, |n| h.get(n).map(String::as_str));
-        format!("{:?}", decide(key, &s.view()))
+        format!("{:?}", decide(key, &s.view(), None))
     }
 
     #[test]

@@ -45,7 +45,7 @@ impl UnaryService<Bytes> for Check {
 
     fn call(&mut self, request: Request<Bytes>) -> Self::Future {
         // Decided synchronously: an in-memory lookup, nothing to await.
-        ready(self.0.check_bytes(request.get_ref()).map(Response::new))
+        ready(Ok(Response::new(self.0.check_bytes(request.get_ref()))))
     }
 }
 

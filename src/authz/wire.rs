@@ -45,39 +45,47 @@ const VARINT: u8 = 0;
 const LEN: u8 = 2;
 
 /// Headers are looked up among a handful of names; a small inline list avoids a map.
+/// Names and values stay bytes until looked up: only the few headers the decision reads
+/// must be UTF-8, so a stray Latin-1 `user-agent` costs nothing.
 pub struct CheckView<'a> {
-    headers: Vec<(&'a str, &'a str)>,
-    raw_headers: Vec<(&'a str, &'a [u8])>,
-    source: Option<&'a str>,
+    /// Both of Envoy's encodings: the `headers` map and, with `encode_raw_headers`,
+    /// `header_map` (one entry per occurrence of a repeated header).
+    headers: Vec<(&'a [u8], &'a [u8])>,
+    source: Option<&'a [u8]>,
 }
 
 impl<'a> CheckView<'a> {
-    /// A request header by lowercase name, as Envoy sends them.
+    /// A request header by lowercase name, as Envoy sends them. A header that is sent
+    /// more than once, or whose value is not UTF-8, reads as [`UNREADABLE`]: it can
+    /// never be a valid key, and it is never taken for an absent one.
     pub fn header(&self, name: &str) -> Option<&'a str> {
-        if let Some((_, v)) = self.headers.iter().find(|(k, _)| *k == name) {
-            return Some(v);
-        }
-        self.raw_headers
+        let mut found = self
+            .headers
             .iter()
-            .find(|(k, _)| *k == name)
-            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+            .filter(|(k, _)| *k == name.as_bytes())
+            .map(|(_, v)| *v);
+        let value = found.next()?;
+        if found.next().is_some() {
+            return Some(UNREADABLE);
+        }
+        Some(std::str::from_utf8(value).unwrap_or(UNREADABLE))
     }
 
     /// The downstream client's address as Envoy saw it.
     pub fn source_ip(&self) -> Option<IpAddr> {
-        self.source?.parse().ok()
+        std::str::from_utf8(self.source?).ok()?.parse().ok()
     }
 }
 
-fn utf8(b: &[u8]) -> Result<&str, Malformed> {
-    std::str::from_utf8(b).map_err(|_| Malformed { offset: 0 })
-}
+/// What a key header that cannot be read as one value stands for. Keys with control
+/// characters are never stored (`keys::update`), so this matches no key.
+pub const UNREADABLE: &str = "\u{0}";
 
-/// Reads the parts of a `CheckRequest` the decision needs.
+/// Reads the parts of a `CheckRequest` the decision needs. Only a broken encoding is
+/// [`Malformed`]; anything that decodes is a request, however odd.
 pub fn scan(buf: &[u8]) -> Result<CheckView<'_>, Malformed> {
     let mut view = CheckView {
         headers: Vec::with_capacity(16),
-        raw_headers: Vec::new(),
         source: None,
     };
     each_len_field(buf, |n, attributes| {
@@ -95,7 +103,7 @@ pub fn scan(buf: &[u8]) -> Result<CheckView<'_>, Malformed> {
                     }
                     each_len_field(socket, |n, ip| {
                         if n == tag::SOCKET_ADDRESS_ADDRESS {
-                            view.source = Some(utf8(ip)?);
+                            view.source = Some(ip);
                         }
                         Ok(())
                     })
@@ -107,11 +115,11 @@ pub fn scan(buf: &[u8]) -> Result<CheckView<'_>, Malformed> {
                 }
                 each_len_field(http, |n, b| match n {
                     tag::HTTP_HEADERS => {
-                        let (mut key, mut value) = ("", "");
+                        let (mut key, mut value): (&[u8], &[u8]) = (b"", b"");
                         each_len_field(b, |n, s| {
                             match n {
-                                tag::MAP_KEY => key = utf8(s)?,
-                                tag::MAP_VALUE => value = utf8(s)?,
+                                tag::MAP_KEY => key = s,
+                                tag::MAP_VALUE => value = s,
                                 _ => {}
                             }
                             Ok(())
@@ -123,16 +131,16 @@ pub fn scan(buf: &[u8]) -> Result<CheckView<'_>, Malformed> {
                         if n != tag::HEADER_MAP_HEADERS {
                             return Ok(());
                         }
-                        let (mut key, mut value): (&str, &[u8]) = ("", b"");
+                        let (mut key, mut value): (&[u8], &[u8]) = (b"", b"");
                         each_len_field(header, |n, s| {
                             match n {
-                                tag::HEADER_VALUE_KEY => key = utf8(s)?,
+                                tag::HEADER_VALUE_KEY => key = s,
                                 tag::HEADER_VALUE_VALUE | tag::HEADER_VALUE_RAW_VALUE => value = s,
                                 _ => {}
                             }
                             Ok(())
                         })?;
-                        view.raw_headers.push((key, value));
+                        view.headers.push((key, value));
                         Ok(())
                     }),
                     _ => Ok(()),
