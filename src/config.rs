@@ -340,7 +340,8 @@ pub struct UsageConfig {
     /// (keys `module`, `model`, `usage`, `metadata`, `records`).
     #[serde(default = "default_metadata_namespace")]
     pub metadata_namespace: String,
-    /// Larger `metadata` objects are rejected.
+    /// Larger `metadata` objects are dropped (the usage still bills); the Report API
+    /// rejects them.
     #[serde(default = "default_max_metadata_bytes")]
     pub max_metadata_bytes: usize,
     /// At most this many records per response (`records` header).
@@ -353,6 +354,13 @@ pub struct UsageConfig {
     /// Defaults for responses whose backend sets no usage headers; first match wins.
     #[serde(default)]
     pub routes: Vec<RouteRule>,
+    /// The Report API refuses a `timestamp_ms` older than this many seconds.
+    #[serde(default = "default_report_max_age_secs")]
+    pub report_max_age_secs: u64,
+}
+
+fn default_report_max_age_secs() -> u64 {
+    7 * 24 * 3600
 }
 
 impl Default for UsageConfig {
@@ -364,6 +372,7 @@ impl Default for UsageConfig {
             max_records_per_response: default_max_records(),
             record_id_field: default_record_id_field(),
             routes: Vec::new(),
+            report_max_age_secs: default_report_max_age_secs(),
         }
     }
 }
@@ -853,6 +862,12 @@ impl Config {
             return Err(ConfigError::invalid(
                 "usage.max_records_per_response",
                 "must be 1 to 1000",
+            ));
+        }
+        if !(60..=366 * 24 * 3600).contains(&u.report_max_age_secs) {
+            return Err(ConfigError::invalid(
+                "usage.report_max_age_secs",
+                "must be 60 to 31622400 (366 days)",
             ));
         }
         const RESERVED: [&str; 7] = [

@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tonic::{Request, Response, Status};
 
-use crate::authz::find_key;
+use crate::authz::guard::InvalidKeyGuard;
+use crate::authz::{Asker, Decision, UNREADABLE_KEY, decide, find_key, missing_key_message};
 use crate::config::{CheckConfig, UsageConfig};
 use crate::keys::KeyStore;
 use crate::keys::sync::now_ms;
@@ -22,16 +23,20 @@ use crate::usage::{Rejection, Usage, UsageRecord};
 
 /// Records one Report call may carry: bounds the work and the fsync batch.
 pub const MAX_RECORDS_PER_REPORT: usize = 1000;
-/// Stands in for a key header that is not visible ASCII: never a valid key.
-const UNREADABLE_KEY: &str = "\u{fffd}";
 /// Largest usage accepted (the billing consumer's signed 64-bit integers).
 const MAX_USAGE: u64 = i64::MAX as u64;
+/// How far a caller's clock may run ahead of keymeter's.
+const MAX_CLOCK_SKEW_MS: i64 = 60_000;
 
 pub struct ReportService {
     keys: Arc<KeyStore>,
     recorder: Arc<Recorder>,
     check: CheckConfig,
+    /// The Check's brute-force guard: invalid keys count per address on both paths.
+    guard: Option<Arc<InvalidKeyGuard>>,
+    missing_key_message: String,
     limits: Limits,
+    max_age_ms: i64,
     /// Makes generated record ids unique within this process.
     counter: AtomicU64,
     instance: String,
@@ -42,14 +47,20 @@ impl ReportService {
         keys: Arc<KeyStore>,
         recorder: Arc<Recorder>,
         check: CheckConfig,
+        guard: Option<Arc<InvalidKeyGuard>>,
         usage: &UsageConfig,
         instance: String,
     ) -> Self {
         ReportService {
             keys,
             recorder,
+            missing_key_message: missing_key_message(&check),
             check,
+            guard,
             limits: Limits::from_config(usage),
+            max_age_ms: i64::try_from(usage.report_max_age_secs)
+                .unwrap_or(i64::MAX)
+                .saturating_mul(1000),
             counter: AtomicU64::new(0),
             instance,
         }
@@ -79,6 +90,18 @@ impl UsageApi for ReportService {
         &self,
         request: Request<ReportRequest>,
     ) -> Result<Response<ReportResponse>, Status> {
+        // Shape first: an empty call must not tell a caller whether its key is valid.
+        let count = request.get_ref().records.len();
+        if count == 0 {
+            return Err(Status::invalid_argument(
+                "no_records: a Report carries at least one record",
+            ));
+        }
+        if count > MAX_RECORDS_PER_REPORT {
+            return Err(Status::invalid_argument(format!(
+                "too_many_records: at most {MAX_RECORDS_PER_REPORT} per call"
+            )));
+        }
         let metadata = request.metadata();
         // A value that is not visible ASCII is a (wrong) key, not an absent one, as it
         // is for a Check through Envoy.
@@ -88,33 +111,40 @@ impl UsageApi for ReportService {
                 .map(|v| v.to_str().unwrap_or(UNREADABLE_KEY))
         })
         .map(str::to_string);
+        let asker = self
+            .guard
+            .as_deref()
+            .zip(request.remote_addr())
+            .map(|(guard, peer)| Asker {
+                guard,
+                client: peer.ip(),
+                now: std::time::Instant::now(),
+            });
         let (api_key, app_id) = {
             let view = self.keys.view();
-            let Some(key) = key else {
-                return Err(Status::unauthenticated(
-                    "missing_api_key: send the key in the api-key metadata",
-                ));
-            };
-            match view.get(&key) {
-                None => return Err(Status::unauthenticated("invalid_api_key")),
-                Some(k) if k.blocked => {
-                    return Err(Status::permission_denied(format!(
-                        "blocked_api_key: {}",
-                        k.reason
+            match decide(key.as_deref(), &view, asker) {
+                Decision::Allow { app_id, .. } => (key.unwrap_or_default(), app_id.to_string()),
+                Decision::MissingKey => {
+                    return Err(Status::unauthenticated(format!(
+                        "missing_api_key: {}",
+                        self.missing_key_message
                     )));
                 }
-                Some(k) => (k.api_key.to_string(), k.app_id.to_string()),
+                Decision::InvalidKey => return Err(Status::unauthenticated("invalid_api_key")),
+                Decision::Blocked { reason } => {
+                    return Err(Status::permission_denied(format!(
+                        "blocked_api_key: {reason}"
+                    )));
+                }
+                Decision::RateLimited { retry_after } => {
+                    return Err(Status::resource_exhausted(format!(
+                        "too_many_invalid_keys: retry after {} s",
+                        retry_after.as_secs().max(1)
+                    )));
+                }
             }
         };
         let request = request.into_inner();
-        if request.records.is_empty() {
-            return Ok(Response::new(ReportResponse::default()));
-        }
-        if request.records.len() > MAX_RECORDS_PER_REPORT {
-            return Err(Status::invalid_argument(format!(
-                "too_many_records: at most {MAX_RECORDS_PER_REPORT} per call"
-            )));
-        }
         let now = now_ms();
         let call = self.counter.fetch_add(1, Ordering::Relaxed);
         let mut records = Vec::with_capacity(request.records.len());
@@ -128,9 +158,13 @@ impl UsageApi for ReportService {
                     )));
                 }
             };
-            if r.timestamp_ms < 0 {
+            if r.timestamp_ms != 0
+                && (r.timestamp_ms < now.saturating_sub(self.max_age_ms)
+                    || r.timestamp_ms > now.saturating_add(MAX_CLOCK_SKEW_MS))
+            {
                 return Err(Status::invalid_argument(format!(
-                    "records[{i}]: timestamp_ms must not be negative"
+                    "records[{i}]: timestamp_ms must be within the last {} s and not in the future; nothing was recorded",
+                    self.max_age_ms / 1000
                 )));
             }
             let timestamp = if r.timestamp_ms == 0 {

@@ -202,6 +202,7 @@ pub async fn run(
         keys.clone(),
         recorder,
         config.check.clone(),
+        authz.guard(),
         &config.usage,
         config.client_id(),
     );

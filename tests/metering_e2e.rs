@@ -483,12 +483,14 @@ async fn report_api_records_usage_for_valid_keys_only() {
         }
         req
     };
+    // Work that finished an hour ago (within usage.report_max_age_secs).
+    let finished = now_ms() - 3_600_000;
     let record = |usage: u64, idem: &str| UsageRecord {
         module: "batch".into(),
         model: "nightly-embeddings".into(),
         usage,
         metadata_json: r#"{"documents": 1200}"#.into(),
-        timestamp_ms: 1_795_648_616_249,
+        timestamp_ms: finished,
         idempotency_key: idem.into(),
     };
 
@@ -509,7 +511,7 @@ async fn report_api_records_usage_for_valid_keys_only() {
         json!({"app_id": "app-1", "api_key": GOOD, "module": "batch", "model": "nightly-embeddings",
                "usage": 1200, "metadata": {"documents": 1200}})
     );
-    assert_eq!(job["timestamp"], 1_795_648_616_249_i64);
+    assert_eq!(job["timestamp"], finished);
     assert_eq!(job["record_id"], ids[0]);
 
     // The same idempotency key gives the same record id: a retry is detectable.

@@ -48,11 +48,14 @@ impl Recorder {
         }
         let n = records.len() as u64;
         self.metrics.records_received.inc_by(n);
+        let now = now_ms();
         let batch = records
             .iter()
             .map(|r| NewRecord {
                 payload: r.to_payload(&self.id_field).into(),
-                created_ms: r.timestamp,
+                // When keymeter took it: how long it waits here, whatever the record's
+                // own timestamp says (a Report may describe work from days ago).
+                created_ms: now,
             })
             .collect();
         match self.outbox.append(batch, durability).await {
