@@ -15,10 +15,10 @@ pub use service::AccessLogServer;
 
 use envoy_types::pb::envoy::config::core::v3::RequestMethod;
 
-use crate::authz::{METADATA_APP_ID, METADATA_KEY_FINGERPRINT, find_key};
+use crate::authz::{METADATA_APP_ID, METADATA_KEY_FINGERPRINT, UNREADABLE_KEY, find_key};
 use crate::config::{CheckConfig, UsageConfig};
-use crate::keys::KeyView;
 use crate::keys::sync::now_ms;
+use crate::keys::{KeyView, fingerprint};
 use crate::usage::contract::{Declared, Field, FieldNames, Limits, MetadataProblem, usages};
 use crate::usage::record::record_id;
 use crate::usage::routes::{RequestFacts, matching};
@@ -27,9 +27,6 @@ use wire::{Fields, LogEntry, MetaValue};
 
 /// Where Envoy's ext_authz filter puts the Check's dynamic metadata.
 pub const EXT_AUTHZ_NAMESPACE: &str = "envoy.filters.http.ext_authz";
-
-/// Stands in for a key header that was not UTF-8: never a valid key.
-const UNREADABLE_KEY: &str = "\u{fffd}";
 
 /// Why an HTTP entry bills nothing. `as_str` is the metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,14 +39,18 @@ pub enum NotBilled {
     UnknownKey,
     /// The backend declared no usage and no route default matched.
     NoUsage,
+    /// The Check's metadata names another app than the key store has for the key:
+    /// not something Envoy's Check allowed (a forged or corrupted entry).
+    AppMismatch,
 }
 
 impl NotBilled {
-    pub const ALL: [NotBilled; 4] = [
+    pub const ALL: [NotBilled; 5] = [
         NotBilled::Denied,
         NotBilled::NoKey,
         NotBilled::UnknownKey,
         NotBilled::NoUsage,
+        NotBilled::AppMismatch,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +59,7 @@ impl NotBilled {
             NotBilled::NoKey => "no_key",
             NotBilled::UnknownKey => "unknown_key",
             NotBilled::NoUsage => "no_usage",
+            NotBilled::AppMismatch => "app_mismatch",
         }
     }
 }
@@ -122,23 +124,37 @@ pub fn entry_outcome(entry: &LogEntry<'_>, keys: &KeyView, rules: &Rules<'_>) ->
     }
     let authz = entry.metadata(EXT_AUTHZ_NAMESPACE);
 
-    // Who pays.
-    let from_check = authz
-        .and_then(|s| s.text(METADATA_KEY_FINGERPRINT))
-        .and_then(|fp| keys.get_by_fingerprint(fp));
-    let payer = match from_check {
-        Some(key) => key,
+    // Who pays: only what Envoy's Check allowed. The Check hands the key's
+    // fingerprint and app id to the log; the app must be the key's own, so a forged
+    // entry cannot bill a key to another app.
+    let check_app = authz.and_then(|s| s.text(METADATA_APP_ID));
+    let logged_key = || {
+        let headers = &entry.request_headers;
+        find_key(rules.check, |name| {
+            headers.get(name).map(|v| {
+                if v.contains('\u{fffd}') {
+                    UNREADABLE_KEY
+                } else {
+                    v
+                }
+            })
+        })
+    };
+    let (api_key, app_id) = match authz.and_then(|s| s.text(METADATA_KEY_FINGERPRINT)) {
+        Some(fp) => match keys.get_by_fingerprint(fp) {
+            Some(key) if check_app.is_some_and(|app| app != key.app_id) => {
+                return Outcome::NotBilled(NotBilled::AppMismatch);
+            }
+            Some(key) => (key.api_key, key.app_id),
+            // Unknown here, but replicas can lag each other: the replica that answered
+            // the Check knew it. Billed only if the logged key is the one it checked.
+            None => match (logged_key(), check_app) {
+                (Some(key), Some(app)) if fingerprint(key) == fp => (key, app),
+                _ => return Outcome::NotBilled(NotBilled::UnknownKey),
+            },
+        },
         None => {
-            let headers = &entry.request_headers;
-            let Some(api_key) = find_key(rules.check, |name| {
-                headers.get(name).map(|v| {
-                    if v.contains('\u{fffd}') {
-                        UNREADABLE_KEY
-                    } else {
-                        v
-                    }
-                })
-            }) else {
+            let Some(api_key) = logged_key() else {
                 return Outcome::NotBilled(NotBilled::NoKey);
             };
             match keys.get(api_key) {
@@ -147,15 +163,14 @@ pub fn entry_outcome(entry: &LogEntry<'_>, keys: &KeyView, rules: &Rules<'_>) ->
                 Some(k) if k.blocked && authz.is_none() => {
                     return Outcome::NotBilled(NotBilled::Denied);
                 }
-                Some(k) => k,
+                Some(k) if check_app.is_some_and(|app| app != k.app_id) => {
+                    return Outcome::NotBilled(NotBilled::AppMismatch);
+                }
+                Some(k) => (k.api_key, k.app_id),
             }
         }
     };
-    // The Check's app id is what the request was allowed as.
-    let app_id = authz
-        .and_then(|s| s.text(METADATA_APP_ID))
-        .unwrap_or(payer.app_id)
-        .to_string();
+    let app_id = app_id.to_string();
 
     // What the backend declared.
     let names = FieldNames::from_config(rules.usage);
@@ -218,7 +233,7 @@ pub fn entry_outcome(entry: &LogEntry<'_>, keys: &KeyView, rules: &Rules<'_>) ->
         ]);
         declaration.records.push(UsageRecord::new(
             &declaration.app_id,
-            payer.api_key,
+            api_key,
             usage,
             completed_ms,
             id,
@@ -569,5 +584,59 @@ mod tests {
                 ..Declaration::default()
             })
         );
+    }
+
+    #[test]
+    fn only_what_the_check_allowed_bills() {
+        // The Check's app id must be the key's own.
+        let fp = fingerprint("sk-good");
+        let forged = (
+            EXT_AUTHZ_NAMESPACE,
+            st(&[("app_id", "app-2"), ("key_fp", fp.as_str())]),
+        );
+        let o = outcome(
+            E {
+                response_headers: usage_headers("9"),
+                metadata: vec![forged],
+                ..E::default()
+            },
+            vec![],
+        );
+        assert_eq!(o, Outcome::NotBilled(NotBilled::AppMismatch));
+
+        // A key this replica does not know yet (replicas lag): billed when the logged
+        // key is the one the Check fingerprinted, with the Check's app.
+        let fresh = fingerprint("sk-fresh");
+        let meta = || {
+            (
+                EXT_AUTHZ_NAMESPACE,
+                st(&[("app_id", "app-7"), ("key_fp", fresh.as_str())]),
+            )
+        };
+        let o = outcome(
+            E {
+                request_headers: vec![("api-key", "sk-fresh")],
+                response_headers: usage_headers("3"),
+                metadata: vec![meta()],
+                ..E::default()
+            },
+            vec![],
+        );
+        let r = billed(o);
+        assert_eq!(
+            (r[0].api_key.as_str(), r[0].app_id.as_str()),
+            ("sk-fresh", "app-7")
+        );
+        // ...and not when the logged key is another one.
+        let o = outcome(
+            E {
+                request_headers: vec![("api-key", "sk-good")],
+                response_headers: usage_headers("3"),
+                metadata: vec![meta()],
+                ..E::default()
+            },
+            vec![],
+        );
+        assert_eq!(o, Outcome::NotBilled(NotBilled::UnknownKey));
     }
 }
