@@ -45,16 +45,32 @@ pub(super) struct SegmentMeta {
     pub first_seq: u64,
     pub last_seq: u64,
     pub records: u64,
-    /// Valid bytes (whole frames); the file is never longer except after a failed undo.
+    /// Bytes up to the end of the last valid frame; the file is never longer except
+    /// after a failed undo or truncation.
     pub bytes: u64,
+    /// Byte ranges of damaged frames found on open, skipped (already counted) when the
+    /// segment is read back. Empty but for a damaged file.
+    pub damaged: Vec<(u64, u64)>,
 }
 
-/// Where a record is: its segment, byte offset and index among the segment's records.
+/// Where a record is: its segment, byte offset and index among the segment's valid
+/// records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct TailPos {
     pub first_seq: u64,
     pub offset: u64,
     pub index: u64,
+}
+
+impl TailPos {
+    /// The record after the valid frame `h` read here.
+    fn after(self, h: frame::FrameHeader) -> TailPos {
+        TailPos {
+            offset: self.offset + h.frame_len(),
+            index: self.index + 1,
+            ..self
+        }
+    }
 }
 
 /// The disk side of a recovered outbox.
@@ -416,25 +432,27 @@ impl IoThread {
                 last_seq: chunk.first_seq,
                 records: 0,
                 bytes: 0,
+                damaged: Vec::new(),
             });
         }
         let (Some(file), Some(seg)) = (self.active.as_mut(), self.segments.back_mut()) else {
             return Err(io::Error::other("no open outbox segment"));
         };
         if let Err(e) = file.write_all(&chunk.buf) {
-            // Undo a partial write, so the next frame does not land behind a torn one.
-            let undone = file.set_len(seg.bytes);
-            let (empty, first_seq) = (seg.records == 0, seg.first_seq);
-            if let Err(undo) = undone {
+            // Undo a partial write, so that no frame lands behind a torn one.
+            if let Err(undo) = file.set_len(seg.bytes) {
                 tracing::error!(
                     error = %undo,
-                    "outbox could not undo a failed write; starting a new segment (the torn bytes are truncated on the next open)"
+                    "outbox could not undo a failed write; starting a new segment (the torn bytes are dropped on the next open)"
                 );
-                self.retire_active();
             }
+            let (empty, first_seq) = (seg.records == 0, seg.first_seq);
+            // The failed records' seqs are not handed out again, and must not leave a
+            // hole inside a segment (recovery relies on consecutive seqs there): the
+            // next write starts a new segment.
+            self.retire_active();
             if empty {
                 self.segments.pop_back();
-                self.active = None;
                 let _ = fs::remove_file(frame::segment_path(&self.dir, first_seq));
             }
             return Err(e);
@@ -499,6 +517,11 @@ impl IoThread {
     }
 
     /// Reads records behind the window back from disk once the window has drained.
+    ///
+    /// Damage found on open is jumped over. Damage that appeared since (the disk changed
+    /// under us) is skipped like on open: every byte after the bad frame is a candidate
+    /// for the next valid frame; the valid records in between are lost, counted at the
+    /// end of the segment.
     fn refill(&mut self) {
         let (room_records, room_bytes, window_empty, mut last_seq) = {
             let st = self.shared.lock();
@@ -527,17 +550,35 @@ impl IoThread {
                 break;
             };
             let (seg_bytes, seg_records) = (seg.bytes, seg.records);
+            if let Some(&(_, end)) = seg.damaged.iter().find(|(start, _)| *start == pos.offset) {
+                self.tail = Some(TailPos { offset: end, ..pos });
+                continue;
+            }
+            // The next known damage bounds a skip: what lies behind it was valid on open.
+            let limit = seg
+                .damaged
+                .iter()
+                .map(|&(start, _)| start)
+                .filter(|&start| start > pos.offset)
+                .min()
+                .unwrap_or(seg_bytes);
             if pos.offset >= seg_bytes {
+                // Every valid record of the segment was read, unless damage took some.
+                let lost = seg_records.saturating_sub(pos.index);
+                if lost > 0 {
+                    tracing::error!(
+                        segment = pos.first_seq,
+                        records = lost,
+                        "outbox records lost: their segment went bad after they were written"
+                    );
+                    lost_records += lost;
+                }
                 self.tail = self.next_segment_start(pos.first_seq);
                 continue;
             }
             let reason = match self.read_at(pos, seg_bytes) {
                 Ok(ReadFrame::Frame(h)) if self.acked_above.contains(&h.seq) => {
-                    self.tail = Some(TailPos {
-                        offset: pos.offset + h.frame_len(),
-                        index: pos.index + 1,
-                        ..pos
-                    });
+                    self.tail = Some(pos.after(h));
                     continue;
                 }
                 Ok(ReadFrame::Frame(h)) if last_seq.is_none_or(|last| h.seq > last) => {
@@ -550,11 +591,7 @@ impl IoThread {
                     loaded.push((h.seq, h.created_ms, Bytes::copy_from_slice(&self.read_buf)));
                     loaded_bytes += h.payload_len as u64;
                     last_seq = Some(h.seq);
-                    self.tail = Some(TailPos {
-                        offset: pos.offset + h.frame_len(),
-                        index: pos.index + 1,
-                        ..pos
-                    });
+                    self.tail = Some(pos.after(h));
                     continue;
                 }
                 Ok(ReadFrame::Frame(_)) => "record seq out of order",
@@ -568,18 +605,29 @@ impl IoThread {
                 }
             };
             // Verified when written or opened, unreadable now: the disk changed under us.
-            let records = seg_records.saturating_sub(pos.index);
+            let lowest = last_seq
+                .map_or(pos.first_seq, |s| s.saturating_add(1))
+                .max(pos.first_seq);
+            let next = match self.resync(pos, limit, lowest) {
+                Ok(found) => found.unwrap_or(limit),
+                Err(e) => {
+                    tracing::error!(segment = pos.first_seq, offset = pos.offset, error = %e,
+                        "outbox could not read records back from disk; retrying");
+                    break;
+                }
+            };
             tracing::error!(
                 segment = pos.first_seq,
                 offset = pos.offset,
-                records,
+                skipped_bytes = next - pos.offset,
                 reason,
-                "outbox segment is corrupt; its remaining records are lost"
+                "outbox segment went bad after it was written; skipped to the next valid record"
             );
-            lost_records += records;
-            lost_bytes += seg_bytes - pos.offset;
-            self.reader = None;
-            self.tail = self.next_segment_start(pos.first_seq);
+            lost_bytes += next - pos.offset;
+            self.tail = Some(TailPos {
+                offset: next,
+                ..pos
+            });
         }
 
         let mut st = self.shared.lock();
@@ -610,6 +658,21 @@ impl IoThread {
         if appeared {
             self.shared.unsent.notify_waiters();
         }
+    }
+
+    /// The next valid frame after the bad one at `pos`, before `limit`, with a seq of at
+    /// least `lowest`.
+    fn resync(&mut self, pos: TailPos, limit: u64, lowest: u64) -> io::Result<Option<u64>> {
+        self.reader = None;
+        let file = File::open(frame::segment_path(&self.dir, pos.first_seq))?;
+        let found = frame::resync(
+            &file,
+            pos.offset + 1,
+            limit,
+            |at, seq| seq >= lowest && seq <= frame::max_seq_at(pos.first_seq, at),
+            &mut self.read_buf,
+        )?;
+        Ok(found.map(|(at, _)| at))
     }
 
     fn segment(&self, first_seq: u64) -> Option<&SegmentMeta> {

@@ -32,10 +32,30 @@
 //!   | 8 | created_ms, i64 LE | epoch milliseconds, from the caller |
 //!   | len | payload | opaque |
 //!
-//!   On open every segment is scanned. The first frame that is short, has a bad magic,
-//!   a bad checksum or a seq out of order ends its segment: the rest is a torn write (a
-//!   crash mid-`write`) or corruption, so it is logged with `warn!` and truncated away;
-//!   everything before it survives.
+//!   Within a segment seqs are consecutive: the k-th frame holds seq `first + k`
+//!   (after a failed write the writer starts a new segment rather than leave a hole;
+//!   files of earlier versions may have such a hole, which costs nothing unless
+//!   damage strikes right before it).
+//!
+//!   On open every segment is scanned. A frame that is short, has a bad magic, a bad
+//!   checksum or a seq out of order is damage; the scan does not trust its length but
+//!   tries every following byte offset for the next whole valid frame (magic, length
+//!   within the file, checksum, a seq above the last one and no higher than the
+//!   offset allows; see `frame::resync`) and goes on from there:
+//!   - nothing valid follows: a torn write (a crash mid-`write`) or damage at the end.
+//!     It is logged with `warn!` and truncated away; everything before it survives.
+//!   - a valid frame follows: damage in the middle (a flipped bit, a lost sector).
+//!     Only the bytes up to that frame are skipped (`warn!` with segment, offset and
+//!     skipped bytes). The file is left as it is, since its middle cannot be cut
+//!     out; the damaged range is remembered for this run, and the next open finds
+//!     and reports it again. It goes with the segment once its records are acked.
+//!
+//!   Damaged bytes are counted in [`OutboxStats::corrupt_bytes_total`]. Damage found
+//!   later, when records behind the memory window are read back, is skipped the same
+//!   way and logged with `error!`.
+//!
+//!   A segment file that is gone leaves a hole in the seqs between its neighbours,
+//!   logged with `warn!` on open; the newest segment leaves no trace when it is lost.
 //! - `ack-watermark`: text, `keymeter-outbox-ack v1\n<W>\n<seq> <seq> …\n`: every
 //!   record with a seq below `W` was acknowledged, and so were the listed seqs above it
 //!   (acknowledged out of order, so at most a window's worth). Replaced atomically
