@@ -7,6 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[path = "support/fsync_fault.rs"]
+mod fsync_fault;
+
+use fsync_fault::{FsyncFault, FsyncMode};
 use keymeter::outbox::{
     AppendError, Durability, FsyncPolicy, NewRecord, Outbox, OutboxConfig, OutboxStats,
     PendingRecord, WINDOW_MAX_BYTES, WINDOW_MAX_RECORDS,
@@ -16,6 +20,10 @@ use keymeter::outbox::{
 const CRASH_DIR_ENV: &str = "KEYMETER_OUTBOX_CRASH_DIR";
 const CRASH_RECORDS: u64 = 500;
 const WAIT: Duration = Duration::from_secs(10);
+/// Set in the child process of the fsync fault test: its outbox directory.
+const FSYNC_DIR_ENV: &str = "KEYMETER_OUTBOX_FSYNC_DIR";
+/// Printed by that child once every assertion held.
+const FSYNC_CHILD_DONE: &str = "fsync fault child: done";
 
 fn config(dir: &Path) -> OutboxConfig {
     OutboxConfig {
@@ -403,6 +411,134 @@ async fn killed_process_loses_nothing_written() {
     );
     assert_eq!(replayed[7].payload.as_ref(), payload(7, 120).as_slice());
     outbox.close().await;
+}
+
+/// Not a test on its own: the child process of
+/// `a_failed_fsync_fails_synced_appends_and_every_unsynced_file_is_retried`, run with the
+/// fsync fault layer loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsync_fault_child() {
+    let Some(dir) = std::env::var_os(FSYNC_DIR_ENV) else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let fault = FsyncFault::from_env().expect("started with the fault layer");
+    let cfg = OutboxConfig {
+        // Nothing is fsynced on its own: only `Synced` appends and retries sync.
+        fsync: FsyncPolicy::Interval(Duration::from_secs(3600)),
+        // Ten 100-byte frames per segment.
+        segment_bytes: 1024,
+        ..OutboxConfig::new(&dir)
+    };
+    let outbox = Outbox::open(cfg.clone()).unwrap();
+
+    // A `Synced` append is not answered while its fsync has not returned.
+    let synced = outbox.clone();
+    fault
+        .answers_only_after_fsync(
+            async move { synced.append(records(0..1, 76), Durability::Synced).await },
+            Duration::from_millis(300),
+        )
+        .await
+        .expect("answered once the fsync returned");
+
+    // The disk fails: `Written` appends still land in the files (five more segments)...
+    fault.set(FsyncMode::Fail);
+    for i in 0..5 {
+        outbox
+            .append(records(1 + i * 10..11 + i * 10, 76), Durability::Written)
+            .await
+            .unwrap();
+    }
+    // ...a `Synced` append fails...
+    let err = outbox
+        .append(records(100..102, 76), Durability::Synced)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AppendError::Io(_)), "{err:?}");
+    // ...after every unsynced file was tried, not just up to the first failure.
+    let segments = segment_files(&dir);
+    assert_eq!(segments.len(), 7);
+    let failed: HashSet<PathBuf> = fault
+        .calls()
+        .into_iter()
+        .filter(|c| c.ok == Some(false))
+        .map(|c| c.path)
+        .collect();
+    for segment in &segments[1..] {
+        assert!(failed.contains(segment), "{} not tried", segment.display());
+    }
+    assert!(failed.contains(&dir), "the new segments' directory entries");
+    let errors = outbox.stats().fsync_errors_total;
+    assert!(errors >= 7, "{errors} fsync errors counted");
+    // The written records are there to publish; the failed append's are withdrawn.
+    assert_indexes(&indexes(&take_all(&outbox)), 0..51);
+
+    // The disk recovers: the background retry syncs every file that was still unsynced.
+    fault.set(FsyncMode::Pass);
+    let before = fault.calls().len();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let calls = fault.calls();
+        let synced: HashSet<&PathBuf> = calls[before..]
+            .iter()
+            .filter(|c| c.ok == Some(true))
+            .map(|c| &c.path)
+            .collect();
+        if segments[1..]
+            .iter()
+            .chain([&dir])
+            .all(|p| synced.contains(p))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not retried: {:?}",
+            &calls[before..]
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(outbox.stats().fsync_errors_total, errors);
+    outbox
+        .append(records(200..201, 76), Durability::Synced)
+        .await
+        .expect("synced again");
+    outbox.close().await;
+
+    // The withdrawn records do not come back after a restart either.
+    let outbox = Outbox::open(cfg).unwrap();
+    assert_indexes(&indexes(&take_all(&outbox)), (0..51).chain([200]));
+    outbox.close().await;
+    println!("{FSYNC_CHILD_DONE}");
+}
+
+/// fsync fails (EIO, injected under the process by an `LD_PRELOAD` layer): a `Synced`
+/// append fails and its records are withdrawn, `Written` ones stay, every unsynced file
+/// stays listed and is synced once the disk recovers; a held fsync holds the answer.
+#[tokio::test]
+async fn a_failed_fsync_fails_synced_appends_and_every_unsynced_file_is_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox_dir = dir.path().join("outbox");
+    let fault = FsyncFault::new(&dir.path().join("fsync-control"), &outbox_dir);
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+    child
+        .args([
+            "--exact",
+            "fsync_fault_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(FSYNC_DIR_ENV, &outbox_dir);
+    fault.apply(&mut child);
+    let out = child.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains(FSYNC_CHILD_DONE),
+        "child failed: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test]
