@@ -1,5 +1,6 @@
 //! Faults keymeter must survive without losing an accepted record: a SIGKILL after the
-//! Report API acknowledged records, and an exhausted outbox budget (new records are
+//! Report API acknowledged records, fsyncs that block or fail under the Report API
+//! (injected by an `LD_PRELOAD` layer), and an exhausted outbox budget (new records are
 //! refused loudly while Checks keep working).
 
 mod support;
@@ -8,12 +9,12 @@ use std::collections::HashSet;
 use std::process::Command;
 use std::time::Duration;
 
-use keymeter::Config;
 use keymeter::keys::KeyEntry;
 use keymeter::proto::v1::usage_client::UsageClient;
 use keymeter::proto::v1::{ReportRequest, UsageRecord};
-use support::keymeter::{Keymeter, billing, check, http_status};
-use support::{ChildGuard, Mosquitto, TestDir, binary, free_port, wait_until};
+use support::fsync_fault::{FsyncFault, FsyncMode};
+use support::keymeter::{billing, check, http_status, metric_value};
+use support::{ChildGuard, Mosquitto, TestDir, binary, free_port, http_client, wait_until};
 
 const GOOD: &str = "sk-reliable-0001";
 const WAIT: Duration = Duration::from_secs(20);
@@ -45,8 +46,13 @@ fn record(usage: u64, idempotency_key: String, metadata_json: String) -> UsageRe
 }
 
 /// The `keymeter` binary with a config file; keys come from a local file so it is
-/// ready without the broker.
-fn keymeter_binary(dir: &TestDir, broker_port: u16, grpc: u16, admin: u16) -> Command {
+/// ready without the broker. Its outbox is `dir/outbox`, with `outbox` settings added.
+fn keymeter_binary(
+    dir: &TestDir,
+    broker_port: u16,
+    (grpc, admin): (u16, u16),
+    outbox: &str,
+) -> Command {
     let keys = dir.path().join("keys.json");
     binary::write_keys(&keys, vec![KeyEntry::ok("app-1", GOOD)]);
     let config = binary::write_config(
@@ -55,12 +61,35 @@ fn keymeter_binary(dir: &TestDir, broker_port: u16, grpc: u16, admin: u16) -> Co
         broker_port,
         "reconnect_max_secs = 1",
         &format!(
-            "[keys]\nfile = \"{}\"\n[outbox]\ndir = \"{}\"\n[log]\nformat = \"json\"\n",
+            "[keys]\nfile = \"{}\"\n[outbox]\ndir = \"{}\"\n{outbox}\n[log]\nformat = \"json\"\n",
             keys.display(),
             dir.path().join("outbox").display()
         ),
     );
     binary::command(&config)
+}
+
+/// One sample of the `/metrics` of the keymeter whose admin port is `admin`.
+async fn metric(admin: u16, sample: &str) -> f64 {
+    let text = http_client()
+        .get(format!("http://127.0.0.1:{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metric_value(&text, sample)
+}
+
+/// The JSON log line of `process` whose message contains `needle`.
+fn log_line(process: &ChildGuard, needle: &str) -> serde_json::Value {
+    let logs = process.logs();
+    let line = logs
+        .lines()
+        .find(|l| l.contains(needle))
+        .unwrap_or_else(|| panic!("no log line with {needle:?}"));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"))
 }
 
 /// The Report API answers only once records are fsynced: a SIGKILL right after loses
@@ -75,7 +104,7 @@ async fn records_acknowledged_by_the_report_api_survive_sigkill() {
     let (grpc, admin) = (free_port(), free_port());
     let mut keymeter = ChildGuard::spawn(
         "keymeter",
-        keymeter_binary(&dir, broker.port(), grpc, admin),
+        keymeter_binary(&dir, broker.port(), (grpc, admin), ""),
         dir.path(),
     );
     binary::wait_ready(&mut keymeter, admin, WAIT).await;
@@ -120,26 +149,125 @@ async fn records_acknowledged_by_the_report_api_survive_sigkill() {
     assert!(missing.is_empty(), "lost acknowledged records: {missing:?}");
 }
 
-/// A full outbox refuses new records (Report API: RESOURCE_EXHAUSTED; metric and log)
-/// without dropping stored ones, and Checks keep being answered.
+/// The Report API answers only once its records are fsynced, which a SIGKILL cannot
+/// tell from the page cache: here fsyncs of the outbox are held, then failed, under the
+/// real binary (an `LD_PRELOAD` layer). A held fsync holds the answer; a failed one is
+/// an error (never OK), counted and logged, and the refused records are not published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_report_api_answers_only_after_fsync_and_refuses_when_fsync_fails() {
+    let dir = TestDir::new("report-fsync");
+    let broker = Mosquitto::start().await;
+    let billing = billing(broker.port(), vec![]).await;
+    let (grpc, admin) = (free_port(), free_port());
+    let fault = FsyncFault::new(
+        &dir.path().join("fsync-control"),
+        &dir.path().join("outbox"),
+    );
+    let mut command = keymeter_binary(&dir, broker.port(), (grpc, admin), "");
+    fault.apply(&mut command);
+    let mut keymeter = ChildGuard::spawn("keymeter", command, dir.path());
+    binary::wait_ready(&mut keymeter, admin, WAIT).await;
+    let mut client = report_client(grpc).await;
+
+    // Every fsync under the outbox blocks: the call waits for its segment's.
+    let mut held_client = client.clone();
+    fault
+        .answers_only_after_fsync(
+            async move {
+                held_client
+                    .report(report(vec![record(1, "held".into(), String::new())]))
+                    .await
+            },
+            Duration::from_millis(500),
+        )
+        .await
+        .expect("answered once the fsync returned");
+
+    // Every fsync fails: the call is refused, counted and logged.
+    fault.set(FsyncMode::Fail);
+    let refused = (0..2)
+        .map(|i| record(2, format!("refused-{i}"), String::new()))
+        .collect();
+    let status = client.report(report(refused)).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(metric(admin, "keymeter_outbox_fsync_errors_total").await > 0.0);
+    let refused_records = "keymeter_usage_records_rejected_total{reason=\"outbox_error\"}";
+    assert_eq!(metric(admin, refused_records).await, 2.0);
+    keymeter.wait_for_log("outbox fsync failed", WAIT).await;
+    let line = log_line(&keymeter, "outbox fsync failed");
+    assert_eq!(line["level"], "ERROR", "{line}");
+    assert!(
+        line["dir"].as_str().is_some_and(|d| d.ends_with("outbox")),
+        "{line}"
+    );
+
+    // The disk is back: calls succeed again. The refused records are never published;
+    // the accepted ones, before and after them, are.
+    fault.set(FsyncMode::Pass);
+    let after = client
+        .report(report(vec![record(3, "after".into(), String::new())]))
+        .await
+        .expect("accepted again")
+        .into_inner()
+        .record_ids;
+    wait_until(
+        "the record reported after the failure arrives",
+        WAIT,
+        || {
+            let arrived = billing
+                .reports()
+                .iter()
+                .any(|r| r["record_id"] == after[0].as_str());
+            std::future::ready(arrived)
+        },
+    )
+    .await;
+    // A set: a QoS 1 repeat of an accepted record is allowed, a refused record is not.
+    let usages: HashSet<u64> = billing
+        .reports()
+        .iter()
+        .filter_map(|r| r["usage"].as_u64())
+        .collect();
+    assert_eq!(
+        usages,
+        HashSet::from([1, 3]),
+        "records of the refused call were published"
+    );
+    println!(
+        "fsync fault: {} fsync calls seen, {} failed",
+        fault.calls().len(),
+        fault.calls().iter().filter(|c| c.ok == Some(false)).count()
+    );
+}
+
+/// A full outbox refuses new records (Report API: RESOURCE_EXHAUSTED; metric and an
+/// error log line) without dropping stored ones, and Checks keep being answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exhausted_outbox_budget_refuses_new_records_and_checks_go_on() {
+    let dir = TestDir::new("budget");
     let mut broker = Mosquitto::start().await;
-    let billing = billing(broker.port(), vec![KeyEntry::ok("app-1", GOOD)]).await;
-    let mut config = Config::for_local_broker("127.0.0.1", broker.port());
-    config.outbox.max_bytes = 1 << 20;
-    config.outbox.segment_bytes = 64 << 10;
-    config.mqtt.reconnect_max_secs = 1;
-    let keymeter = Keymeter::start_ready(config).await;
+    let billing = billing(broker.port(), vec![]).await;
+    let (grpc, admin) = (free_port(), free_port());
+    let budget = "max_bytes = 1048576\nsegment_bytes = 65536";
+    let mut keymeter = ChildGuard::spawn(
+        "keymeter",
+        keymeter_binary(&dir, broker.port(), (grpc, admin), budget),
+        dir.path(),
+    );
+    binary::wait_ready(&mut keymeter, admin, WAIT).await;
+    wait_until("keymeter connects to the broker", WAIT, || async {
+        metric(admin, "keymeter_mqtt_connected").await == 1.0
+    })
+    .await;
     broker.stop().await;
     wait_until("keymeter sees the broker gone", WAIT, || async {
-        keymeter.metric("keymeter_mqtt_connected").await == 0.0
+        metric(admin, "keymeter_mqtt_connected").await == 0.0
     })
     .await;
 
     // ~7 KiB records, 16 per call: the 1 MiB budget is full after a handful of calls.
     let metadata = format!("{{\"blob\": \"{}\"}}", "x".repeat(7000));
-    let mut client = report_client(keymeter.grpc_port()).await;
+    let mut client = report_client(grpc).await;
     let mut accepted = 0;
     let mut refused = None;
     for call in 0..40 {
@@ -157,20 +285,27 @@ async fn an_exhausted_outbox_budget_refuses_new_records_and_checks_go_on() {
     let status = refused.expect("the budget fills up");
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
     assert!(accepted > 0);
-    let full = keymeter
-        .metric("keymeter_usage_records_rejected_total{reason=\"outbox_full\"}")
-        .await;
+    let full = metric(
+        admin,
+        "keymeter_usage_records_rejected_total{reason=\"outbox_full\"}",
+    )
+    .await;
     assert_eq!(full, 16.0, "the refused call's records are counted");
-    let budget = keymeter.metric("keymeter_outbox_budget_bytes").await;
-    let disk = keymeter.metric("keymeter_outbox_disk_bytes").await;
+    let budget = metric(admin, "keymeter_outbox_budget_bytes").await;
+    let disk = metric(admin, "keymeter_outbox_disk_bytes").await;
     assert!(disk > 0.8 * budget, "disk {disk} of budget {budget}");
+    // The operator is told, at error level, with the numbers and no key.
+    let message = "outbox full: usage records rejected";
+    keymeter.wait_for_log(message, WAIT).await;
+    let line = log_line(&keymeter, message);
+    assert_eq!(line["level"], "ERROR", "{line}");
+    assert_eq!(line["max_bytes"], 1_048_576, "{line}");
+    assert!(line["needed"].as_u64().unwrap() > line["available"].as_u64().unwrap());
+    assert!(!keymeter.logs().contains(GOOD), "a raw key in the logs");
     // Checks do not depend on the outbox.
+    assert_eq!(http_status(&check(grpc, &[("api-key", GOOD)]).await), 200);
     assert_eq!(
-        http_status(&check(keymeter.grpc_port(), &[("api-key", GOOD)]).await),
-        200
-    );
-    assert_eq!(
-        http_status(&keymeter.check(&[("api-key", "sk-nope")]).await),
+        http_status(&check(grpc, &[("api-key", "sk-nope")]).await),
         401
     );
 

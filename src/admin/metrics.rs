@@ -110,6 +110,8 @@ pub struct Metrics {
     pub outbox_budget_bytes: Gauge,
     pub outbox_oldest_age_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
     pub outbox_replayed: Counter,
+    outbox_corrupt_bytes: Counter,
+    outbox_fsync_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -378,6 +380,18 @@ impl Metrics {
             "Unacknowledged records found in the outbox at start-up and sent again",
             outbox_replayed.clone(),
         );
+        let outbox_corrupt_bytes = Counter::default();
+        registry.register(
+            "outbox_corrupt_bytes",
+            "Bytes of outbox segment files found torn or corrupt and skipped or truncated (on open and on read-back); each damage is also logged",
+            outbox_corrupt_bytes.clone(),
+        );
+        let outbox_fsync_errors = Counter::default();
+        registry.register(
+            "outbox_fsync_errors",
+            "Outbox fsyncs that failed; the files are retried, and Report API calls that needed them were refused",
+            outbox_fsync_errors.clone(),
+        );
         let metrics = Metrics {
             registry,
             checks,
@@ -422,6 +436,8 @@ impl Metrics {
             outbox_budget_bytes,
             outbox_oldest_age_seconds,
             outbox_replayed,
+            outbox_corrupt_bytes,
+            outbox_fsync_errors,
         };
         metrics.create_known_series();
         metrics
@@ -561,6 +577,18 @@ impl Metrics {
             .inc();
     }
 
+    /// Mirrors the outbox's own running totals (they only grow) into their counters.
+    pub fn set_outbox_totals(&self, corrupt_bytes: u64, fsync_errors: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        // `fetch_max`: two scrapes racing cannot add a difference twice.
+        self.outbox_corrupt_bytes
+            .inner()
+            .fetch_max(corrupt_bytes, Relaxed);
+        self.outbox_fsync_errors
+            .inner()
+            .fetch_max(fsync_errors, Relaxed);
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(8 * 1024);
@@ -603,9 +631,27 @@ mod tests {
             "keymeter_keys{status=\"blocked\"} 0",
             "keymeter_check_requests_total{outcome=\"blocked_key\"} 0",
             "keymeter_key_list_request_pending 0",
+            "keymeter_outbox_corrupt_bytes_total 0",
+            "keymeter_outbox_fsync_errors_total 0",
         ] {
             assert!(text.contains(sample), "missing {sample} in\n{text}");
         }
+    }
+
+    #[test]
+    fn outbox_totals_only_grow() {
+        let m = Metrics::new();
+        m.set_outbox_totals(1024, 3);
+        m.set_outbox_totals(100, 1);
+        let text = m.render();
+        assert!(
+            text.contains("keymeter_outbox_corrupt_bytes_total 1024"),
+            "{text}"
+        );
+        assert!(
+            text.contains("keymeter_outbox_fsync_errors_total 3"),
+            "{text}"
+        );
     }
 
     #[test]

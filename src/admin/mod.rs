@@ -82,6 +82,7 @@ async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
             .oldest_pending_created_ms
             .map_or(0.0, |t| ((now_ms() - t).max(0) as f64) / 1000.0);
         m.outbox_oldest_age_seconds.set(age);
+        m.set_outbox_totals(st.corrupt_bytes_total, st.fsync_errors_total);
     }
     (
         [(

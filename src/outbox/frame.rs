@@ -3,6 +3,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 /// Frame header: `[magic/len u32][crc32 u32][seq u64][created_ms i64]`, little-endian.
@@ -121,6 +122,99 @@ pub(super) fn read_frame<R: Read>(
         created_ms,
         payload_len,
     }))
+}
+
+/// Reads a file from `pos` on without moving its cursor (`pread`), so a scan can look
+/// ahead while a buffered reader of the same file keeps its place.
+pub(super) struct ReadAt<'a> {
+    pub file: &'a File,
+    pub pos: u64,
+}
+
+impl Read for ReadAt<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// The highest seq a frame starting at `offset` of the segment `first_seq` can hold.
+/// Seqs within a segment are consecutive (the writer starts a new segment after a
+/// failed write instead of leaving a hole) and every frame takes at least
+/// [`HEADER_LEN`] bytes, so the frame at `offset` is at most the
+/// `offset / HEADER_LEN`-th. Real records are hundreds of bytes, so this leaves ample
+/// room, yet a random 8-byte seq falls below it with odds of about 2^-40.
+pub(super) fn max_seq_at(first_seq: u64, offset: u64) -> u64 {
+    first_seq.saturating_add(offset / HEADER_LEN as u64)
+}
+
+/// Bytes scanned per read while resynchronising.
+const RESYNC_BLOCK: usize = 64 * 1024;
+
+/// After a bad frame: the first offset in `from..end` of `file` where a whole valid
+/// frame starts (magic, length within `end`, checksum) whose seq `accept(offset, seq)`
+/// takes. Frames are not aligned, so every byte offset is a candidate; the checksum
+/// is only computed for the rare candidate whose magic, length and seq already fit.
+/// The frame's payload lands in `payload`. `None`: nothing valid up to `end`.
+///
+/// A false match would need bytes that happen to carry the magic, a seq that `accept`
+/// takes and a matching CRC-32: about 2^-40 per scanned offset for random bytes.
+/// Inside an intact payload it cannot happen at all for keymeter's JSON payloads: JSON
+/// never holds a zero byte, while the seq of every real frame (below 2^56) does.
+pub(super) fn resync(
+    file: &File,
+    from: u64,
+    end: u64,
+    accept: impl Fn(u64, u64) -> bool,
+    payload: &mut Vec<u8>,
+) -> io::Result<Option<(u64, FrameHeader)>> {
+    let mut block = vec![0u8; RESYNC_BLOCK + HEADER_LEN - 1];
+    let mut base = from;
+    while base + (HEADER_LEN as u64) <= end {
+        // Each block overlaps the next by a header's length, so a header across the
+        // boundary is seen whole.
+        let want = ((end - base) as usize).min(block.len());
+        let got = read_up_to(file, base, &mut block[..want])?;
+        if got < HEADER_LEN {
+            // The file ends before `end`: it was cut behind our back.
+            return Ok(None);
+        }
+        let candidates = (got - HEADER_LEN + 1).min(RESYNC_BLOCK);
+        for i in 0..candidates {
+            let header = &block[i..i + HEADER_LEN];
+            if u32::from(header[3]) != FRAME_MAGIC {
+                continue;
+            }
+            let offset = base + i as u64;
+            let word = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+            let payload_len = (word & LEN_MASK) as usize;
+            let seq = u64::from_le_bytes(le8(&header[8..16]));
+            if frame_len(payload_len) > end - offset || !accept(offset, seq) {
+                continue;
+            }
+            let mut reader = ReadAt { file, pos: offset };
+            if let ReadFrame::Frame(h) = read_frame(&mut reader, end - offset, payload)? {
+                return Ok(Some((offset, h)));
+            }
+        }
+        base += candidates as u64;
+    }
+    Ok(None)
+}
+
+/// Fills `buf` from `offset` as far as the file goes; returns the bytes read.
+fn read_up_to(file: &File, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match file.read_at(&mut buf[filled..], offset + filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
 }
 
 /// A file shorter than its recorded length (cut behind our back) is bad content, not
@@ -295,6 +389,62 @@ mod tests {
         let mut huge = vec![0xFF, 0xFF, 0xFF, 0xB7];
         huge.extend([0u8; 20]);
         assert_eq!(read_all(&huge), vec![Err("truncated frame payload")]);
+    }
+
+    /// `resync` over the bytes `bytes` (written to a file), from `from`, taking seqs
+    /// from `lowest` up to the positional bound of segment 1.
+    fn resync_in(bytes: &[u8], from: u64, lowest: u64) -> Option<(u64, u64)> {
+        let file = tempfile::tempfile().unwrap();
+        file.write_all_at(bytes, 0).unwrap();
+        let accept = |at, seq| seq >= lowest && seq <= max_seq_at(1, at);
+        resync(&file, from, bytes.len() as u64, accept, &mut Vec::new())
+            .unwrap()
+            .map(|(at, h)| (at, h.seq))
+    }
+
+    #[test]
+    fn resync_finds_the_next_whole_frame_after_damage() {
+        let mut bytes = frame(1, 0, b"first");
+        bytes.extend(frame(2, 0, b"second"));
+        let third = bytes.len() as u64;
+        bytes.extend(frame(3, 0, b"third"));
+        // The second frame's length claims more than the segment holds, then just a
+        // little more than it has: neither moves the scan past the third frame.
+        for high_len_byte in [0x7F, 0x00] {
+            bytes[29 + 2] = high_len_byte;
+            bytes[29] = 7;
+            assert_eq!(resync_in(&bytes, 30, 2), Some((third, 3)));
+        }
+        // Seqs already seen are not taken: only frames above the last valid one.
+        assert_eq!(resync_in(&bytes, 1, 4), None);
+        // Nothing valid behind the damage: the caller truncates.
+        assert_eq!(resync_in(&bytes, third + 1, 4), None);
+        assert_eq!(resync_in(&[0xB7; 200], 0, 1), None);
+    }
+
+    #[test]
+    fn resync_sees_a_frame_across_the_scan_blocks() {
+        // Garbage (0xB7 everywhere: every offset looks like a magic) up to just before a
+        // block boundary, so the next header straddles it.
+        for start in [
+            RESYNC_BLOCK - 30,
+            RESYNC_BLOCK - 3,
+            RESYNC_BLOCK,
+            RESYNC_BLOCK + 1,
+        ] {
+            let mut bytes = vec![0xB7u8; start];
+            bytes.extend(frame(start as u64 / 24, 0, b"found"));
+            let got = resync_in(&bytes, 0, 1);
+            assert_eq!(got, Some((start as u64, start as u64 / 24)), "at {start}");
+        }
+    }
+
+    #[test]
+    fn seqs_can_only_be_as_high_as_the_frames_before_them_allow() {
+        assert_eq!(max_seq_at(100, 0), 100);
+        assert_eq!(max_seq_at(100, 23), 100);
+        assert_eq!(max_seq_at(100, 24), 101);
+        assert_eq!(max_seq_at(u64::MAX, 1 << 40), u64::MAX);
     }
 
     #[test]

@@ -22,8 +22,13 @@ use super::{
 /// Payload bytes gathered into one group commit before writing it: bounds the write
 /// buffer and how long the first append of a busy group waits.
 const GROUP_MAX_BYTES: usize = 4 * 1024 * 1024;
-/// A full outbox is logged at `error!` at most this often; the rest is counted.
-const FULL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// A full outbox, or failing fsyncs, are logged at `error!` at most this often; the
+/// rest is counted.
+const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// After a failed fsync, files still unsynced are retried by the next append that
+/// needs a sync, and in the background no more often than this: a failing disk is
+/// not hammered.
+const SYNC_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 /// Read-back buffer: sequential reads of many small frames.
 const READ_BUFFER: usize = 256 * 1024;
 
@@ -45,16 +50,32 @@ pub(super) struct SegmentMeta {
     pub first_seq: u64,
     pub last_seq: u64,
     pub records: u64,
-    /// Valid bytes (whole frames); the file is never longer except after a failed undo.
+    /// Bytes up to the end of the last valid frame; the file is never longer except
+    /// after a failed undo or truncation.
     pub bytes: u64,
+    /// Byte ranges of damaged frames found on open, skipped (already counted) when the
+    /// segment is read back. Empty but for a damaged file.
+    pub damaged: Vec<(u64, u64)>,
 }
 
-/// Where a record is: its segment, byte offset and index among the segment's records.
+/// Where a record is: its segment, byte offset and index among the segment's valid
+/// records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct TailPos {
     pub first_seq: u64,
     pub offset: u64,
     pub index: u64,
+}
+
+impl TailPos {
+    /// The record after the valid frame `h` read here.
+    fn after(self, h: frame::FrameHeader) -> TailPos {
+        TailPos {
+            offset: self.offset + h.frame_len(),
+            index: self.index + 1,
+            ..self
+        }
+    }
 }
 
 /// The disk side of a recovered outbox.
@@ -80,26 +101,74 @@ pub(super) struct IoThread {
     /// The file appends go to; when set, it is `segments.back()`. `None` until the first
     /// append after open, so a new run never appends behind a tail it just truncated.
     active: Option<File>,
-    /// Rolled-away segment files with data not yet fsynced.
-    unsynced: Vec<File>,
-    /// Data was written but not fsynced since then.
+    /// The active file has data not yet fsynced.
+    active_dirty: bool,
+    /// Rolled-away segment files with data not yet fsynced, by first seq. A file stays
+    /// here until an fsync of it succeeded.
+    unsynced: Vec<(u64, File)>,
+    /// When the oldest data not yet fsynced was written.
     dirty_since: Option<Instant>,
     /// A segment file was created since the directory was last fsynced.
     dir_dirty: bool,
+    /// The last sync round failed: retry in the background at this time.
+    sync_retry_at: Option<Instant>,
     tail: Option<TailPos>,
     reader: Option<SegmentReader>,
     read_buf: Vec<u8>,
     next_seq: u64,
     disk_bytes: u64,
-    /// Acknowledged before the last stop and not in the window: skipped on read-back,
-    /// and persisted again until the watermark passes them.
+    /// Acknowledged before the last stop and not in the window, or withdrawn after a
+    /// failed fsync: skipped on read-back, and persisted until the watermark passes them.
     acked_above: BTreeSet<u64>,
     persisted: frame::Acked,
     /// `State::ack_generation` when the ack file was last written.
     persisted_generation: u64,
     last_persist: Instant,
-    last_full_log: Option<Instant>,
-    full_suppressed: u64,
+    full_log: LogLimiter,
+    sync_error_log: LogLimiter,
+}
+
+/// Logs a recurring error at most once per [`ERROR_LOG_INTERVAL`], counting the rest.
+#[derive(Default)]
+struct LogLimiter {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    /// `Some(occurrences held back since the last log)` when this one is to be logged.
+    fn admit(&mut self) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|at| at.elapsed() < ERROR_LOG_INTERVAL)
+        {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last = Some(Instant::now());
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// What one sync round could not make durable.
+#[derive(Default)]
+struct SyncOutcome {
+    /// Segments (by first seq) whose fsync failed.
+    failed: Vec<u64>,
+    /// The directory's fsync failed: new segment files may not survive a power cut.
+    dir_failed: bool,
+    error: Option<io::Error>,
+}
+
+impl SyncOutcome {
+    /// Whether the records in segment `first_seq` may not be durable.
+    fn lost(&self, first_seq: u64) -> bool {
+        self.dir_failed || self.failed.contains(&first_seq)
+    }
+
+    fn fail(&mut self, e: io::Error) {
+        self.error.get_or_insert(e);
+    }
 }
 
 struct SegmentReader {
@@ -131,7 +200,10 @@ struct Accepted {
     reply: oneshot::Sender<Result<Vec<u64>, AppendError>>,
     seqs: Vec<u64>,
     chunk: usize,
+    /// Its group is fsynced before it is answered (policy or request).
     needs_sync: bool,
+    /// It asked for [`Durability::Synced`]: a failed fsync fails it.
+    synced: bool,
 }
 
 impl IoThread {
@@ -156,9 +228,11 @@ impl IoThread {
             fsync: config.fsync,
             segments: disk.segments,
             active: None,
+            active_dirty: false,
             unsynced: Vec::new(),
             dirty_since: None,
             dir_dirty: false,
+            sync_retry_at: None,
             tail: disk.tail,
             reader: None,
             read_buf: Vec::new(),
@@ -168,8 +242,8 @@ impl IoThread {
             persisted: disk.persisted,
             persisted_generation: 0,
             last_persist: Instant::now(),
-            last_full_log: None,
-            full_suppressed: 0,
+            full_log: LogLimiter::default(),
+            sync_error_log: LogLimiter::default(),
         };
         io.shared.lock().reclaim_at = io.reclaim_at();
         Ok(io)
@@ -227,14 +301,26 @@ impl IoThread {
         }
     }
 
-    /// How long to sleep when idle: until the interval fsync is due, and at least once
-    /// per watermark interval to persist acks.
+    /// How long to sleep when idle: until the next fsync is due, and at least once per
+    /// watermark interval to persist acks.
     fn idle_timeout(&self) -> Duration {
         let mut timeout = WATERMARK_PERSIST_INTERVAL;
-        if let (Some(since), FsyncPolicy::Interval(interval)) = (self.dirty_since, self.fsync) {
-            timeout = timeout.min((since + interval).saturating_duration_since(Instant::now()));
+        if let Some(due) = self.sync_due() {
+            timeout = timeout.min(due.saturating_duration_since(Instant::now()));
         }
         timeout
+    }
+
+    /// When the background fsync is due: the retry after a failed round, else the
+    /// interval after the oldest unsynced write.
+    fn sync_due(&self) -> Option<Instant> {
+        if self.sync_retry_at.is_some() {
+            return self.sync_retry_at;
+        }
+        match (self.dirty_since, self.fsync) {
+            (Some(since), FsyncPolicy::Interval(interval)) => Some(since + interval),
+            _ => None,
+        }
     }
 
     /// Writes a group of appends: budget checks and seqs in arrival order, one write per
@@ -332,6 +418,7 @@ impl IoThread {
                 chunk: chunk_index,
                 needs_sync: self.fsync == FsyncPolicy::EveryBatch
                     || request.durability == Durability::Synced,
+                synced: request.durability == Durability::Synced,
             });
         }
 
@@ -350,19 +437,34 @@ impl IoThread {
                 break;
             }
         }
+        let first_seqs: Vec<u64> = chunks.iter().map(|c| c.first_seq).collect();
         let needs_sync = accepted
             .iter()
             .any(|a| a.needs_sync && a.chunk < written_chunks);
-        let sync_error = if needs_sync {
-            self.sync_all().err()
+        let sync = if needs_sync {
+            self.sync_all()
         } else {
-            None
+            SyncOutcome::default()
         };
+        // A `Synced` append whose records may not have reached the disk fails, and its
+        // records are withdrawn: marked acknowledged (persisted with the other acks), so
+        // they are neither published now nor replayed after a restart, and the caller's
+        // retry is the only copy. `Written` appends (the access log, which cannot retry)
+        // keep their records: they are in the file, as promised.
+        let mut withdrawn = BTreeSet::new();
+        for a in &accepted {
+            if a.synced && a.chunk < written_chunks && sync.lost(first_seqs[a.chunk]) {
+                withdrawn.extend(a.seqs.iter().copied());
+            }
+        }
 
         let mut st = self.shared.lock();
         let mut new_unsent = false;
         for chunk in chunks.into_iter().take(written_chunks) {
             for w in chunk.records {
+                if withdrawn.contains(&w.seq) {
+                    continue;
+                }
                 st.pending_records += 1;
                 st.pending_bytes += frame::frame_len(w.payload.len());
                 st.appended_total += 1;
@@ -379,6 +481,12 @@ impl IoThread {
                 }
             }
         }
+        let withdraw = !withdrawn.is_empty();
+        if withdraw {
+            // Read-back skips them, and the ack file lists them.
+            self.acked_above.append(&mut withdrawn);
+            st.ack_generation += 1;
+        }
         st.next_seq = self.next_seq;
         st.disk_bytes = self.disk_bytes;
         st.reclaim_at = self.reclaim_at();
@@ -386,12 +494,17 @@ impl IoThread {
         if new_unsent {
             self.shared.unsent.notify_waiters();
         }
+        if withdraw {
+            // At once rather than within a second: until then a crash would replay them.
+            // With the disk failing this may fail too; it is retried every second.
+            let _ = self.persist_acked(false);
+        }
 
         for a in accepted {
             let result = if a.chunk >= written_chunks {
                 Err(AppendError::Io(copy_error(write_error.as_ref())))
-            } else if a.needs_sync && sync_error.is_some() {
-                Err(AppendError::Io(copy_error(sync_error.as_ref())))
+            } else if a.synced && sync.lost(first_seqs[a.chunk]) {
+                Err(AppendError::Io(copy_error(sync.error.as_ref())))
             } else {
                 Ok(a.seqs)
             };
@@ -416,25 +529,27 @@ impl IoThread {
                 last_seq: chunk.first_seq,
                 records: 0,
                 bytes: 0,
+                damaged: Vec::new(),
             });
         }
         let (Some(file), Some(seg)) = (self.active.as_mut(), self.segments.back_mut()) else {
             return Err(io::Error::other("no open outbox segment"));
         };
         if let Err(e) = file.write_all(&chunk.buf) {
-            // Undo a partial write, so the next frame does not land behind a torn one.
-            let undone = file.set_len(seg.bytes);
-            let (empty, first_seq) = (seg.records == 0, seg.first_seq);
-            if let Err(undo) = undone {
+            // Undo a partial write, so that no frame lands behind a torn one.
+            if let Err(undo) = file.set_len(seg.bytes) {
                 tracing::error!(
                     error = %undo,
-                    "outbox could not undo a failed write; starting a new segment (the torn bytes are truncated on the next open)"
+                    "outbox could not undo a failed write; starting a new segment (the torn bytes are dropped on the next open)"
                 );
-                self.retire_active();
             }
+            let (empty, first_seq) = (seg.records == 0, seg.first_seq);
+            // The failed records' seqs are not handed out again, and must not leave a
+            // hole inside a segment (recovery relies on consecutive seqs there): the
+            // next write starts a new segment.
+            self.retire_active();
             if empty {
                 self.segments.pop_back();
-                self.active = None;
                 let _ = fs::remove_file(frame::segment_path(&self.dir, first_seq));
             }
             return Err(e);
@@ -445,60 +560,99 @@ impl IoThread {
             seg.last_seq = last.seq;
         }
         self.disk_bytes += chunk.buf.len() as u64;
+        self.active_dirty = true;
         self.dirty_since.get_or_insert_with(Instant::now);
         Ok(())
     }
 
     /// Stops appending to the active segment; its unsynced data is synced later.
     fn retire_active(&mut self) {
-        if let Some(file) = self.active.take()
-            && self.dirty_since.is_some()
+        let first_seq = self.segments.back().map(|s| s.first_seq);
+        if let (Some(file), Some(first_seq)) = (self.active.take(), first_seq)
+            && std::mem::take(&mut self.active_dirty)
         {
-            self.unsynced.push(file);
+            self.unsynced.push((first_seq, file));
         }
     }
 
     /// Fsyncs every file with unsynced data, and the directory when a segment was
-    /// created.
-    fn sync_all(&mut self) -> io::Result<()> {
-        let mut syncs = 0;
-        let result = self.sync_files(&mut syncs);
-        self.shared.lock().fsyncs_total += syncs;
-        if let Err(e) = &result {
-            tracing::error!(dir = %self.dir.display(), error = %e, "outbox fsync failed");
+    /// created. A failure does not stop the round: every file is tried, and each one
+    /// that failed stays listed and is retried by the next round (the next append that
+    /// needs a sync, or the background retry), until an fsync of it succeeds.
+    ///
+    /// Linux may drop the dirty pages of a failed fsync and report success on the
+    /// retry: data written before a failure is only as safe as the page cache. That is
+    /// all a `Written` append promises; `Synced` appends of the failing round fail.
+    fn sync_all(&mut self) -> SyncOutcome {
+        let mut outcome = SyncOutcome::default();
+        let mut calls = 0;
+        for (first_seq, file) in std::mem::take(&mut self.unsynced) {
+            calls += 1;
+            if let Err(e) = file.sync_data() {
+                outcome.failed.push(first_seq);
+                outcome.fail(e);
+                self.unsynced.push((first_seq, file));
+            }
         }
-        result
-    }
-
-    fn sync_files(&mut self, syncs: &mut u64) -> io::Result<()> {
-        if self.dirty_since.is_some() {
-            for file in std::mem::take(&mut self.unsynced) {
-                file.sync_data()?;
-                *syncs += 1;
+        if self.active_dirty
+            && let (Some(file), Some(seg)) = (&self.active, self.segments.back())
+        {
+            calls += 1;
+            match file.sync_data() {
+                Ok(()) => self.active_dirty = false,
+                Err(e) => {
+                    outcome.failed.push(seg.first_seq);
+                    outcome.fail(e);
+                }
             }
-            if let Some(file) = &self.active {
-                file.sync_data()?;
-                *syncs += 1;
-            }
-            self.dirty_since = None;
         }
         if self.dir_dirty {
-            self.dir_handle.sync_all()?;
-            *syncs += 1;
-            self.dir_dirty = false;
+            calls += 1;
+            match self.dir_handle.sync_all() {
+                Ok(()) => self.dir_dirty = false,
+                Err(e) => {
+                    outcome.dir_failed = true;
+                    outcome.fail(e);
+                }
+            }
         }
-        Ok(())
+        let errors = outcome.failed.len() as u64 + u64::from(outcome.dir_failed);
+        {
+            let mut st = self.shared.lock();
+            st.fsyncs_total += calls;
+            st.fsync_errors_total += errors;
+        }
+        if errors == 0 {
+            self.dirty_since = None;
+            self.sync_retry_at = None;
+            return outcome;
+        }
+        self.sync_retry_at = Some(Instant::now() + SYNC_RETRY_INTERVAL);
+        if let Some(suppressed) = self.sync_error_log.admit() {
+            tracing::error!(
+                dir = %self.dir.display(),
+                error = %copy_error(outcome.error.as_ref()),
+                failed_files = outcome.failed.len(),
+                directory_failed = outcome.dir_failed,
+                also_failed_since_last_log = suppressed,
+                "outbox fsync failed: appends that asked to be synced fail (Report API calls are refused), written records stay and are published; retrying"
+            );
+        }
+        outcome
     }
 
     fn sync_if_due(&mut self) {
-        if let (Some(since), FsyncPolicy::Interval(interval)) = (self.dirty_since, self.fsync)
-            && since.elapsed() >= interval
-        {
-            let _ = self.sync_all();
+        if self.sync_due().is_some_and(|due| due <= Instant::now()) {
+            self.sync_all();
         }
     }
 
     /// Reads records behind the window back from disk once the window has drained.
+    ///
+    /// Damage found on open is jumped over. Damage that appeared since (the disk changed
+    /// under us) is skipped like on open: every byte after the bad frame is a candidate
+    /// for the next valid frame; the valid records in between are lost, counted at the
+    /// end of the segment.
     fn refill(&mut self) {
         let (room_records, room_bytes, window_empty, mut last_seq) = {
             let st = self.shared.lock();
@@ -527,17 +681,35 @@ impl IoThread {
                 break;
             };
             let (seg_bytes, seg_records) = (seg.bytes, seg.records);
+            if let Some(&(_, end)) = seg.damaged.iter().find(|(start, _)| *start == pos.offset) {
+                self.tail = Some(TailPos { offset: end, ..pos });
+                continue;
+            }
+            // The next known damage bounds a skip: what lies behind it was valid on open.
+            let limit = seg
+                .damaged
+                .iter()
+                .map(|&(start, _)| start)
+                .filter(|&start| start > pos.offset)
+                .min()
+                .unwrap_or(seg_bytes);
             if pos.offset >= seg_bytes {
+                // Every valid record of the segment was read, unless damage took some.
+                let lost = seg_records.saturating_sub(pos.index);
+                if lost > 0 {
+                    tracing::error!(
+                        segment = pos.first_seq,
+                        records = lost,
+                        "outbox records lost: their segment went bad after they were written"
+                    );
+                    lost_records += lost;
+                }
                 self.tail = self.next_segment_start(pos.first_seq);
                 continue;
             }
             let reason = match self.read_at(pos, seg_bytes) {
                 Ok(ReadFrame::Frame(h)) if self.acked_above.contains(&h.seq) => {
-                    self.tail = Some(TailPos {
-                        offset: pos.offset + h.frame_len(),
-                        index: pos.index + 1,
-                        ..pos
-                    });
+                    self.tail = Some(pos.after(h));
                     continue;
                 }
                 Ok(ReadFrame::Frame(h)) if last_seq.is_none_or(|last| h.seq > last) => {
@@ -550,11 +722,7 @@ impl IoThread {
                     loaded.push((h.seq, h.created_ms, Bytes::copy_from_slice(&self.read_buf)));
                     loaded_bytes += h.payload_len as u64;
                     last_seq = Some(h.seq);
-                    self.tail = Some(TailPos {
-                        offset: pos.offset + h.frame_len(),
-                        index: pos.index + 1,
-                        ..pos
-                    });
+                    self.tail = Some(pos.after(h));
                     continue;
                 }
                 Ok(ReadFrame::Frame(_)) => "record seq out of order",
@@ -568,18 +736,29 @@ impl IoThread {
                 }
             };
             // Verified when written or opened, unreadable now: the disk changed under us.
-            let records = seg_records.saturating_sub(pos.index);
+            let lowest = last_seq
+                .map_or(pos.first_seq, |s| s.saturating_add(1))
+                .max(pos.first_seq);
+            let next = match self.resync(pos, limit, lowest) {
+                Ok(found) => found.unwrap_or(limit),
+                Err(e) => {
+                    tracing::error!(segment = pos.first_seq, offset = pos.offset, error = %e,
+                        "outbox could not read records back from disk; retrying");
+                    break;
+                }
+            };
             tracing::error!(
                 segment = pos.first_seq,
                 offset = pos.offset,
-                records,
+                skipped_bytes = next - pos.offset,
                 reason,
-                "outbox segment is corrupt; its remaining records are lost"
+                "outbox segment went bad after it was written; skipped to the next valid record"
             );
-            lost_records += records;
-            lost_bytes += seg_bytes - pos.offset;
-            self.reader = None;
-            self.tail = self.next_segment_start(pos.first_seq);
+            lost_bytes += next - pos.offset;
+            self.tail = Some(TailPos {
+                offset: next,
+                ..pos
+            });
         }
 
         let mut st = self.shared.lock();
@@ -610,6 +789,21 @@ impl IoThread {
         if appeared {
             self.shared.unsent.notify_waiters();
         }
+    }
+
+    /// The next valid frame after the bad one at `pos`, before `limit`, with a seq of at
+    /// least `lowest`.
+    fn resync(&mut self, pos: TailPos, limit: u64, lowest: u64) -> io::Result<Option<u64>> {
+        self.reader = None;
+        let file = File::open(frame::segment_path(&self.dir, pos.first_seq))?;
+        let found = frame::resync(
+            &file,
+            pos.offset + 1,
+            limit,
+            |at, seq| seq >= lowest && seq <= frame::max_seq_at(pos.first_seq, at),
+            &mut self.read_buf,
+        )?;
+        Ok(found.map(|(at, _)| at))
     }
 
     fn segment(&self, first_seq: u64) -> Option<&SegmentMeta> {
@@ -706,6 +900,9 @@ impl IoThread {
             if self.reader.as_ref().map(|r| r.first_seq) == Some(seg.first_seq) {
                 self.reader = None;
             }
+            // Its records are all acknowledged: a failed fsync of it no longer matters.
+            let first_seq = seg.first_seq;
+            self.unsynced.retain(|(seq, _)| *seq != first_seq);
             self.disk_bytes -= seg.bytes;
             self.segments.pop_front();
         }
@@ -758,29 +955,23 @@ impl IoThread {
     }
 
     fn log_full(&mut self, needed: u64, available: u64) {
-        if self
-            .last_full_log
-            .is_some_and(|at| at.elapsed() < FULL_LOG_INTERVAL)
-        {
-            self.full_suppressed += 1;
+        let Some(suppressed) = self.full_log.admit() else {
             return;
-        }
+        };
         tracing::error!(
             dir = %self.dir.display(),
             needed,
             available,
             max_bytes = self.max_bytes,
-            also_rejected_since_last_log = self.full_suppressed,
+            also_rejected_since_last_log = suppressed,
             "outbox full: usage records rejected; the broker has not acknowledged enough records to free disk space"
         );
-        self.last_full_log = Some(Instant::now());
-        self.full_suppressed = 0;
     }
 
     /// `close`: everything written reaches the disk, acknowledged segments go, the
     /// watermark is persisted.
     fn shutdown(&mut self) {
-        let _ = self.sync_all();
+        self.sync_all();
         self.reclaim();
         let _ = self.persist_acked(true);
     }
@@ -788,7 +979,7 @@ impl IoThread {
     /// Every handle was dropped without `close`: sync what was written (cheap insurance)
     /// and stop, leaving the watermark as it is, like a crash would.
     fn abandon(&mut self) {
-        let _ = self.sync_all();
+        self.sync_all();
     }
 }
 

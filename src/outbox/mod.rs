@@ -32,10 +32,30 @@
 //!   | 8 | created_ms, i64 LE | epoch milliseconds, from the caller |
 //!   | len | payload | opaque |
 //!
-//!   On open every segment is scanned. The first frame that is short, has a bad magic,
-//!   a bad checksum or a seq out of order ends its segment: the rest is a torn write (a
-//!   crash mid-`write`) or corruption, so it is logged with `warn!` and truncated away;
-//!   everything before it survives.
+//!   Within a segment seqs are consecutive: the k-th frame holds seq `first + k`
+//!   (after a failed write the writer starts a new segment rather than leave a hole;
+//!   files of earlier versions may have such a hole, which costs nothing unless
+//!   damage strikes right before it).
+//!
+//!   On open every segment is scanned. A frame that is short, has a bad magic, a bad
+//!   checksum or a seq out of order is damage; the scan does not trust its length but
+//!   tries every following byte offset for the next whole valid frame (magic, length
+//!   within the file, checksum, a seq above the last one and no higher than the
+//!   offset allows; see `frame::resync`) and goes on from there:
+//!   - nothing valid follows: a torn write (a crash mid-`write`) or damage at the end.
+//!     It is logged with `warn!` and truncated away; everything before it survives.
+//!   - a valid frame follows: damage in the middle (a flipped bit, a lost sector).
+//!     Only the bytes up to that frame are skipped (`warn!` with segment, offset and
+//!     skipped bytes). The file is left as it is, since its middle cannot be cut
+//!     out; the damaged range is remembered for this run, and the next open finds
+//!     and reports it again. It goes with the segment once its records are acked.
+//!
+//!   Damaged bytes are counted in [`OutboxStats::corrupt_bytes_total`]. Damage found
+//!   later, when records behind the memory window are read back, is skipped the same
+//!   way and logged with `error!`.
+//!
+//!   A segment file that is gone leaves a hole in the seqs between its neighbours,
+//!   logged with `warn!` on open; the newest segment leaves no trace when it is lost.
 //! - `ack-watermark`: text, `keymeter-outbox-ack v1\n<W>\n<seq> <seq> …\n`: every
 //!   record with a seq below `W` was acknowledged, and so were the listed seqs above it
 //!   (acknowledged out of order, so at most a window's worth). Replaced atomically
@@ -125,7 +145,8 @@ impl OutboxConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FsyncPolicy {
     /// Every group of appends is fsynced before any of them returns: `Written` behaves
-    /// like `Synced`.
+    /// like `Synced`, except that a failed fsync does not fail it (its records are in
+    /// the file and stay; the failure is logged, counted and retried).
     EveryBatch,
     /// Written data is fsynced at most this long after it was written; `Written`
     /// appends return after the write, `Synced` appends force an fsync of their group.
@@ -202,9 +223,12 @@ pub enum AppendError {
     /// One payload is larger than a frame can hold; nothing was written.
     #[error("record payload of {len} bytes exceeds the outbox limit of {max} bytes")]
     TooLarge { len: usize, max: usize },
-    /// Writing (or, when it was asked for, syncing) failed. After a failed sync the
-    /// records are in the file and may still be published: a retry may duplicate them,
-    /// which the consumer drops by record id.
+    /// Writing, or the fsync a `Synced` append asked for, failed. Either way the records
+    /// are not published: after a failed fsync they are in the file but withdrawn
+    /// (recorded as acknowledged), so the caller's retry is the only copy. Only a crash
+    /// before that withdrawal reached the ack file (it is written at once, retried
+    /// every second) can bring them back, as a duplicate the consumer drops by record
+    /// id.
     #[error("outbox I/O error: {0}")]
     Io(#[from] std::io::Error),
     #[error("outbox is closed")]
@@ -231,11 +255,15 @@ pub struct OutboxStats {
     pub replayed_on_open: u64,
     /// fsync/fdatasync calls, data and directory and ack file alike.
     pub fsyncs_total: u64,
+    /// fsync/fdatasync calls of segment files and the directory that failed. The files
+    /// stay listed and are retried; `Synced` appends that depended on them failed.
+    pub fsync_errors_total: u64,
     /// Records held in memory for the publisher (at most [`WINDOW_MAX_RECORDS`]).
     pub memory_records: u64,
     /// Their payload bytes (at most [`WINDOW_MAX_BYTES`], or one larger record).
     pub memory_bytes: u64,
-    /// Bytes dropped from segment files because they were torn or corrupt.
+    /// Bytes of segment files skipped or truncated away because they were torn or
+    /// corrupt, on open and on read-back.
     pub corrupt_bytes_total: u64,
 }
 
@@ -317,6 +345,7 @@ struct State {
     rejected_full_total: u64,
     replayed_on_open: u64,
     fsyncs_total: u64,
+    fsync_errors_total: u64,
     corrupt_bytes_total: u64,
 }
 
@@ -384,6 +413,7 @@ impl State {
             rejected_full_total: self.rejected_full_total,
             replayed_on_open: self.replayed_on_open,
             fsyncs_total: self.fsyncs_total,
+            fsync_errors_total: self.fsync_errors_total,
             memory_records: self.window.len() as u64,
             memory_bytes: self.window_bytes,
             corrupt_bytes_total: self.corrupt_bytes_total,

@@ -1,9 +1,9 @@
-//! Opening an outbox: scan every segment, truncate torn tails, and rebuild what is
-//! pending from the records above the ack watermark.
+//! Opening an outbox: scan every segment, skip damaged records, truncate torn tails,
+//! and rebuild what is pending from the records above the ack watermark.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufReader};
+use std::io::{self, BufReader, Seek, SeekFrom};
 use std::path::Path;
 
 use bytes::Bytes;
@@ -52,13 +52,33 @@ pub(super) fn recover(dir: &Path) -> io::Result<Recovered> {
         state: State::default(),
         tail: None,
         payload: Vec::new(),
+        torn: false,
     };
-    let mut segments = VecDeque::new();
+    let mut segments: VecDeque<SegmentMeta> = VecDeque::new();
     for first_seq in firsts {
         let path = frame::segment_path(dir, first_seq);
+        // A torn tail before explains a hole in the seqs (it was logged).
+        let after_torn = std::mem::take(&mut scan.torn);
         let Some(meta) = scan.segment(&path, first_seq)? else {
+            scan.torn = true;
             continue;
         };
+        // Seqs continue from one segment to the next; a hole is a file that is gone.
+        // Not after an unreadable ack file (watermark 0): deleted segments are normal.
+        let expected = match segments.back() {
+            _ if after_torn => None,
+            Some(prev) => Some(prev.last_seq + 1),
+            None => Some(watermark).filter(|&w| w > 0),
+        };
+        if let Some(expected) = expected.filter(|&e| meta.first_seq > e) {
+            tracing::warn!(
+                dir = %dir.display(),
+                missing_from = expected,
+                missing_to = meta.first_seq - 1,
+                up_to_records = scan.unacked_between(expected, meta.first_seq),
+                "outbox records with these seqs are in no segment file: a segment file was lost or deleted (its records are gone), unless a write failed then (logged at the time)"
+            );
+        }
         if meta.last_seq < watermark {
             // Acknowledged before the stop; the deletion did not happen yet.
             match fs::remove_file(&path) {
@@ -101,11 +121,22 @@ struct Scan {
     state: State,
     tail: Option<TailPos>,
     payload: Vec<u8>,
+    /// The last segment scanned ended in a torn tail, or held nothing valid.
+    torn: bool,
 }
 
 impl Scan {
-    /// Scans one segment, truncating it at the first bad frame. `None` when nothing
-    /// valid is left in it (the file is removed).
+    /// Whether a frame of the segment `first_seq` may hold `seq`: seqs increase strictly
+    /// across the whole outbox.
+    fn in_order(&self, first_seq: u64, seq: u64) -> bool {
+        seq >= first_seq && self.last_seq < Some(seq)
+    }
+
+    /// Scans one segment. A bad frame (torn, corrupt, or a seq out of order) is skipped:
+    /// the scan resynchronises on the next valid frame and the file is kept as it is,
+    /// the damaged range remembered so that read-back jumps over it. Bytes after the
+    /// last valid frame are a torn tail and are truncated. `None` when nothing valid is
+    /// left in the segment (the file is removed).
     fn segment(&mut self, path: &Path, first_seq: u64) -> io::Result<Option<SegmentMeta>> {
         let file = File::open(path)?;
         let len = file.metadata()?.len();
@@ -115,46 +146,53 @@ impl Scan {
             last_seq: first_seq,
             records: 0,
             bytes: 0,
+            damaged: Vec::new(),
         };
+        // Where the next frame starts: the end of the last valid one.
+        let mut offset = 0;
         loop {
-            let offset = meta.bytes;
             let reason = match frame::read_frame(&mut reader, len - offset, &mut self.payload)? {
                 ReadFrame::End => break,
                 ReadFrame::Bad(reason) => reason,
-                ReadFrame::Frame(h) if h.seq < first_seq || self.last_seq >= Some(h.seq) => {
+                ReadFrame::Frame(h) if !self.in_order(first_seq, h.seq) => {
                     "record seq out of order"
                 }
                 ReadFrame::Frame(h) => {
-                    self.record(
-                        h,
-                        TailPos {
-                            first_seq,
-                            offset,
-                            index: meta.records,
-                        },
-                    );
-                    meta.records += 1;
-                    meta.last_seq = h.seq;
-                    meta.bytes += h.frame_len();
+                    self.valid(h, offset, &mut meta);
+                    offset += h.frame_len();
                     continue;
                 }
             };
+            // Never trust the length of a bad frame: look at every byte after its start.
+            let lowest = self.last_seq.map_or(first_seq, |s| s.saturating_add(1));
+            let lowest = lowest.max(first_seq);
+            let found = frame::resync(
+                &file,
+                offset + 1,
+                len,
+                |at, seq| seq >= lowest && seq <= frame::max_seq_at(first_seq, at),
+                &mut self.payload,
+            )?;
+            let Some((at, h)) = found else {
+                self.torn_tail(path, offset, len, reason);
+                break;
+            };
+            let lost_records = self.unacked_between(lowest, h.seq);
             tracing::warn!(
                 segment = %path.display(),
                 offset,
-                dropped_bytes = len - offset,
+                skipped_bytes = at - offset,
+                lost_records,
                 reason,
-                "outbox segment ends in a torn or corrupt record (crash mid-write?); truncating it there"
+                "outbox segment has a damaged record in the middle; skipped to the next valid record, the rest of the segment is kept"
             );
-            // Not fatal: nothing is ever appended to a segment from before the open, and
-            // only `meta.bytes` of it are read; the next open tries again.
-            if let Err(e) = truncate(path, offset) {
-                tracing::warn!(segment = %path.display(), error = %e,
-                    "outbox could not truncate a torn segment");
-            }
-            self.state.corrupt_bytes_total += len - offset;
-            break;
+            self.state.corrupt_bytes_total += at - offset;
+            meta.damaged.push((offset, at));
+            self.valid(h, at, &mut meta);
+            offset = at + h.frame_len();
+            reader.seek(SeekFrom::Start(offset))?;
         }
+        meta.bytes = offset;
         if meta.records == 0 {
             drop(reader);
             if let Err(e) = fs::remove_file(path) {
@@ -164,6 +202,49 @@ impl Scan {
             return Ok(None);
         }
         Ok(Some(meta))
+    }
+
+    /// Nothing valid follows `offset`: a crash mid-write (or damage at the very end).
+    fn torn_tail(&mut self, path: &Path, offset: u64, len: u64, reason: &str) {
+        tracing::warn!(
+            segment = %path.display(),
+            offset,
+            dropped_bytes = len - offset,
+            reason,
+            "outbox segment ends in a torn or corrupt record (crash mid-write?); truncating it there"
+        );
+        // Not fatal: nothing is ever appended to a segment from before the open, and
+        // only `meta.bytes` of it are read; the next open tries again.
+        if let Err(e) = truncate(path, offset) {
+            tracing::warn!(segment = %path.display(), error = %e,
+                "outbox could not truncate a torn segment");
+        }
+        self.state.corrupt_bytes_total += len - offset;
+        self.torn = true;
+    }
+
+    /// Unacknowledged seqs in `from..to`: the records a skipped range held (seqs within
+    /// a segment are consecutive).
+    fn unacked_between(&self, from: u64, to: u64) -> u64 {
+        let from = from.max(self.watermark);
+        if from >= to {
+            return 0;
+        }
+        (to - from) - self.acked_above.range(from..to).count() as u64
+    }
+
+    /// A valid, in-order frame at `offset`.
+    fn valid(&mut self, h: frame::FrameHeader, offset: u64, meta: &mut SegmentMeta) {
+        self.record(
+            h,
+            TailPos {
+                first_seq: meta.first_seq,
+                offset,
+                index: meta.records,
+            },
+        );
+        meta.records += 1;
+        meta.last_seq = h.seq;
     }
 
     /// One valid record at `pos`.

@@ -1,5 +1,6 @@
-//! Integration-test harness: real Envoy, real mosquitto, a real HTTP backend, and a
-//! real Prometheus server for the operator files (`prometheus.rs`).
+//! Integration-test harness: real Envoy, real mosquitto, a real HTTP backend, a real
+//! Prometheus server for the operator files (`prometheus.rs`), and a fault-injecting
+//! layer under fsync (`fsync_fault.rs`).
 //!
 //! Use from a test file with `mod support;`. Every process is owned by a
 //! guard that SIGKILLs it on drop (also on panic) and prints its log tails
@@ -12,6 +13,7 @@
 pub mod backend;
 pub mod binary;
 pub mod envoy;
+pub mod fsync_fault;
 pub mod keymeter;
 pub mod mosquitto;
 pub mod mqtt;
