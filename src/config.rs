@@ -68,6 +68,11 @@ pub struct ListenConfig {
     /// TLS (and optionally mTLS) on the gRPC listener; plain when absent.
     #[serde(default)]
     pub grpc_tls: Option<GrpcTlsConfig>,
+    /// Plaintext gRPC on an address other than loopback: whoever reaches it can bill
+    /// any key, so it must be chosen explicitly (and is logged). Loopback (an Envoy or
+    /// sidecar in the same pod) needs nothing.
+    #[serde(default)]
+    pub allow_plaintext: bool,
     /// Larger gRPC messages are refused (RESOURCE_EXHAUSTED) before they are decoded.
     /// Envoy's first access-log message carries its node description (~64 KiB).
     #[serde(default = "default_max_message_bytes")]
@@ -84,6 +89,7 @@ impl Default for ListenConfig {
             grpc: default_grpc_addr(),
             admin: default_admin_addr(),
             grpc_tls: None,
+            allow_plaintext: false,
             max_message_bytes: default_max_message_bytes(),
         }
     }
@@ -99,10 +105,36 @@ pub struct GrpcTlsConfig {
     /// PEM CA bundle: when set, clients must present a certificate signed by it (mTLS).
     #[serde(default)]
     pub client_ca_file: Option<PathBuf>,
+    /// Which client certificates may call which service (needs `client_ca_file`).
+    #[serde(default)]
+    pub allow: PeerAllowList,
 }
 
+/// Client identities allowed per service, each matched against the certificate's URI
+/// subject alternative names (SPIFFE IDs such as
+/// `spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway`) and DNS ones. An
+/// empty list allows every certificate the client CA signed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerAllowList {
+    /// Envoy: ext_authz Check and the access-log stream (they move money).
+    #[serde(default)]
+    pub envoy: Vec<String>,
+    /// Jobs: the Report API.
+    #[serde(default)]
+    pub report: Vec<String>,
+}
+
+impl PeerAllowList {
+    pub fn is_empty(&self) -> bool {
+        self.envoy.is_empty() && self.report.is_empty()
+    }
+}
+
+/// Loopback: an Envoy (or sidecar) in the same pod reaches it; anything wider is an
+/// explicit choice (mTLS, or `listen.allow_plaintext`).
 fn default_grpc_addr() -> SocketAddr {
-    SocketAddr::from(([0, 0, 0, 0], 9191))
+    SocketAddr::from(([127, 0, 0, 1], 9191))
 }
 
 fn default_admin_addr() -> SocketAddr {
@@ -295,6 +327,29 @@ pub struct InvalidKeyLimit {
     /// Addresses tracked at once, bounding memory; beyond it new ones are not limited.
     #[serde(default = "default_max_clients")]
     pub max_clients: usize,
+    /// Request header holding the client's address, when the Check's peer address is
+    /// a proxy's. Envoy configured as an edge (`use_remote_address`, as
+    /// `deploy/envoy/envoy.yaml`) sets `x-envoy-external-address` to the address that
+    /// `xff_num_trusted_hops` leaves trusted and drops a client's own value; empty
+    /// means the Check's source address. Only for an Envoy that overwrites it: an
+    /// address a client can write is one it can change to escape the guard.
+    #[serde(default = "default_client_address_header")]
+    pub client_address_header: String,
+}
+
+fn default_client_address_header() -> String {
+    "x-envoy-external-address".into()
+}
+
+impl Default for InvalidKeyLimit {
+    fn default() -> Self {
+        InvalidKeyLimit {
+            max_attempts: default_max_attempts(),
+            window_secs: default_window_secs(),
+            max_clients: default_max_clients(),
+            client_address_header: default_client_address_header(),
+        }
+    }
 }
 
 fn default_max_attempts() -> u32 {
@@ -745,6 +800,22 @@ impl Config {
                     ));
                 }
             }
+            if t.client_ca_file.is_none() && !t.allow.is_empty() {
+                return Err(ConfigError::invalid(
+                    "listen.grpc_tls.allow",
+                    "needs listen.grpc_tls.client_ca_file: without client certificates there are no identities to allow",
+                ));
+            }
+        } else if !self.listen.grpc.ip().is_loopback() && !self.listen.allow_plaintext {
+            return Err(ConfigError::invalid(
+                "listen.grpc",
+                format!(
+                    "{} is not loopback and [listen.grpc_tls] is not set: whoever reaches a plaintext gRPC port can bill any key. \
+                     Configure mTLS (listen.grpc_tls with client_ca_file), listen on loopback (Envoy or a sidecar in the same pod), \
+                     or set listen.allow_plaintext = true where the network is otherwise closed (NetworkPolicy)",
+                    self.listen.grpc
+                ),
+            ));
         }
         if self.listen.max_message_bytes < 256 << 10 {
             return Err(ConfigError::invalid(
@@ -993,6 +1064,7 @@ impl Config {
                 grpc: SocketAddr::from(([127, 0, 0, 1], 0)),
                 admin: SocketAddr::from(([127, 0, 0, 1], 0)),
                 grpc_tls: None,
+                allow_plaintext: false,
                 max_message_bytes: default_max_message_bytes(),
             },
             mqtt: MqttConfig {

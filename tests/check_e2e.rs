@@ -270,6 +270,7 @@ async fn too_many_invalid_keys_from_one_address_get_429() {
         max_attempts: 3,
         window_secs: 60,
         max_clients: 1000,
+        ..Default::default()
     });
     let keymeter = Keymeter::start_ready(config).await;
     let backend = Backend::start().await;

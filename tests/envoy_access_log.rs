@@ -465,18 +465,19 @@ async fn deployed_config_moves_usage_headers_to_metadata_and_logs_trailers() {
     assert_eq!(request(&a_entry).request_id, backend_id);
     assert_eq!(a_common.stream_id, backend_id);
     assert_eq!(backend_id.len(), 36, "a UUID: {backend_id}");
-    // ...but a client-sent x-request-id is kept: it is not a trustworthy unique id.
+    // ...also when the client sent its own: the shipped config is an edge
+    // (use_remote_address, no internal addresses), so a client's x-request-id is
+    // replaced, and cannot steer record ids.
     rig.post(
         "/request-id",
         &[("api-key", GOOD), ("x-request-id", "client-chosen")],
     )
     .await;
     let (_, chosen) = rig.capture.entry_for("/request-id").await;
-    assert_eq!(request(&chosen).request_id, "client-chosen");
-    assert_eq!(
-        chosen.common_properties.as_ref().unwrap().stream_id,
-        "client-chosen"
-    );
+    let id = &request(&chosen).request_id;
+    assert_ne!(id, "client-chosen");
+    assert_eq!(id.len(), 36, "Envoy's UUID: {id}");
+    assert_eq!(&chosen.common_properties.as_ref().unwrap().stream_id, id);
 
     // (e) When the request completed: start_time + time_to_last_downstream_tx_byte.
     let start = to_system_time(a_common.start_time.as_ref().expect("start_time"));

@@ -174,6 +174,7 @@ async fn the_report_api_is_no_key_oracle_and_guards_like_the_check() {
         max_attempts: 3,
         window_secs: 60,
         max_clients: 100,
+        ..Default::default()
     });
     config.usage.report_max_age_secs = 24 * 3600;
     let mut keymeter = Keymeter::start_ready(config).await;

@@ -86,6 +86,7 @@ mod tests {
             max_attempts,
             window_secs: 60,
             max_clients,
+            ..Default::default()
         })
     }
 

@@ -213,7 +213,7 @@ impl AuthzService {
         };
         let key = find_key(&self.config, |name| view.header(name));
         let keys = self.keys.view();
-        let asker = self.asker(view.source_ip());
+        let asker = self.asker(self.client_address(&view));
         let response: Bytes = match decide(key, &keys, asker) {
             Decision::Allow {
                 app_id,
@@ -268,6 +268,20 @@ impl AuthzService {
     pub fn check(&self, request: &CheckRequest) -> CheckResponse {
         let answer = self.check_bytes(&request.encode_to_vec());
         CheckResponse::decode(answer).expect("keymeter encodes valid CheckResponses")
+    }
+
+    /// The address the brute-force guard counts this request by: the configured
+    /// client-address header (Envoy's `x-envoy-external-address`), else the peer.
+    fn client_address(&self, view: &wire::CheckView<'_>) -> Option<IpAddr> {
+        let header = &self
+            .config
+            .invalid_key_limit
+            .as_ref()?
+            .client_address_header;
+        (!header.is_empty())
+            .then(|| view.header(header)?.trim().parse().ok())
+            .flatten()
+            .or_else(|| view.source_ip())
     }
 
     /// The brute-force guard's view of `client`, when the guard is on.
@@ -547,6 +561,7 @@ mod tests {
                 max_attempts: 3,
                 window_secs: 60,
                 max_clients: 100,
+                ..Default::default()
             }),
             ..CheckConfig::default()
         });
