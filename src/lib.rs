@@ -12,6 +12,7 @@ mod grpc;
 pub mod keys;
 pub mod mqtt;
 pub mod outbox;
+pub mod peers;
 mod protowire;
 pub mod report;
 mod server;

@@ -11,10 +11,11 @@ use tokio_util::task::TaskTracker;
 use crate::accesslog::AccessLogServer;
 use crate::admin::{self, AdminState, metrics::Metrics};
 use crate::authz::{AuthzService, CheckServer};
-use crate::config::{Config, FsyncMode, GrpcTlsConfig};
+use crate::config::{Config, FsyncMode, GrpcTlsConfig, PeerAllowList};
 use crate::keys::{KeyStore, sync};
 use crate::mqtt;
 use crate::outbox::{FsyncPolicy, Outbox, OutboxConfig};
+use crate::peers::PeerGate;
 use crate::proto::v1::usage_server::UsageServer;
 use crate::report::ReportService;
 use crate::usage::recorder::Recorder;
@@ -217,12 +218,17 @@ pub async fn run(
         // default answers more than 20 such resets pending at once with GOAWAY, which
         // also kills the access-log stream on the same connection (records lost).
         .http2_max_pending_accept_reset_streams(Some(GRPC_MAX_PENDING_RESETS));
+    let mut allow = PeerAllowList::default();
     if let Some(tls) = &config.listen.grpc_tls {
         builder = builder.tls_config(grpc_tls(tls)?)?;
         let mutual = tls.client_ca_file.is_some();
-        tracing::info!(mutual, "gRPC listener uses TLS");
+        tracing::info!(mutual, envoy = ?tls.allow.envoy, report = ?tls.allow.report, "gRPC listener uses TLS");
+        allow = tls.allow.clone();
+    } else if !grpc_addr.ip().is_loopback() {
+        tracing::warn!(grpc = %grpc_addr, "gRPC listener is plaintext on a non-loopback address (listen.allow_plaintext): whoever reaches it can bill any key; keep it behind a NetworkPolicy or use mTLS");
     }
     let grpc = builder
+        .layer(PeerGate::new(allow, metrics.clone()))
         .add_service(health_service)
         .add_service(CheckServer::new(authz, max_message))
         .add_service(access_log)

@@ -85,6 +85,7 @@ pub struct Metrics {
     pub mqtt_connection_errors: Counter,
     pub heartbeats_sent: Counter,
     pub ready: Gauge,
+    grpc_peers_refused: Family<Labels, Counter>,
     pub access_log_streams: Gauge,
     pub access_log_streams_opened: Counter,
     pub access_log_stream_errors: Counter,
@@ -244,6 +245,12 @@ impl Metrics {
             "access_log_streams",
             "Envoy access-log streams connected now",
             access_log_streams.clone(),
+        );
+        let grpc_peers_refused = Family::<Labels, Counter>::default();
+        registry.register(
+            "grpc_peers_refused",
+            "gRPC calls refused because the client certificate is not allowed for the service (listen.grpc_tls.allow), by service",
+            grpc_peers_refused.clone(),
         );
         let access_log_streams_opened = Counter::default();
         registry.register(
@@ -412,6 +419,7 @@ impl Metrics {
             mqtt_connection_errors,
             heartbeats_sent,
             ready,
+            grpc_peers_refused,
             access_log_streams,
             access_log_streams_opened,
             access_log_stream_errors,
@@ -465,6 +473,11 @@ impl Metrics {
             let _ = self
                 .entries_not_billed
                 .get_or_create(&vec![("reason", why.as_str())]);
+        }
+        for service in crate::peers::Guarded::ALL {
+            let _ = self
+                .grpc_peers_refused
+                .get_or_create(&vec![("service", service.as_str())]);
         }
         for why in crate::accesslog::Skipped::ALL {
             let _ = self
@@ -559,6 +572,13 @@ impl Metrics {
         self.records_rejected
             .get_or_create(&vec![("reason", reason)])
             .inc_by(n);
+    }
+
+    /// A gRPC call to `service` refused for its client certificate.
+    pub fn grpc_peer_refused(&self, service: crate::peers::Guarded) {
+        self.grpc_peers_refused
+            .get_or_create(&vec![("service", service.as_str())])
+            .inc();
     }
 
     /// `n` access-log entries skipped for `why`.

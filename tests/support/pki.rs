@@ -4,8 +4,13 @@ use std::path::{Path, PathBuf};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
+    KeyUsagePurpose, SanType,
 };
+
+/// The SPIFFE-style identities of the test client certificates.
+pub const ENVOY_ID: &str = "spiffe://keymeter.test/ns/edge/sa/envoy";
+pub const JOB_ID: &str = "spiffe://keymeter.test/ns/jobs/sa/nightly";
+pub const INTRUDER_ID: &str = "spiffe://keymeter.test/ns/other/sa/intruder";
 
 use super::process::TestDir;
 
@@ -13,10 +18,17 @@ use super::process::TestDir;
 /// - `ca_cert`/`ca_key`: the test CA;
 /// - `server_cert`/`server_key`: for `localhost` and `127.0.0.1`, signed by the CA;
 /// - `other_ca_cert`/`other_ca_key`: an unrelated CA, for "untrusted" tests;
-/// - `client_cert`/`client_key`: a client certificate (CN `envoy`) signed by the CA;
+/// - `client_cert`/`client_key`: a client certificate (CN `envoy`, URI SAN
+///   [`ENVOY_ID`]) signed by the CA;
+/// - `job_cert`/`job_key`, `intruder_cert`/`intruder_key`: client certificates from
+///   the same CA for [`JOB_ID`] and [`INTRUDER_ID`];
 /// - `wrong_name_cert`/`wrong_name_key`: a server certificate signed by the CA for
 ///   `broker.invalid` only, for "hostname mismatch" tests.
 pub struct TestPki {
+    pub job_cert: PathBuf,
+    pub job_key: PathBuf,
+    pub intruder_cert: PathBuf,
+    pub intruder_key: PathBuf,
     pub wrong_name_cert: PathBuf,
     pub wrong_name_key: PathBuf,
     pub client_cert: PathBuf,
@@ -62,17 +74,30 @@ impl TestPki {
         let (server, server_key) = server_cert(vec!["localhost".into(), "127.0.0.1".into()]);
         let (wrong_name, wrong_name_key) = server_cert(vec!["broker.invalid".into()]);
 
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("no SANs");
-        params.distinguished_name.push(DnType::CommonName, "envoy");
-        params.use_authority_key_identifier_extension = true;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let client_key = KeyPair::generate().expect("generate key");
-        let client = params
-            .signed_by(&client_key, &ca, &ca_key)
-            .expect("sign client cert");
+        let client_cert = |name: &str, id: &str| {
+            let mut params = CertificateParams::new(Vec::<String>::new()).expect("no SANs");
+            params.distinguished_name.push(DnType::CommonName, name);
+            params
+                .subject_alt_names
+                .push(SanType::URI(id.try_into().expect("a URI")));
+            params.use_authority_key_identifier_extension = true;
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            let key = KeyPair::generate().expect("generate key");
+            let cert = params
+                .signed_by(&key, &ca, &ca_key)
+                .expect("sign client cert");
+            (cert, key)
+        };
+        let (client, client_key) = client_cert("envoy", ENVOY_ID);
+        let (job, job_key) = client_cert("job", JOB_ID);
+        let (intruder, intruder_key) = client_cert("intruder", INTRUDER_ID);
 
         TestPki {
+            job_cert: write("job.pem", job.pem()),
+            job_key: write("job.key", job_key.serialize_pem()),
+            intruder_cert: write("intruder.pem", intruder.pem()),
+            intruder_key: write("intruder.key", intruder_key.serialize_pem()),
             wrong_name_cert: write("wrong-name.pem", wrong_name.pem()),
             wrong_name_key: write("wrong-name.key", wrong_name_key.serialize_pem()),
             client_cert: write("client.pem", client.pem()),
