@@ -15,7 +15,9 @@ pub use service::AccessLogServer;
 
 use envoy_types::pb::envoy::config::core::v3::RequestMethod;
 
-use crate::authz::{METADATA_APP_ID, METADATA_KEY_FINGERPRINT, UNREADABLE_KEY, find_key};
+use crate::authz::{
+    Decision, METADATA_APP_ID, METADATA_KEY_FINGERPRINT, UNREADABLE_KEY, decide, find_key,
+};
 use crate::config::{CheckConfig, UsageConfig};
 use crate::keys::sync::now_ms;
 use crate::keys::{KeyView, fingerprint};
@@ -153,20 +155,21 @@ pub fn entry_outcome(entry: &LogEntry<'_>, keys: &KeyView, rules: &Rules<'_>) ->
                 _ => return Outcome::NotBilled(NotBilled::UnknownKey),
             },
         },
+        // No Check on this route (or its metadata did not reach the log): the logged
+        // key decides, as a Check would have.
         None => {
             let Some(api_key) = logged_key() else {
                 return Outcome::NotBilled(NotBilled::NoKey);
             };
-            match keys.get(api_key) {
-                None => return Outcome::NotBilled(NotBilled::UnknownKey),
-                // Without a Check on this route, a blocked key is not billed either.
-                Some(k) if k.blocked && authz.is_none() => {
-                    return Outcome::NotBilled(NotBilled::Denied);
-                }
-                Some(k) if check_app.is_some_and(|app| app != k.app_id) => {
+            match decide(Some(api_key), keys, None) {
+                Decision::Allow { app_id, .. } if check_app.is_some_and(|app| app != app_id) => {
                     return Outcome::NotBilled(NotBilled::AppMismatch);
                 }
-                Some(k) => (k.api_key, k.app_id),
+                Decision::Allow { app_id, .. } => (api_key, app_id),
+                Decision::Blocked { .. } => return Outcome::NotBilled(NotBilled::Denied),
+                Decision::MissingKey | Decision::InvalidKey | Decision::RateLimited { .. } => {
+                    return Outcome::NotBilled(NotBilled::UnknownKey);
+                }
             }
         }
     };
