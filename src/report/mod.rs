@@ -1,21 +1,22 @@
 //! The Report API (`keymeter.v1.Usage/Report`): usage from work that cannot set
-//! response headers (batch jobs, asynchronous tasks). Same key check, same
-//! validation, same outbox as the access-log path; it answers only once the records
-//! are fsynced, so an acknowledged report survives even a power cut.
+//! response headers (batch jobs, asynchronous tasks). Same key decision
+//! (`authz::decide`, with the Check's brute-force guard), same validation, same outbox
+//! as the access-log path; it answers only once the records are fsynced, so an
+//! acknowledged report survives even a power cut.
+//!
+//! [`ReportService::records`] is the domain part: a call's records, validated and with
+//! their ids; `service.rs` is the gRPC side.
+
+mod service;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use tonic::{Request, Response, Status};
+use std::sync::atomic::AtomicU64;
 
 use crate::authz::guard::InvalidKeyGuard;
-use crate::authz::{Asker, Decision, UNREADABLE_KEY, decide, find_key, missing_key_message};
+use crate::authz::missing_key_message;
 use crate::config::{CheckConfig, UsageConfig};
 use crate::keys::KeyStore;
-use crate::keys::sync::now_ms;
-use crate::outbox::{AppendError, Durability};
-use crate::proto::v1::usage_server::Usage as UsageApi;
-use crate::proto::v1::{ReportRequest, ReportResponse, UsageRecord as ProtoRecord};
+use crate::proto::v1::UsageRecord as ProtoRecord;
 use crate::usage::contract::{Limits, name, parse_metadata_text};
 use crate::usage::record::record_id;
 use crate::usage::recorder::Recorder;
@@ -82,90 +83,27 @@ impl ReportService {
             metadata_dropped: None,
         })
     }
-}
 
-#[tonic::async_trait]
-impl UsageApi for ReportService {
-    async fn report(
+    /// A call's records for `app_id`'s `api_key`, received at `now`: all valid, or the
+    /// first that is not (by index) and why. `call` numbers this process's calls.
+    fn records(
         &self,
-        request: Request<ReportRequest>,
-    ) -> Result<Response<ReportResponse>, Status> {
-        // Shape first: an empty call must not tell a caller whether its key is valid.
-        let count = request.get_ref().records.len();
-        if count == 0 {
-            return Err(Status::invalid_argument(
-                "no_records: a Report carries at least one record",
-            ));
-        }
-        if count > MAX_RECORDS_PER_REPORT {
-            return Err(Status::invalid_argument(format!(
-                "too_many_records: at most {MAX_RECORDS_PER_REPORT} per call"
-            )));
-        }
-        let metadata = request.metadata();
-        // A value that is not visible ASCII is a (wrong) key, not an absent one, as it
-        // is for a Check through Envoy.
-        let key = find_key(&self.check, |name| {
-            metadata
-                .get(name)
-                .map(|v| v.to_str().unwrap_or(UNREADABLE_KEY))
-        })
-        .map(str::to_string);
-        let asker = self
-            .guard
-            .as_deref()
-            .zip(request.remote_addr())
-            .map(|(guard, peer)| Asker {
-                guard,
-                client: peer.ip(),
-                now: std::time::Instant::now(),
-            });
-        let (api_key, app_id) = {
-            let view = self.keys.view();
-            match decide(key.as_deref(), &view, asker) {
-                Decision::Allow { app_id, .. } => (key.unwrap_or_default(), app_id.to_string()),
-                Decision::MissingKey => {
-                    return Err(Status::unauthenticated(format!(
-                        "missing_api_key: {}",
-                        self.missing_key_message
-                    )));
-                }
-                Decision::InvalidKey => return Err(Status::unauthenticated("invalid_api_key")),
-                Decision::Blocked { reason } => {
-                    return Err(Status::permission_denied(format!(
-                        "blocked_api_key: {reason}"
-                    )));
-                }
-                Decision::RateLimited { retry_after } => {
-                    return Err(Status::resource_exhausted(format!(
-                        "too_many_invalid_keys: retry after {} s",
-                        retry_after.as_secs().max(1)
-                    )));
-                }
-            }
-        };
-        let request = request.into_inner();
-        let now = now_ms();
-        let call = self.counter.fetch_add(1, Ordering::Relaxed);
-        let mut records = Vec::with_capacity(request.records.len());
-        for (i, r) in request.records.iter().enumerate() {
-            let usage = match self.validate(r) {
-                Ok(u) => u,
-                Err(reason) => {
-                    self.recorder.reject(reason, "report_api", &app_id, "");
-                    return Err(Status::invalid_argument(format!(
-                        "records[{i}]: {reason}; nothing was recorded"
-                    )));
-                }
-            };
+        app_id: &str,
+        api_key: &str,
+        protos: &[ProtoRecord],
+        now: i64,
+        call: u64,
+    ) -> Result<Vec<UsageRecord>, (usize, RecordProblem)> {
+        let mut records = Vec::with_capacity(protos.len());
+        for (i, r) in protos.iter().enumerate() {
+            let usage = self
+                .validate(r)
+                .map_err(|e| (i, RecordProblem::Invalid(e)))?;
             if r.timestamp_ms != 0
                 && (r.timestamp_ms < now.saturating_sub(self.max_age_ms)
                     || r.timestamp_ms > now.saturating_add(MAX_CLOCK_SKEW_MS))
             {
-                return Err(Status::invalid_argument(format!(
-                    "records[{i}]: timestamp_ms must be within the last {} s and not in the future; nothing was recorded",
-                    self.max_age_ms / 1000
-                )));
+                return Err((i, RecordProblem::Timestamp));
             }
             let timestamp = if r.timestamp_ms == 0 {
                 now
@@ -186,16 +124,16 @@ impl UsageApi for ReportService {
             } else {
                 record_id(&[b"report", app_id.as_bytes(), r.idempotency_key.as_bytes()])
             };
-            records.push(UsageRecord::new(&app_id, &api_key, usage, timestamp, id));
+            records.push(UsageRecord::new(app_id, api_key, usage, timestamp, id));
         }
-        match self.recorder.record(&records, Durability::Synced).await {
-            Ok(_) => Ok(Response::new(ReportResponse {
-                record_ids: records.into_iter().map(|r| r.record_id).collect(),
-            })),
-            Err(AppendError::Full { .. }) => Err(Status::resource_exhausted(
-                "outbox_full: keymeter cannot store more records until the broker catches up",
-            )),
-            Err(e) => Err(Status::unavailable(format!("records not stored: {e}"))),
-        }
+        Ok(records)
     }
+}
+
+/// Why one record of a call was refused (the whole call is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RecordProblem {
+    Invalid(Rejection),
+    /// Outside `usage.report_max_age_secs`, or ahead of keymeter's clock.
+    Timestamp,
 }
