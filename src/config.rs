@@ -412,6 +412,14 @@ pub struct UsageConfig {
     /// The Report API refuses a `timestamp_ms` older than this many seconds.
     #[serde(default = "default_report_max_age_secs")]
     pub report_max_age_secs: u64,
+    /// How long the Report API remembers an `idempotency_key` (also across restarts):
+    /// a retry within it gets the original record ids and records nothing new.
+    #[serde(default = "default_report_idempotency_secs")]
+    pub report_idempotency_secs: u64,
+}
+
+fn default_report_idempotency_secs() -> u64 {
+    24 * 3600
 }
 
 fn default_report_max_age_secs() -> u64 {
@@ -428,6 +436,7 @@ impl Default for UsageConfig {
             record_id_field: default_record_id_field(),
             routes: Vec::new(),
             report_max_age_secs: default_report_max_age_secs(),
+            report_idempotency_secs: default_report_idempotency_secs(),
         }
     }
 }
@@ -933,6 +942,12 @@ impl Config {
             return Err(ConfigError::invalid(
                 "usage.max_records_per_response",
                 "must be 1 to 1000",
+            ));
+        }
+        if !(60..=366 * 24 * 3600).contains(&u.report_idempotency_secs) {
+            return Err(ConfigError::invalid(
+                "usage.report_idempotency_secs",
+                "must be 60 to 31622400 (366 days)",
             ));
         }
         if !(60..=366 * 24 * 3600).contains(&u.report_max_age_secs) {

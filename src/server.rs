@@ -12,12 +12,13 @@ use crate::accesslog::AccessLogServer;
 use crate::admin::{self, AdminState, metrics::Metrics};
 use crate::authz::{AuthzService, CheckServer};
 use crate::config::{Config, FsyncMode, GrpcTlsConfig, PeerAllowList};
+use crate::keys::sync::now_ms;
 use crate::keys::{KeyStore, sync};
 use crate::mqtt;
 use crate::outbox::{FsyncPolicy, Outbox, OutboxConfig};
 use crate::peers::PeerGate;
 use crate::proto::v1::usage_server::UsageServer;
-use crate::report::ReportService;
+use crate::report::{IdempotencyKeys, ReportService};
 use crate::usage::recorder::Recorder;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
@@ -66,6 +67,22 @@ async fn open_outbox(config: &Config) -> Result<Outbox, RunError> {
         .map_err(|e| RunError::Outbox(dir.clone(), std::io::Error::other(e)))?
         .map_err(|e| RunError::Outbox(dir, e))
 }
+
+/// The Report API's remembered idempotency keys, beside the outbox they describe.
+async fn open_idempotency_keys(config: &Config) -> Result<IdempotencyKeys, RunError> {
+    let path = config.outbox.dir.join(IDEMPOTENCY_FILE);
+    let retention_ms = i64::try_from(config.usage.report_idempotency_secs)
+        .unwrap_or(i64::MAX)
+        .saturating_mul(1000);
+    let dir = config.outbox.dir.clone();
+    tokio::task::spawn_blocking(move || IdempotencyKeys::open(&path, retention_ms, now_ms()))
+        .await
+        .map_err(|e| RunError::Outbox(dir.clone(), std::io::Error::other(e)))?
+        .map_err(|e| RunError::Outbox(dir, e))
+}
+
+/// File of the Report API's idempotency keys, in the outbox directory.
+const IDEMPOTENCY_FILE: &str = "report-idempotency-keys";
 
 /// The server TLS settings; client certificates are required when a CA is set.
 fn grpc_tls(tls: &GrpcTlsConfig) -> Result<ServerTlsConfig, RunError> {
@@ -206,6 +223,7 @@ pub async fn run(
         authz.guard(),
         &config.usage,
         config.client_id(),
+        open_idempotency_keys(&config).await?,
     );
     let incoming =
         tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));

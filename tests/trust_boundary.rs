@@ -269,3 +269,65 @@ async fn the_outbox_ages_records_from_when_keymeter_took_them() {
     assert!(age < 60.0, "aged {age} s");
     keymeter.stop().await;
 }
+
+/// A retry with the same idempotency key, also after a restart, gets the original
+/// record ids and records nothing new.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_report_records_nothing_new_even_after_a_restart() {
+    let broker = Mosquitto::start().await;
+    let billing = billing(broker.port(), keys()).await;
+    let outbox = TestDir::new("outbox");
+    let mut config = Config::for_local_broker("127.0.0.1", broker.port());
+    config.outbox.dir = outbox.path().to_path_buf();
+    let keymeter = Keymeter::start_ready(config.clone()).await;
+    let with_key = |usage: u64, key: &str| UsageRecord {
+        idempotency_key: key.into(),
+        ..record(usage, 0)
+    };
+    let call = || {
+        report(
+            Some(GOOD),
+            vec![with_key(10, "job-1"), with_key(20, "job-2"), record(30, 0)],
+        )
+    };
+    let mut client = UsageClient::connect(format!("http://127.0.0.1:{}", keymeter.grpc_port()))
+        .await
+        .unwrap();
+    let first = client.report(call()).await.unwrap().into_inner().record_ids;
+    assert_eq!(billing.wait_for_reports(3, WAIT).await.len(), 3);
+
+    // The retry: the keyed records are not recorded again, the unkeyed one is new.
+    let second = client.report(call()).await.unwrap().into_inner().record_ids;
+    assert_eq!(second[..2], first[..2]);
+    assert_ne!(second[2], first[2]);
+    assert_eq!(billing.wait_for_reports(4, WAIT).await.len(), 4);
+    keymeter.stop().await;
+
+    let mut keymeter = Keymeter::start_ready(config).await;
+    keymeter.hold(outbox);
+    let mut client = UsageClient::connect(format!("http://127.0.0.1:{}", keymeter.grpc_port()))
+        .await
+        .unwrap();
+    let third = client
+        .report(report(
+            Some(GOOD),
+            vec![with_key(10, "job-1"), with_key(40, "job-3")],
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .record_ids;
+    assert_eq!(third[0], first[0], "remembered across the restart");
+    let reports = billing.wait_for_reports(5, WAIT).await;
+    let settle = billing
+        .wait_for_reports(6, Duration::from_millis(500))
+        .await;
+    assert_eq!(settle.len(), 5, "{reports:?}");
+    let usages: Vec<u64> = settle
+        .iter()
+        .map(|r| r["usage"].as_u64().unwrap())
+        .collect();
+    assert_eq!(usages.iter().filter(|u| **u == 10).count(), 1, "{usages:?}");
+    assert_eq!(usages.iter().filter(|u| **u == 40).count(), 1, "{usages:?}");
+    keymeter.stop().await;
+}

@@ -7,7 +7,10 @@
 //! [`ReportService::records`] is the domain part: a call's records, validated and with
 //! their ids; `service.rs` is the gRPC side.
 
+mod idempotency;
 mod service;
+
+pub use idempotency::IdempotencyKeys;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
@@ -41,6 +44,8 @@ pub struct ReportService {
     /// Makes generated record ids unique within this process.
     counter: AtomicU64,
     instance: String,
+    /// Idempotency keys already recorded; one call with keys at a time.
+    idempotency: Arc<tokio::sync::Mutex<IdempotencyKeys>>,
 }
 
 impl ReportService {
@@ -51,6 +56,7 @@ impl ReportService {
         guard: Option<Arc<InvalidKeyGuard>>,
         usage: &UsageConfig,
         instance: String,
+        idempotency: IdempotencyKeys,
     ) -> Self {
         ReportService {
             keys,
@@ -64,6 +70,7 @@ impl ReportService {
                 .saturating_mul(1000),
             counter: AtomicU64::new(0),
             instance,
+            idempotency: Arc::new(tokio::sync::Mutex::new(idempotency)),
         }
     }
 

@@ -11,6 +11,7 @@ use crate::keys::sync::now_ms;
 use crate::outbox::{AppendError, Durability};
 use crate::proto::v1::usage_server::Usage as UsageApi;
 use crate::proto::v1::{ReportRequest, ReportResponse};
+use crate::usage::UsageRecord;
 
 #[tonic::async_trait]
 impl UsageApi for ReportService {
@@ -90,8 +91,21 @@ impl UsageApi for ReportService {
                 )));
             }
         };
-        match self.recorder.record(&records, Durability::Synced).await {
-            Ok(_) => Ok(Response::new(ReportResponse {
+        let keys: Vec<&str> = request
+            .records
+            .iter()
+            .map(|r| r.idempotency_key.as_str())
+            .collect();
+        let answer = if keys.iter().all(|k| k.is_empty()) {
+            self.recorder
+                .record(&records, Durability::Synced)
+                .await
+                .map(drop)
+        } else {
+            self.record_once(&app_id, &keys, &records, now).await
+        };
+        match answer {
+            Ok(()) => Ok(Response::new(ReportResponse {
                 record_ids: records.into_iter().map(|r| r.record_id).collect(),
             })),
             Err(AppendError::Full { .. }) => Err(Status::resource_exhausted(
@@ -99,5 +113,50 @@ impl UsageApi for ReportService {
             )),
             Err(e) => Err(Status::unavailable(format!("records not stored: {e}"))),
         }
+    }
+}
+
+impl ReportService {
+    /// Records what this call's idempotency keys have not recorded within the
+    /// retention window (a retry records nothing new: its ids are the same), then
+    /// remembers the new keys. One such call at a time, so two concurrent retries
+    /// cannot both record.
+    async fn record_once(
+        &self,
+        app_id: &str,
+        keys: &[&str],
+        records: &[UsageRecord],
+        now: i64,
+    ) -> Result<(), AppendError> {
+        let mut remembered = self.idempotency.clone().lock_owned().await;
+        let new: Vec<UsageRecord> = records
+            .iter()
+            .zip(keys)
+            .filter(|(_, k)| k.is_empty() || remembered.get(app_id, k, now).is_none())
+            .map(|(r, _)| r.clone())
+            .collect();
+        self.recorder.record(&new, Durability::Synced).await?;
+        let entries: Vec<(String, String)> = records
+            .iter()
+            .zip(keys)
+            .filter(|(_, k)| !k.is_empty())
+            .map(|(r, k)| (k.to_string(), r.record_id.clone()))
+            .collect();
+        let app = app_id.to_string();
+        let remembered = tokio::task::spawn_blocking(move || {
+            let entries: Vec<(&str, &str)> = entries
+                .iter()
+                .map(|(k, id)| (k.as_str(), id.as_str()))
+                .collect();
+            remembered.remember(&app, &entries, now)
+        })
+        .await
+        .map_err(|e| AppendError::Io(std::io::Error::other(e)))?;
+        if let Err(e) = remembered {
+            // The records are durable; only their retry would record them again (with
+            // the same record ids, which the consumer drops).
+            tracing::error!(error = %e, "cannot remember Report API idempotency keys; a retry would record again");
+        }
+        Ok(())
     }
 }
