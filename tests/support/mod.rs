@@ -21,6 +21,7 @@ pub mod pki;
 pub mod process;
 pub mod prometheus;
 pub mod raw_backend;
+pub mod yaml;
 
 pub use backend::{Backend, RecordedRequest};
 pub use envoy::{
