@@ -65,3 +65,14 @@ ensure_envoy() {
   "$ENVOY_BIN" --version >/dev/null || { echo "$ENVOY_BIN does not run" >&2; exit 1; }
   export ENVOY_BIN
 }
+
+# grpcio and grpcio-tools, for the Python Report API client (examples/report_client.py)
+# that tests/report_clients.rs runs.
+ensure_python_grpc() {
+  if ! python3 -c 'import grpc, grpc_tools' 2>/dev/null; then
+    echo "grpcio not found: installing the PyPI packages grpcio and grpcio-tools" >&2
+    python3 -m pip install --quiet --disable-pip-version-check grpcio==1.71.0 grpcio-tools==1.71.0 \
+      || python3 -m pip install --quiet --disable-pip-version-check --user grpcio==1.71.0 grpcio-tools==1.71.0
+  fi
+  python3 -c 'import grpc, grpc_tools' || { echo "grpcio/grpcio-tools are still missing" >&2; exit 1; }
+}

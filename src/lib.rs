@@ -27,4 +27,8 @@ pub mod proto {
     pub mod v1 {
         tonic::include_proto!("keymeter.v1");
     }
+
+    /// The encoded descriptors of `proto/`, served by gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/keymeter_descriptor.bin"));
 }

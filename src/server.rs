@@ -112,6 +112,8 @@ pub enum RunError {
     KeysFile(sync::Rejected),
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error("gRPC reflection: {0}")]
+    Reflection(String),
     #[error("admin server: {0}")]
     Admin(#[from] std::io::Error),
 }
@@ -245,9 +247,15 @@ pub async fn run(
     } else if !grpc_addr.ip().is_loopback() {
         tracing::warn!(grpc = %grpc_addr, "gRPC listener is plaintext on a non-loopback address (listen.allow_plaintext): whoever reaches it can bill any key; keep it behind a NetworkPolicy or use mTLS");
     }
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| RunError::Reflection(e.to_string()))?;
     let grpc = builder
         .layer(PeerGate::new(allow, metrics.clone()))
         .add_service(health_service)
+        .add_service(reflection)
         .add_service(CheckServer::new(authz, max_message))
         .add_service(access_log)
         .add_service(UsageServer::new(report).max_decoding_message_size(max_message))
