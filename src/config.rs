@@ -26,7 +26,7 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    fn invalid(key: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn invalid(key: &str, message: impl Into<String>) -> Self {
         ConfigError::Invalid {
             key: key.to_string(),
             message: message.into(),
@@ -129,6 +129,14 @@ impl PeerAllowList {
     pub fn is_empty(&self) -> bool {
         self.envoy.is_empty() && self.report.is_empty()
     }
+}
+
+/// 1-based line and column (in characters) of byte `offset` of `text`.
+fn line_and_column(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
 }
 
 /// Loopback: an Envoy (or sidecar) in the same pod reaches it; anything wider is an
@@ -764,7 +772,13 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut value: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             path: path.to_path_buf(),
-            message: e.message().to_string(),
+            message: match e.span() {
+                Some(span) => {
+                    let (line, column) = line_and_column(text, span.start);
+                    format!("line {line}, column {column}: {}", e.message())
+                }
+                None => e.message().to_string(),
+            },
         })?;
         for (var, key_path, kind) in ENV_OVERRIDES {
             if let Some(raw) = env(var) {
@@ -792,7 +806,8 @@ impl Config {
         Ok(config)
     }
 
-    /// Semantic checks serde cannot express; each names its key.
+    /// Semantic checks serde cannot express; each names its key. What needs the
+    /// machine (files, directories) is `preflight::check`.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Some(t) = &self.listen.grpc_tls {
             for (key, file) in [

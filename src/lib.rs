@@ -13,6 +13,7 @@ pub mod keys;
 pub mod mqtt;
 pub mod outbox;
 pub mod peers;
+pub mod preflight;
 mod protowire;
 pub mod report;
 mod server;

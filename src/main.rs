@@ -88,8 +88,8 @@ async fn run_configured(path: Option<PathBuf>, check_only: bool) -> ExitCode {
         }
     };
     if check_only {
-        // Also load the TLS files, so a bad certificate fails here and not at start-up.
-        if let Err(e) = keymeter::mqtt::options(&config) {
+        // Everything a start would stumble on: files, directories, certificates.
+        if let Err(e) = keymeter::preflight::check(&config) {
             eprintln!("keymeter: {e}");
             return ExitCode::from(EXIT_USAGE as u8);
         }

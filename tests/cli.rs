@@ -68,6 +68,16 @@ fn bad_values_exit_64_naming_the_key() {
             "log.format",
         ),
         ("[mqtt\nhost = ", "not valid TOML"),
+        ("[mqtt]\nhost = \"b\"\nport = x\n", "line 3, column 8"),
+        // What a start would stumble on, found without starting.
+        (
+            "[mqtt]\nhost = \"b\"\n[outbox]\ndir = \"/proc/version/outbox\"\n",
+            "outbox.dir",
+        ),
+        (
+            "[mqtt]\nhost = \"b\"\n[keys]\nfile = \"/nonexistent/keys.json\"\n",
+            "keys.file",
+        ),
     ];
     for (text, key) in cases {
         let (_d, path) = write_config(text);
@@ -137,5 +147,59 @@ fn the_example_config_is_valid_apart_from_its_example_paths() {
         &["--config", &path.to_string_lossy(), "--check-config"],
         &[],
     );
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn check_config_reads_the_keys_file_and_the_grpc_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.json");
+    std::fs::write(
+        &keys,
+        r#"{"keys": [{"app_id": "a", "api_key": "", "status": "ok"}]}"#,
+    )
+    .unwrap();
+    let base = format!(
+        "[mqtt]\nhost = \"b\"\n[outbox]\ndir = \"{}\"\n",
+        dir.path().join("outbox").display()
+    );
+    let (_d, path) = write_config(&format!("{base}[keys]\nfile = \"{}\"\n", keys.display()));
+    let o = keymeter(&["--config", &path, "--check-config"], &[]);
+    assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
+    assert!(stderr(&o).contains("keys.file"), "{}", stderr(&o));
+    assert!(!dir.path().join("outbox").exists(), "nothing is created");
+
+    // A certificate with another certificate's key.
+    let cert = |name: &str| {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![name.into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let ((a_cert, a_key), (_, b_key)) = (cert("a"), cert("b"));
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    let tls = |key: &str| {
+        format!(
+            "{base}[listen]\ngrpc = \"127.0.0.1:9191\"\n[listen.grpc_tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+            write("cert.pem", &a_cert),
+            write("key.pem", key)
+        )
+    };
+    let (_d, path) = write_config(&tls(&b_key));
+    let o = keymeter(&["--config", &path, "--check-config"], &[]);
+    assert_eq!(o.status.code(), Some(64), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("listen.grpc_tls.key_file"),
+        "{}",
+        stderr(&o)
+    );
+    let (_d, path) = write_config(&tls(&a_key));
+    let o = keymeter(&["--config", &path, "--check-config"], &[]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
