@@ -4,25 +4,58 @@
 # (deploy/envoy/envoy.yaml). Sends requests with a missing, an invalid, a blocked and a
 # valid key to an LLM, a speech synthesizer and a streaming transcriber, prints what
 # the client got and the billing/report messages published, then stops everything.
-#   scripts/demo.sh          run the tour and stop
-#   scripts/demo.sh --keep   keep everything running to try curl yourself (Ctrl-C stops)
+#   scripts/demo.sh                      run the tour and stop
+#   scripts/demo.sh --keep               keep everything running to try curl yourself (Ctrl-C stops)
+#   scripts/demo.sh --backend HOST:PORT  your own HTTP service behind the demo's Envoy
+#                                        (instead of the sample backend); implies --keep
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 KEEP=0
-[ "${1:-}" = "--keep" ] && KEEP=1
+BACKEND=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --keep) KEEP=1 ;;
+    --backend)
+      BACKEND=${2:-}
+      [[ "$BACKEND" =~ ^[0-9.]+:[0-9]+$ ]] || { echo "--backend takes IP:PORT, e.g. 127.0.0.1:8000" >&2; exit 64; }
+      KEEP=1
+      shift ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) echo "unknown argument $1 (try --help)" >&2; exit 64 ;;
+  esac
+  shift
+done
+
+# The demo's fixed ports: refuse to start next to another demo (or anything else)
+# rather than talk to its processes.
+PORTS="9191 9192 9901 10000"
+[ -n "$BACKEND" ] || PORTS="$PORTS 8080"
+for port in $PORTS; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "port $port on 127.0.0.1 is already in use (another demo still running?); stop it and try again" >&2
+    exit 1
+  fi
+done
 
 ensure_envoy
-echo "== building keymeter and the sample backend"
+echo "== building keymeter and the sample backend (the first build takes a few minutes)"
 cargo build --quiet --bin keymeter --example sample_backend
 
 LOGS=$(mktemp -d /tmp/keymeter-demo.XXXXXX)
 PIDS=()
+FAILED=1
 cleanup() {
+  trap - EXIT INT TERM
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  echo "== stopped (logs in $LOGS)"
+  if [ "$FAILED" = 0 ]; then
+    rm -rf "$LOGS"
+    echo "== stopped"
+  else
+    echo "== stopped (logs kept in $LOGS)"
+  fi
 }
 trap cleanup EXIT INT TERM
 
@@ -39,18 +72,42 @@ target/debug/keymeter dev --keys examples/keys.json >"$LOGS/keymeter.out" 2>"$LO
 PIDS+=($!)
 wait_http http://127.0.0.1:9192/readyz "keymeter"
 
-echo "== starting the sample backend (127.0.0.1:8080)"
-target/debug/examples/sample_backend 127.0.0.1:8080 2>"$LOGS/backend.log" &
-PIDS+=($!)
-wait_http http://127.0.0.1:8080/ "sample backend"
+if [ -z "$BACKEND" ]; then
+  echo "== starting the sample backend (127.0.0.1:8080)"
+  target/debug/examples/sample_backend 127.0.0.1:8080 2>"$LOGS/backend.log" &
+  PIDS+=($!)
+  wait_http http://127.0.0.1:8080/ "sample backend"
+  BACKEND_HOST=127.0.0.1 BACKEND_PORT=8080
+else
+  echo "== your backend at $BACKEND"
+  BACKEND_HOST=${BACKEND%:*} BACKEND_PORT=${BACKEND##*:}
+fi
 
 echo "== starting Envoy (listener 127.0.0.1:10000, admin 127.0.0.1:9901)"
-sed 's/address: 0.0.0.0/address: 127.0.0.1/' deploy/envoy/envoy.yaml >"$LOGS/envoy.yaml"
+# The shipped config, on loopback, with the backend's address.
+sed -e 's/address: 0.0.0.0/address: 127.0.0.1/' \
+    -e "/cluster_name: backend/,/port_value/{s/address: 127.0.0.1/address: $BACKEND_HOST/;s/port_value: 8080/port_value: $BACKEND_PORT/}" \
+    deploy/envoy/envoy.yaml >"$LOGS/envoy.yaml"
 "$ENVOY_BIN" -c "$LOGS/envoy.yaml" --disable-hot-restart -l warning --log-path "$LOGS/envoy.log" &
 PIDS+=($!)
 wait_http http://127.0.0.1:9901/ready "Envoy"
 
 API=http://127.0.0.1:10000
+if [ -n "$BACKEND" ]; then
+  FAILED=0
+  cat <<TXT
+
+== Envoy at $API checks keys with keymeter and forwards to your backend at $BACKEND.
+   Your backend bills a call by answering with x-billing-module, x-billing-model and
+   x-billing-usage (README: "For backend authors"); keymeter prints each record.
+   curl -i $API/ -H 'api-key: sk-test-0001'      # a valid key from examples/keys.json
+   curl -i $API/ -H 'api-key: sk-blocked'        # 403
+   tail -f $LOGS/keymeter.out                     # billing/report messages as they arrive
+   Ctrl-C stops everything.
+TXT
+  wait "${PIDS[0]}"
+  exit 0
+fi
 try() { # description, path, curl args...
   local what=$1 path=$2; shift 2
   echo
@@ -81,7 +138,7 @@ for _ in $(seq 1 100); do
 done
 grep '^billing/report ' "$LOGS/keymeter.out" | sed 's/^/   /'
 got=$(grep -c '^billing/report ' "$LOGS/keymeter.out" || true)
-[ "$got" -ge "$want" ] || echo "   (expected $want reports, got $got; see $LOGS)"
+if [ "$got" -ge "$want" ]; then FAILED=0; else echo "   (expected $want reports, got $got; see $LOGS)"; fi
 
 echo
 echo "== keymeter's counters (http://127.0.0.1:9192/metrics)"
