@@ -68,7 +68,7 @@ wait_http() { # url what
 }
 
 echo "== starting keymeter dev (gRPC 127.0.0.1:9191, admin 127.0.0.1:9192)"
-target/debug/keymeter dev --keys examples/keys.json >"$LOGS/keymeter.out" 2>"$LOGS/keymeter.log" &
+target/debug/keymeter dev >"$LOGS/keymeter.out" 2>"$LOGS/keymeter.log" &
 PIDS+=($!)
 wait_http http://127.0.0.1:9192/readyz "keymeter"
 

@@ -36,9 +36,10 @@ enum Command {
     /// Local sandbox, NOT for production: an in-process MQTT broker, a billing-system
     /// stand-in serving keys from a file and printing every billing/report, and keymeter.
     Dev {
-        /// Keys the billing stand-in serves.
-        #[arg(long, default_value = "examples/keys.json")]
-        keys: PathBuf,
+        /// Keys the billing stand-in serves ({"keys": [...]}); without it, the sample
+        /// keys of examples/keys.json, built in (so `keymeter dev` runs anywhere).
+        #[arg(long)]
+        keys: Option<PathBuf>,
         /// gRPC listener (ext_authz Check, health).
         #[arg(long, default_value = "127.0.0.1:9191")]
         grpc: SocketAddr,
@@ -122,19 +123,31 @@ async fn serve(config: Config) -> ExitCode {
 }
 
 async fn run_dev(
-    keys: PathBuf,
+    keys: Option<PathBuf>,
     grpc: SocketAddr,
     admin: SocketAddr,
     broker_addr: SocketAddr,
 ) -> ExitCode {
-    telemetry::init(LogFormat::Text, "info,rumqttd=warn");
-    let entries = match dev::load_keys_file(&keys) {
+    // rumqttd logs ordinary connection teardown at ERROR ("no-connection id 0 is
+    // already gone", "router-drop": the broker's readiness probe at start-up, every
+    // client at shutdown), which alarms on a normal run. The embedded broker is a
+    // sandbox; what matters about it (bind failures) keymeter reports itself.
+    telemetry::init(LogFormat::Text, "info,rumqttd=off");
+    let loaded = match &keys {
+        Some(path) => dev::load_keys_file(path),
+        None => dev::sample_keys(),
+    };
+    let entries = match loaded {
         Ok(k) => k,
         Err(e) => {
             eprintln!("keymeter dev: {e}");
             return ExitCode::from(EXIT_USAGE as u8);
         }
     };
+    let source = keys.map_or_else(
+        || "the built-in samples (examples/keys.json)".to_string(),
+        |p| p.display().to_string(),
+    );
     let broker = match dev::broker::EmbeddedBroker::start(broker_addr) {
         Ok(b) => b,
         Err(e) => {
@@ -172,7 +185,7 @@ async fn run_dev(
          ================================================================================\n",
         broker.addr(),
         entries.len(),
-        keys.display(),
+        source,
     );
     let code = serve(config).await;
     standin.stop().await;

@@ -109,3 +109,33 @@ async fn binary_reloads_on_sighup_logs_json_and_stops_on_sigterm() {
         assert!(!logs.contains(key), "raw key {key} in the logs:\n{logs}");
     }
 }
+
+/// `keymeter dev` as a newcomer runs it: from any directory, without `--keys` (the
+/// sample keys are built in), and with a clean log: no ERROR line on a normal start
+/// and stop, no colour codes when stderr is not a terminal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_runs_anywhere_with_a_clean_log() {
+    let cwd = TestDir::new("dev-anywhere");
+    let (grpc, admin) = (free_port(), free_port());
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_keymeter"));
+    command
+        .current_dir(cwd.path())
+        .env_remove("RUST_LOG")
+        .args(["dev", "--grpc", &format!("127.0.0.1:{grpc}")])
+        .args(["--admin", &format!("127.0.0.1:{admin}")]);
+    let mut keymeter = ChildGuard::spawn("keymeter-dev", command, cwd.path());
+    binary::wait_ready(&mut keymeter, admin, WAIT).await;
+    assert_eq!(
+        status(grpc, "sk-test-0001").await,
+        200,
+        "a built-in sample key"
+    );
+    assert_eq!(status(grpc, "sk-blocked").await, 403);
+    let exit = keymeter.terminate(WAIT).await;
+    assert!(exit.success(), "{exit:?}");
+    let log = std::fs::read_to_string(keymeter.stderr_log()).unwrap();
+    assert!(log.contains("NOT FOR PRODUCTION"), "{log}");
+    assert!(log.contains("built-in samples"), "{log}");
+    assert!(!log.contains(" ERROR "), "{log}");
+    assert!(!log.contains('\u{1b}'), "colour codes in a log file: {log}");
+}

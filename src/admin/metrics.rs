@@ -246,6 +246,18 @@ impl Metrics {
             "Envoy access-log streams connected now",
             access_log_streams.clone(),
         );
+        let build_info = Family::<OwnedLabels, Gauge>::default();
+        registry.register(
+            "build_info",
+            "Always 1; the labels say which keymeter runs (version, commit)",
+            build_info.clone(),
+        );
+        build_info
+            .get_or_create(&vec![
+                ("version", env!("CARGO_PKG_VERSION").to_string()),
+                ("commit", env!("KEYMETER_COMMIT").to_string()),
+            ])
+            .set(1);
         let grpc_peers_refused = Family::<Labels, Counter>::default();
         registry.register(
             "grpc_peers_refused",

@@ -4,6 +4,7 @@
 //! Nothing here prints a key, a fingerprint or the MQTT password.
 
 pub mod metrics;
+mod process;
 
 use std::sync::Arc;
 
@@ -89,7 +90,7 @@ async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        s.metrics.render(),
+        process::render() + &s.metrics.render(),
     )
 }
 

@@ -16,6 +16,13 @@ use crate::keys::{KeyEntry, KeyList};
 /// Reads a keys file (`{"keys": [...]}`, the [`KeyList`] format) for the stand-in to
 /// serve; the error names the file and the place in it that is wrong, but never
 /// quotes a string from it (it could be an API key, and errors end up in logs).
+/// The sample keys of `examples/keys.json`, built into the binary.
+pub fn sample_keys() -> Result<Vec<KeyEntry>, String> {
+    serde_json::from_str::<KeyList>(include_str!("../../examples/keys.json"))
+        .map(|list| list.keys)
+        .map_err(|e| format!("built-in sample keys: {e}"))
+}
+
 pub fn load_keys_file(path: impl AsRef<Path>) -> Result<Vec<KeyEntry>, String> {
     let path = path.as_ref();
     let text = std::fs::read_to_string(path)
