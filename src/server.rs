@@ -149,7 +149,7 @@ pub async fn run(
         &config,
         keys.clone(),
         metrics.clone(),
-        Some(outbox.clone()),
+        outbox.clone(),
         &tracker,
         token.clone(),
     )?;
@@ -183,7 +183,7 @@ pub async fn run(
             keys: keys.clone(),
             metrics: metrics.clone(),
             mqtt: link.status.clone(),
-            outbox: Some(outbox.clone()),
+            outbox: outbox.clone(),
         },
         token.clone(),
     ));

@@ -31,7 +31,7 @@ pub(super) struct Connection {
     pub(super) heartbeat_every: Duration,
     pub(super) keys_retry_every: Duration,
     pub(super) updates: mpsc::Sender<Vec<u8>>,
-    pub(super) publisher: Option<Publisher>,
+    pub(super) publisher: Publisher,
     /// Shutting down: only acknowledgements are awaited, nothing new is sent.
     pub(super) draining: bool,
 }
@@ -52,14 +52,9 @@ impl Connection {
         keys_retry.reset(); // the first request goes out on ConnAck
         loop {
             let connected = self.status.is_connected();
-            let can_send = connected && self.publisher.as_ref().is_some_and(Publisher::has_room);
-            let outbox = self.publisher.as_ref().map(|p| p.outbox.clone());
-            let unsent = async move {
-                match outbox {
-                    Some(o) => o.unsent_available().await,
-                    None => std::future::pending().await,
-                }
-            };
+            let can_send = connected && self.publisher.has_room();
+            let outbox = self.publisher.outbox.clone();
+            let unsent = async move { outbox.unsent_available().await };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 event = eventloop.poll() => match event {
@@ -102,7 +97,7 @@ impl Connection {
     /// records already sent, so the next start does not send them again. Nothing new is
     /// sent: records not yet sent stay in the outbox for the next start.
     async fn drain_in_flight(&mut self, eventloop: &mut rumqttc::EventLoop) {
-        let in_flight = |c: &Connection| c.publisher.as_ref().map_or(0, Publisher::in_flight);
+        let in_flight = |c: &Connection| c.publisher.in_flight();
         let before = in_flight(self);
         if before == 0 || !self.status.is_connected() {
             return;
@@ -155,14 +150,10 @@ impl Connection {
                 }
             }
             Event::Outgoing(Outgoing::Publish(pkid)) => {
-                if let Some(p) = &mut self.publisher {
-                    p.on_published(pkid);
-                }
+                self.publisher.on_published(pkid);
             }
             Event::Incoming(Packet::PubAck(ack)) => {
-                if let Some(p) = &mut self.publisher
-                    && let Some((_, at)) = p.on_puback(ack.pkid)
-                {
+                if let Some((_, at)) = self.publisher.on_puback(ack.pkid) {
                     self.metrics.records_published.inc();
                     self.metrics
                         .publish_latency
@@ -181,9 +172,7 @@ impl Connection {
         self.status.set(false, Some(message.clone()));
         self.metrics.mqtt_connected.set(0);
         self.metrics.mqtt_connection_errors.inc();
-        if let Some(p) = &mut self.publisher {
-            p.connection_lost();
-        }
+        self.publisher.connection_lost();
         // Loud on the first failure and on losing a connection, then at the capped
         // backoff only.
         if was_connected || failures == 1 || backoff >= self.max_backoff {
@@ -199,9 +188,8 @@ impl Connection {
         if !self.status.is_connected() || self.draining {
             return;
         }
-        if let Some(p) = &mut self.publisher {
-            p.fill_window(&self.client, &self.topics.report);
-        }
+        self.publisher
+            .fill_window(&self.client, &self.topics.report);
     }
 
     fn heartbeat(&mut self) {
@@ -236,9 +224,7 @@ impl Connection {
     }
 
     fn track_other(&mut self) {
-        if let Some(p) = &mut self.publisher {
-            p.track_other();
-        }
+        self.publisher.track_other();
     }
 }
 

@@ -105,12 +105,12 @@ pub fn options(config: &Config) -> Result<MqttOptions, MqttSetupError> {
 }
 
 /// Starts the connection task and the key-update applier. Both stop when `shutdown`
-/// is cancelled. With an `outbox`, the connection task also publishes its records.
+/// is cancelled. The connection task also publishes the `outbox`'s records.
 pub fn start(
     config: &Config,
     keys: Arc<KeyStore>,
     metrics: Arc<Metrics>,
-    outbox: Option<Outbox>,
+    outbox: Outbox,
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<MqttLink, MqttSetupError> {
@@ -159,7 +159,7 @@ pub fn start(
         heartbeat_every: Duration::from_secs(m.heartbeat_interval_secs),
         keys_retry_every: Duration::from_secs(m.keys_request_retry_secs),
         updates: updates_tx,
-        publisher: outbox.map(|outbox| Publisher::new(outbox, config.outbox.max_inflight)),
+        publisher: Publisher::new(outbox, config.outbox.max_inflight),
         draining: false,
     };
     // The connection runs on a thread (and runtime) of its own: under heavy gRPC load
