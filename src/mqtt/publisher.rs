@@ -1,8 +1,11 @@
 //! Outbox records in flight: published, waiting for the broker's PUBACK.
 
 use std::collections::{HashMap, VecDeque};
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
+use bytes::Bytes;
 use rumqttc::{AsyncClient, QoS};
 
 use crate::outbox::Outbox;
@@ -55,9 +58,7 @@ impl Publisher {
             return;
         }
         for record in self.outbox.take_unsent(room) {
-            let result =
-                client.try_publish(topic, QoS::AtLeastOnce, false, record.payload.to_vec());
-            match result {
+            match try_publish_bytes(client, topic, record.payload) {
                 Ok(()) => self.sent.push_back(Sent::Record {
                     seq: record.seq,
                     at: Instant::now(),
@@ -108,5 +109,19 @@ impl Publisher {
         self.sent.clear();
         self.unacked.clear();
         self.outbox.requeue_inflight();
+    }
+}
+
+/// Queues a QoS 1 publish of `payload` as it is: the outbox's `Bytes`, shared, not
+/// copied. rumqttc 0.25 takes a `Bytes` payload only in its async `publish_bytes` (its
+/// `try_publish` wants a `Vec<u8>`, a copy of every record). That future completes on
+/// its first poll when the request queue has room, which it has here (`CLIENT_QUEUE` is
+/// above the window); on a full queue it stays pending, and dropping it withdraws the
+/// request, so "not queued" is all an error means.
+fn try_publish_bytes(client: &AsyncClient, topic: &str, payload: Bytes) -> Result<(), String> {
+    let request = pin!(client.publish_bytes(topic, QoS::AtLeastOnce, false, payload));
+    match request.poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(result) => result.map_err(|e| e.to_string()),
+        Poll::Pending => Err("the request queue is full".into()),
     }
 }
