@@ -1,16 +1,19 @@
 //! The connection task: connects and reconnects with capped backoff, subscribes to
 //! key updates, asks for the key list after every (re)connect, sends heartbeats, and
-//! feeds the publisher's records to the broker.
+//! feeds the publisher's records to the broker. Every request to rumqttc goes through
+//! [`InFlight`], which matches PUBACKs to records.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, ConnectReturnCode, Event, Packet, QoS};
+use bytes::Bytes;
+use rumqttc::{AsyncClient, ConnectReturnCode, Event, Packet};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::MqttStatus;
+use super::inflight::{Drift, InFlight, Message, Sent, forget_session};
 use super::publisher::Publisher;
 use crate::admin::metrics::Metrics;
 use crate::config::Topics;
@@ -21,8 +24,17 @@ const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 /// How long a stopping keymeter waits for PUBACKs of records already sent.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(2);
 
+/// Why the session must start over although the connection did not fail.
+struct Restart(String);
+
+impl From<Drift> for Restart {
+    fn from(d: Drift) -> Restart {
+        Restart(format!("PUBACK bookkeeping lost track ({d})"))
+    }
+}
+
 pub(super) struct Connection {
-    pub(super) client: AsyncClient,
+    pub(super) out: InFlight<AsyncClient>,
     pub(super) status: Arc<MqttStatus>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) topics: Topics,
@@ -37,7 +49,7 @@ pub(super) struct Connection {
 }
 
 impl Connection {
-    /// The one task that polls the event loop and makes every publish.
+    /// The one task that polls the event loop and makes every request.
     pub(super) async fn run(
         mut self,
         mut eventloop: rumqttc::EventLoop,
@@ -52,69 +64,79 @@ impl Connection {
         keys_retry.reset(); // the first request goes out on ConnAck
         loop {
             let connected = self.status.is_connected();
-            let can_send = connected && self.publisher.has_room();
-            let outbox = self.publisher.outbox.clone();
+            let can_send = connected && self.publisher.has_room(&self.out);
+            let outbox = self.publisher.outbox().clone();
             let unsent = async move { outbox.unsent_available().await };
-            tokio::select! {
+            let step = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 event = eventloop.poll() => match event {
                     Ok(event) => {
-                        if !self.on_event(event).await {
-                            break;
-                        }
+                        let step = self.on_event(event).await;
                         if self.status.is_connected() {
                             backoff = INITIAL_BACKOFF;
                             failures = 0;
                         }
+                        step
                     }
                     Err(e) => {
                         failures += 1;
-                        self.on_error(&e, failures, backoff);
+                        self.on_error(&mut eventloop, &e, failures, backoff);
                         tokio::select! {
                             _ = shutdown.cancelled() => break,
                             _ = tokio::time::sleep(backoff) => {}
                         }
                         backoff = (backoff * 2).min(self.max_backoff);
+                        Ok(true)
                     }
                 },
-                _ = unsent, if can_send => self.fill_window(),
-                _ = heartbeat.tick() => if connected { self.heartbeat() },
+                _ = unsent, if can_send => self.fill_window().map(|()| true),
+                _ = heartbeat.tick() => {
+                    if connected {
+                        self.heartbeat();
+                    }
+                    Ok(true)
+                }
                 _ = keys_retry.tick() => {
                     if connected && self.status.awaiting_keys.load(Ordering::Acquire) {
                         tracing::warn!("no key list from the billing system since the last request; asking again");
                         self.request_keys();
                     }
+                    Ok(true)
                 }
+            };
+            match step {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(restart) => self.restart_session(&mut eventloop, restart),
             }
         }
         self.drain_in_flight(&mut eventloop).await;
         self.status.set(false, None);
         self.metrics.mqtt_connected.set(0);
-        let _ = self.client.try_disconnect();
+        self.out.disconnect();
     }
 
     /// At shutdown, waits (at most [`SHUTDOWN_DRAIN`]) for the broker to acknowledge the
     /// records already sent, so the next start does not send them again. Nothing new is
     /// sent: records not yet sent stay in the outbox for the next start.
     async fn drain_in_flight(&mut self, eventloop: &mut rumqttc::EventLoop) {
-        let in_flight = |c: &Connection| c.publisher.in_flight();
-        let before = in_flight(self);
+        let before = self.out.records();
         if before == 0 || !self.status.is_connected() {
             return;
         }
         self.draining = true;
         let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN;
-        while in_flight(self) > 0 {
+        while self.out.records() > 0 {
             match tokio::time::timeout_at(deadline, eventloop.poll()).await {
                 Ok(Ok(event)) => {
-                    if !self.on_event(event).await {
+                    if !matches!(self.on_event(event).await, Ok(true)) {
                         break;
                     }
                 }
                 Ok(Err(_)) | Err(_) => break,
             }
         }
-        let left = in_flight(self);
+        let left = self.out.records();
         tracing::info!(
             acknowledged = before - left.min(before),
             unacknowledged = left,
@@ -122,8 +144,8 @@ impl Connection {
         );
     }
 
-    /// Handles one event; false stops the task.
-    async fn on_event(&mut self, event: Event) -> bool {
+    /// Handles one event; `Ok(false)` stops the task.
+    async fn on_event(&mut self, event: Event) -> Result<bool, Restart> {
         use rumqttc::Outgoing;
         match event {
             Event::Incoming(Packet::ConnAck(ack)) if ack.code == ConnectReturnCode::Success => {
@@ -133,46 +155,46 @@ impl Connection {
                 tracing::info!(broker = %self.target, "connected to the billing broker");
                 // Clean session: subscribe again and ask for the full key list after
                 // every (re)connect. try_* so the task never waits on itself.
-                if let Err(e) = self
-                    .client
-                    .try_subscribe(self.topics.keys_update.clone(), QoS::AtLeastOnce)
-                {
+                if let Err(e) = self.out.subscribe(&self.topics.keys_update) {
                     tracing::error!(error = %e, "cannot queue key update subscription");
                 }
                 self.request_keys();
-                self.fill_window();
+                self.fill_window()?;
             }
             Event::Incoming(Packet::Publish(p)) if p.topic == self.topics.keys_update => {
                 self.status.awaiting_keys.store(false, Ordering::Release);
                 self.metrics.key_request_pending.set(0);
                 if self.updates.send(p.payload.to_vec()).await.is_err() {
-                    return false;
+                    return Ok(false);
                 }
             }
-            Event::Outgoing(Outgoing::Publish(pkid)) => {
-                self.publisher.on_published(pkid);
-            }
+            Event::Outgoing(Outgoing::Publish(pkid)) => self.out.on_numbered(pkid)?,
             Event::Incoming(Packet::PubAck(ack)) => {
-                if let Some((_, at)) = self.publisher.on_puback(ack.pkid) {
+                if let Sent::Record { seq, at } = self.out.on_acked(ack.pkid)? {
+                    self.publisher.acked(seq);
                     self.metrics.records_published.inc();
                     self.metrics
                         .publish_latency
                         .observe(at.elapsed().as_secs_f64());
                 }
-                self.fill_window();
+                self.fill_window()?;
             }
             _ => {}
         }
-        true
+        Ok(true)
     }
 
-    fn on_error(&mut self, e: &rumqttc::ConnectionError, failures: u64, backoff: Duration) {
+    fn on_error(
+        &mut self,
+        eventloop: &mut rumqttc::EventLoop,
+        e: &rumqttc::ConnectionError,
+        failures: u64,
+        backoff: Duration,
+    ) {
         let was_connected = self.status.is_connected();
         let message = describe(e);
-        self.status.set(false, Some(message.clone()));
-        self.metrics.mqtt_connected.set(0);
         self.metrics.mqtt_connection_errors.inc();
-        self.publisher.connection_lost();
+        self.session_lost(eventloop, message.clone());
         // Loud on the first failure and on losing a connection, then at the capped
         // backoff only.
         if was_connected || failures == 1 || backoff >= self.max_backoff {
@@ -183,23 +205,46 @@ impl Connection {
         }
     }
 
+    /// Drops the connection although it works, and starts a clean session: the records
+    /// in flight are sent again (the consumer drops repeats by record id) rather than
+    /// acknowledged on a guess.
+    fn restart_session(&mut self, eventloop: &mut rumqttc::EventLoop, why: Restart) {
+        tracing::error!(broker = %self.target, reason = %why.0,
+            "starting a new broker session; records in flight are sent again");
+        self.metrics.mqtt_connection_errors.inc();
+        // Closes the network connection; the next poll connects again.
+        eventloop.clean();
+        self.session_lost(eventloop, why.0);
+    }
+
+    /// The session is over (clean session: the broker forgets it too): rumqttc and
+    /// `InFlight` forget what was in flight, and the records among it go back to the
+    /// outbox, to be sent first in the next session.
+    fn session_lost(&mut self, eventloop: &mut rumqttc::EventLoop, error: String) {
+        self.status.set(false, Some(error));
+        self.metrics.mqtt_connected.set(0);
+        forget_session(eventloop);
+        self.out.connection_lost();
+        self.publisher.connection_lost();
+    }
+
     /// Hands outbox records to the client until the window is full.
-    fn fill_window(&mut self) {
+    fn fill_window(&mut self) -> Result<(), Restart> {
         if !self.status.is_connected() || self.draining {
-            return;
+            return Ok(());
         }
         self.publisher
-            .fill_window(&self.client, &self.topics.report);
+            .fill_window(&mut self.out)
+            .map_err(|e| Restart(format!("cannot queue a record for publishing: {e}")))
     }
 
     fn heartbeat(&mut self) {
         let beat = serde_json::json!({ "type": "heartbeat", "timestamp": now_ms() }).to_string();
         if self
-            .client
-            .try_publish(self.topics.heartbeat.clone(), QoS::AtMostOnce, false, beat)
+            .out
+            .publish(Message::Heartbeat(Bytes::from(beat)))
             .is_ok()
         {
-            self.track_other();
             self.metrics.heartbeats_sent.inc();
         }
     }
@@ -208,27 +253,17 @@ impl Connection {
     /// answers with the full list on the update topic.
     fn request_keys(&mut self) {
         let request = serde_json::json!({ "timestamp": now_ms() }).to_string();
-        match self.client.try_publish(
-            self.topics.keys_request.clone(),
-            QoS::AtLeastOnce,
-            false,
-            request,
-        ) {
+        match self.out.publish(Message::KeysRequest(Bytes::from(request))) {
             Ok(()) => {
-                self.track_other();
                 self.status.awaiting_keys.store(true, Ordering::Release);
                 self.metrics.key_request_pending.set(1);
             }
             Err(e) => tracing::error!(error = %e, "cannot queue key list request"),
         }
     }
-
-    fn track_other(&mut self) {
-        self.publisher.track_other();
-    }
 }
 
-/// A connection error in words an operator can act on.
+/// A connection error in words an operator can act on, and never a payload.
 fn describe(e: &rumqttc::ConnectionError) -> String {
     use rumqttc::ConnectionError as E;
     match e {
@@ -239,6 +274,8 @@ fn describe(e: &rumqttc::ConnectionError) -> String {
             "broker refused the login: not authorized".into()
         }
         E::Tls(t) => format!("TLS handshake with the broker failed: {t}"),
+        // Its Display prints the whole packet, a key update's payload included.
+        E::NotConnAck(_) => "broker answered CONNECT with a packet other than CONNACK".into(),
         other => other.to_string(),
     }
 }

@@ -5,8 +5,11 @@
 //! - `tls.rs`: the rustls configuration and the verifier of the explicit opt-out.
 //! - `link.rs`: the connection itself: the reconnect and event loop, key requests,
 //!   heartbeats.
+//! - `inflight.rs`: every publish from its request to its PUBACK, the one place that
+//!   knows which record a PUBACK acknowledges.
 //! - `publisher.rs`: outbox records in flight until the broker acknowledges them.
 
+mod inflight;
 mod link;
 mod publisher;
 mod tls;
@@ -25,6 +28,7 @@ use crate::config::Config;
 use crate::keys::KeyStore;
 use crate::keys::sync::apply_billing_message;
 use crate::outbox::Outbox;
+use inflight::InFlight;
 use link::Connection;
 use publisher::Publisher;
 pub use tls::tls_config;
@@ -64,10 +68,10 @@ impl MqttStatus {
     }
 }
 
-/// A handle to the connection: the client to publish with and its status.
+/// A handle to the running connection. It offers no client: every request to the
+/// broker is made by the connection task itself (see `inflight.rs` for why).
 #[derive(Clone)]
 pub struct MqttLink {
-    pub client: AsyncClient,
     pub status: Arc<MqttStatus>,
 }
 
@@ -150,7 +154,7 @@ pub fn start(
     }
 
     let connection = Connection {
-        client: client.clone(),
+        out: InFlight::new(client, config.topics.clone()),
         status: status.clone(),
         metrics,
         topics: config.topics.clone(),
@@ -185,5 +189,5 @@ pub fn start(
     tracker.spawn(async move {
         let _ = stopped_rx.await;
     });
-    Ok(MqttLink { client, status })
+    Ok(MqttLink { status })
 }
