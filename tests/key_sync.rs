@@ -8,6 +8,7 @@ mod support;
 use std::time::Duration;
 
 use keymeter::Config;
+use keymeter::config::MqttProtocol;
 use keymeter::dev::billing::BillingStandIn;
 use keymeter::keys::{KeyEntry, KeyList};
 use support::keymeter::{Keymeter, billing, http_status};
@@ -175,12 +176,24 @@ async fn bad_entries_are_skipped_and_the_rest_of_their_message_applies() {
 /// applies, in one change, and the snapshot is written once for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_100k_entry_message_with_10_bad_entries_applies_the_other_99990() {
+    a_100k_entry_message_applies_all_but_its_bad_entries(MqttProtocol::V311).await;
+}
+
+/// MQTT 5 clients announce the largest packet they accept (rumqttc's default is
+/// 10 KiB): a key list of megabytes must arrive all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100k_entry_message_arrives_and_applies_over_mqtt_5() {
+    a_100k_entry_message_applies_all_but_its_bad_entries(MqttProtocol::V5).await;
+}
+
+async fn a_100k_entry_message_applies_all_but_its_bad_entries(protocol: MqttProtocol) {
     const ENTRIES: usize = 100_000;
     let dir = TestDir::new("big-update");
     let snapshot = dir.path().join("keys.snapshot.json");
     let broker = Mosquitto::start().await;
     let billing = billing(broker.port(), good_and_bad()).await;
     let mut config = Config::for_local_broker("127.0.0.1", broker.port());
+    config.mqtt.protocol = protocol;
     config.keys.snapshot = Some(snapshot.clone());
     let keymeter = Keymeter::start_ready(config).await;
     let snapshot_keys = || {
@@ -227,7 +240,7 @@ async fn a_100k_entry_message_with_10_bad_entries_applies_the_other_99990() {
     .await;
     let elapsed = started.elapsed();
     println!(
-        "100k-entry key update ({} MB, 10 bad entries): published -> 99,990 keys valid in {elapsed:?}",
+        "100k-entry key update ({} MB, 10 bad entries, MQTT {protocol:?}): published -> 99,990 keys valid in {elapsed:?}",
         payload.len() / 1_000_000
     );
     let skips = [
@@ -344,9 +357,19 @@ async fn keys_file_is_reloaded_when_it_changes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnect_requests_the_key_list_again_and_heartbeats_flow() {
+    reconnect_asks_for_the_key_list_again(MqttProtocol::V311).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_requests_the_key_list_again_and_heartbeats_flow_over_mqtt_5() {
+    reconnect_asks_for_the_key_list_again(MqttProtocol::V5).await;
+}
+
+async fn reconnect_asks_for_the_key_list_again(protocol: MqttProtocol) {
     let mut broker = Mosquitto::start().await;
     let billing = billing(broker.port(), vec![KeyEntry::ok("app-1", "sk-good")]).await;
     let mut config = Config::for_local_broker("127.0.0.1", broker.port());
+    config.mqtt.protocol = protocol;
     config.mqtt.heartbeat_interval_secs = 1;
     config.mqtt.reconnect_max_secs = 1;
     // keymeter may reconnect before the billing system does; it then asks again.

@@ -37,49 +37,6 @@ pub(super) trait RequestQueue {
     fn try_disconnect(&self);
 }
 
-impl RequestQueue for rumqttc::AsyncClient {
-    /// The payload is handed over as it is (an outbox record's `Bytes`, shared, not
-    /// copied). rumqttc 0.25 takes a `Bytes` payload only in its async `publish_bytes`
-    /// (its `try_publish` wants a `Vec<u8>`, a copy of every record). That future
-    /// completes on its first poll when the request queue has room, which it has here
-    /// (`CLIENT_QUEUE` is above the window); on a full queue it stays pending, and
-    /// dropping it withdraws the request, so "not queued" is all an error means.
-    fn try_publish(&self, topic: &str, qos: QoS, payload: Bytes) -> Result<(), String> {
-        use std::task::{Context, Poll, Waker};
-        let request = std::pin::pin!(self.publish_bytes(topic, qos, false, payload));
-        match request.poll(&mut Context::from_waker(Waker::noop())) {
-            Poll::Ready(result) => result.map_err(|e| e.to_string()),
-            Poll::Pending => Err("the request queue is full".into()),
-        }
-    }
-
-    fn try_subscribe(&self, topic: &str) -> Result<(), String> {
-        rumqttc::AsyncClient::try_subscribe(self, topic, QoS::AtLeastOnce)
-            .map_err(|e| e.to_string())
-    }
-
-    fn try_disconnect(&self) {
-        let _ = rumqttc::AsyncClient::try_disconnect(self);
-    }
-}
-
-/// Makes rumqttc forget a session it would resume: after a connection error it keeps
-/// the unacknowledged publishes, the queued requests and the events it has not handed
-/// out, to send them again if the broker still has the session. keymeter's sessions are
-/// clean, and nothing of an old one may be matched to a publish of the new one. Its
-/// `clean()` also keeps a publish held back for a packet-id collision
-/// (`Outgoing::AwaitAck`): that would block every later request, and go out (as the
-/// next `Outgoing::Publish`) once some PUBACK of the new session frees its packet id.
-pub(super) fn forget_session(eventloop: &mut rumqttc::EventLoop) {
-    eventloop.pending.clear();
-    forget_state(&mut eventloop.state);
-}
-
-fn forget_state(state: &mut rumqttc::MqttState) {
-    state.events.clear();
-    state.collision = None;
-}
-
 /// A publish this connection makes.
 pub(super) enum Message {
     /// An outbox record, to `billing/report` with QoS 1.
@@ -255,6 +212,7 @@ mod tests {
     use proptest::prelude::*;
     use rumqttc::{Event, Incoming, MqttState, Outgoing, Packet, PubAck, Publish, Request};
 
+    use super::super::protocol::forget_v311_state;
     use super::*;
 
     /// The request channel: what the connection queued, in order.
@@ -410,7 +368,7 @@ mod tests {
                     // rumqttc's `clean()` on the error, the link's `forget_session`, and
                     // the broker starts a new session.
                     let _ = self.state.clean();
-                    forget_state(&mut self.state);
+                    forget_v311_state(&mut self.state);
                     self.channel.0.borrow_mut().clear();
                     self.on_wire.clear();
                     self.acked_on_wire.clear();

@@ -8,12 +8,12 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttc::{AsyncClient, ConnectReturnCode, Event, Packet};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::MqttStatus;
-use super::inflight::{Drift, InFlight, Message, Sent, forget_session};
+use super::inflight::{Drift, InFlight, Message, Sent};
+use super::protocol::{Client, Event, EventLoop};
 use super::publisher::Publisher;
 use crate::admin::metrics::Metrics;
 use crate::config::Topics;
@@ -34,7 +34,7 @@ impl From<Drift> for Restart {
 }
 
 pub(super) struct Connection {
-    pub(super) out: InFlight<AsyncClient>,
+    pub(super) out: InFlight<Client>,
     pub(super) status: Arc<MqttStatus>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) topics: Topics,
@@ -50,11 +50,7 @@ pub(super) struct Connection {
 
 impl Connection {
     /// The one task that polls the event loop and makes every request.
-    pub(super) async fn run(
-        mut self,
-        mut eventloop: rumqttc::EventLoop,
-        shutdown: CancellationToken,
-    ) {
+    pub(super) async fn run(mut self, mut eventloop: EventLoop, shutdown: CancellationToken) {
         let mut backoff = INITIAL_BACKOFF;
         let mut failures: u64 = 0;
         let mut heartbeat = tokio::time::interval(self.heartbeat_every);
@@ -80,7 +76,7 @@ impl Connection {
                     }
                     Err(e) => {
                         failures += 1;
-                        self.on_error(&mut eventloop, &e, failures, backoff);
+                        self.on_error(&mut eventloop, e, failures, backoff);
                         tokio::select! {
                             _ = shutdown.cancelled() => break,
                             _ = tokio::time::sleep(backoff) => {}
@@ -119,7 +115,7 @@ impl Connection {
     /// At shutdown, waits (at most [`SHUTDOWN_DRAIN`]) for the broker to acknowledge the
     /// records already sent, so the next start does not send them again. Nothing new is
     /// sent: records not yet sent stay in the outbox for the next start.
-    async fn drain_in_flight(&mut self, eventloop: &mut rumqttc::EventLoop) {
+    async fn drain_in_flight(&mut self, eventloop: &mut EventLoop) {
         let before = self.out.records();
         if before == 0 || !self.status.is_connected() {
             return;
@@ -146,9 +142,8 @@ impl Connection {
 
     /// Handles one event; `Ok(false)` stops the task.
     async fn on_event(&mut self, event: Event) -> Result<bool, Restart> {
-        use rumqttc::Outgoing;
         match event {
-            Event::Incoming(Packet::ConnAck(ack)) if ack.code == ConnectReturnCode::Success => {
+            Event::Connected => {
                 self.status.set(true, None);
                 self.metrics.mqtt_connected.set(1);
                 self.metrics.mqtt_connections.inc();
@@ -161,16 +156,32 @@ impl Connection {
                 self.request_keys();
                 self.fill_window()?;
             }
-            Event::Incoming(Packet::Publish(p)) if p.topic == self.topics.keys_update => {
+            Event::Message { topic, payload } if topic == self.topics.keys_update => {
                 self.status.awaiting_keys.store(false, Ordering::Release);
                 self.metrics.key_request_pending.set(0);
-                if self.updates.send(p.payload.to_vec()).await.is_err() {
+                if self.updates.send(payload.to_vec()).await.is_err() {
                     return Ok(false);
                 }
             }
-            Event::Outgoing(Outgoing::Publish(pkid)) => self.out.on_numbered(pkid)?,
-            Event::Incoming(Packet::PubAck(ack)) => {
-                if let Sent::Record { seq, at } = self.out.on_acked(ack.pkid)? {
+            Event::Numbered(pkid) => self.out.on_numbered(pkid)?,
+            Event::Acked {
+                pkid,
+                refused: Some(refusal),
+            } => {
+                // Never acknowledged in the outbox: the records in flight go out again in
+                // a new session.
+                let sent = self.out.on_acked(pkid)?;
+                return Err(Restart(format!(
+                    "the broker refused a publish ({sent:?}): {} (0x{:02x})",
+                    refusal.as_str(),
+                    refusal.code()
+                )));
+            }
+            Event::Acked {
+                pkid,
+                refused: None,
+            } => {
+                if let Sent::Record { seq, at } = self.out.on_acked(pkid)? {
                     self.publisher.acked(seq);
                     self.metrics.records_published.inc();
                     self.metrics
@@ -179,20 +190,24 @@ impl Connection {
                 }
                 self.fill_window()?;
             }
-            _ => {}
+            Event::SubscribeRefused => {
+                tracing::error!(topic = %self.topics.keys_update,
+                    "the broker refused the key update subscription: no key change will arrive \
+                     (check the broker ACL, README \"Broker ACLs\")");
+            }
+            Event::Message { .. } | Event::Other => {}
         }
         Ok(true)
     }
 
     fn on_error(
         &mut self,
-        eventloop: &mut rumqttc::EventLoop,
-        e: &rumqttc::ConnectionError,
+        eventloop: &mut EventLoop,
+        message: String,
         failures: u64,
         backoff: Duration,
     ) {
         let was_connected = self.status.is_connected();
-        let message = describe(e);
         self.metrics.mqtt_connection_errors.inc();
         self.session_lost(eventloop, message.clone());
         // Loud on the first failure and on losing a connection, then at the capped
@@ -208,22 +223,21 @@ impl Connection {
     /// Drops the connection although it works, and starts a clean session: the records
     /// in flight are sent again (the consumer drops repeats by record id) rather than
     /// acknowledged on a guess.
-    fn restart_session(&mut self, eventloop: &mut rumqttc::EventLoop, why: Restart) {
+    fn restart_session(&mut self, eventloop: &mut EventLoop, why: Restart) {
         tracing::error!(broker = %self.target, reason = %why.0,
             "starting a new broker session; records in flight are sent again");
         self.metrics.mqtt_connection_errors.inc();
-        // Closes the network connection; the next poll connects again.
-        eventloop.clean();
+        eventloop.disconnect_now();
         self.session_lost(eventloop, why.0);
     }
 
     /// The session is over (clean session: the broker forgets it too): rumqttc and
     /// `InFlight` forget what was in flight, and the records among it go back to the
     /// outbox, to be sent first in the next session.
-    fn session_lost(&mut self, eventloop: &mut rumqttc::EventLoop, error: String) {
+    fn session_lost(&mut self, eventloop: &mut EventLoop, error: String) {
         self.status.set(false, Some(error));
         self.metrics.mqtt_connected.set(0);
-        forget_session(eventloop);
+        eventloop.forget_session();
         self.out.connection_lost();
         self.publisher.connection_lost();
     }
@@ -260,22 +274,5 @@ impl Connection {
             }
             Err(e) => tracing::error!(error = %e, "cannot queue key list request"),
         }
-    }
-}
-
-/// A connection error in words an operator can act on, and never a payload.
-fn describe(e: &rumqttc::ConnectionError) -> String {
-    use rumqttc::ConnectionError as E;
-    match e {
-        E::ConnectionRefused(ConnectReturnCode::BadUserNamePassword) => {
-            "broker refused the login: bad username or password".into()
-        }
-        E::ConnectionRefused(ConnectReturnCode::NotAuthorized) => {
-            "broker refused the login: not authorized".into()
-        }
-        E::Tls(t) => format!("TLS handshake with the broker failed: {t}"),
-        // Its Display prints the whole packet, a key update's payload included.
-        E::NotConnAck(_) => "broker answered CONNECT with a packet other than CONNACK".into(),
-        other => other.to_string(),
     }
 }

@@ -2,6 +2,8 @@
 //! default, reconnect with capped backoff, key sync subscription, key-list requests
 //! after every (re)connect, and heartbeats.
 //!
+//! - `protocol.rs`: MQTT 3.1.1 (the default, what the billing SDK speaks) and MQTT 5
+//!   behind one face.
 //! - `tls.rs`: the rustls configuration and the verifier of the explicit opt-out.
 //! - `link.rs`: the connection itself: the reconnect and event loop, key requests,
 //!   heartbeats.
@@ -11,6 +13,7 @@
 
 mod inflight;
 mod link;
+mod protocol;
 mod publisher;
 mod tls;
 
@@ -18,18 +21,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, MqttOptions, Transport};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::metrics::Metrics;
-use crate::config::Config;
+use crate::config::{Config, MqttProtocol};
 use crate::keys::KeyStore;
 use crate::keys::sync::apply_billing_message;
 use crate::outbox::Outbox;
 use inflight::InFlight;
 use link::Connection;
+pub use protocol::{BrokerOptions, Refusal};
 use publisher::Publisher;
 pub use tls::tls_config;
 
@@ -83,29 +86,11 @@ pub enum MqttSetupError {
     Thread(std::io::Error),
 }
 
-/// Builds the broker connection options, TLS included. Fails on unreadable or invalid
-/// certificate files so that a bad path stops start-up instead of every connection.
-pub fn options(config: &Config) -> Result<MqttOptions, MqttSetupError> {
-    let m = &config.mqtt;
-    let mut opts = MqttOptions::new(config.client_id(), m.host.clone(), m.port);
-    opts.set_keep_alive(Duration::from_secs(m.keep_alive_secs));
-    // Key lists can be large; bigger-than-configured messages are still rejected (and
-    // counted) by the parser, this only keeps the connection from failing first.
-    opts.set_max_packet_size(
-        config.keys.max_update_bytes.saturating_mul(2).max(1 << 20),
-        1 << 20,
-    );
-    opts.set_clean_session(true);
-    if !m.username.is_empty() || !m.password.expose().is_empty() {
-        opts.set_credentials(m.username.clone(), m.password.expose().to_string());
-    }
-    if m.tls.enabled {
-        let tls = tls_config(&m.tls)?;
-        opts.set_transport(Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(Arc::new(tls)),
-        ));
-    }
-    Ok(opts)
+/// Builds the broker connection options for the configured protocol, TLS included.
+/// Fails on unreadable or invalid certificate files so that a bad path stops start-up
+/// instead of every connection.
+pub fn options(config: &Config) -> Result<BrokerOptions, MqttSetupError> {
+    BrokerOptions::new(config)
 }
 
 /// Starts the connection task and the key-update applier. Both stop when `shutdown`
@@ -118,9 +103,7 @@ pub fn start(
     tracker: &TaskTracker,
     shutdown: CancellationToken,
 ) -> Result<MqttLink, MqttSetupError> {
-    let mut opts = options(config)?;
-    // Room for the record window plus key requests.
-    opts.set_inflight(config.outbox.max_inflight.saturating_add(8));
+    let opts = options(config)?;
     let m = &config.mqtt;
     if m.tls.enabled && m.tls.insecure_skip_verify {
         tracing::warn!(
@@ -131,8 +114,12 @@ pub fn start(
     } else if !m.tls.enabled {
         tracing::warn!(host = %m.host, "mqtt.tls.enabled is false: billing traffic and the MQTT password travel in clear text");
     }
-    tracing::info!(host = %m.host, port = m.port, client_id = %opts.client_id(), tls = m.tls.enabled, "connecting to the billing broker");
-    let (client, eventloop) = AsyncClient::new(opts, CLIENT_QUEUE);
+    let protocol = match m.protocol {
+        MqttProtocol::V311 => "3.1.1",
+        MqttProtocol::V5 => "5",
+    };
+    tracing::info!(host = %m.host, port = m.port, client_id = %opts.client_id(), tls = m.tls.enabled, protocol, "connecting to the billing broker");
+    let (client, eventloop) = opts.connect(CLIENT_QUEUE);
     let status = Arc::new(MqttStatus::default());
 
     let (updates_tx, mut updates_rx) = mpsc::channel::<Vec<u8>>(KEY_UPDATE_QUEUE);
