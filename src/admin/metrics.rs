@@ -50,6 +50,12 @@ pub const KEY_UPDATE_REJECTIONS: [&str; 6] = [
     "snapshot_unreadable",
 ];
 
+/// What a refused publish carried: the `message` label of `keymeter_publish_refused_total`.
+const PUBLISH_MESSAGES: [&str; 2] = [
+    crate::mqtt::PUBLISH_REPORT,
+    crate::mqtt::PUBLISH_KEYS_REQUEST,
+];
+
 /// Key sources, the `source` label of the per-source last-update time.
 const KEY_SOURCES: [&str; 3] = ["billing", "snapshot", "file"];
 
@@ -82,6 +88,7 @@ pub struct Metrics {
     pub mqtt_connections: Counter,
     pub mqtt_connection_errors: Counter,
     pub heartbeats_sent: Counter,
+    publish_refused: Family<Labels, Counter>,
     pub ready: Gauge,
     pub access_log_streams: Gauge,
     pub access_log_streams_opened: Counter,
@@ -227,6 +234,12 @@ impl Metrics {
             "heartbeats_sent",
             "Heartbeats published to the billing system",
             heartbeats_sent.clone(),
+        );
+        let publish_refused = Family::<Labels, Counter>::default();
+        registry.register(
+            "publish_refused",
+            "Publishes the broker refused (MQTT 5 PUBACK reason code 0x80 or above), by message (report, keys_request) and reason; refused records stay in the outbox and are sent again",
+            publish_refused.clone(),
         );
         let ready = Gauge::default();
         registry.register(
@@ -394,6 +407,7 @@ impl Metrics {
             mqtt_connections,
             mqtt_connection_errors,
             heartbeats_sent,
+            publish_refused,
             ready,
             access_log_streams,
             access_log_streams_opened,
@@ -436,6 +450,13 @@ impl Metrics {
             let _ = self
                 .key_entries_skipped
                 .get_or_create(&vec![("reason", reason.as_str())]);
+        }
+        for message in PUBLISH_MESSAGES {
+            for reason in crate::mqtt::Refusal::ALL {
+                let _ = self
+                    .publish_refused
+                    .get_or_create(&vec![("message", message), ("reason", reason.as_str())]);
+            }
         }
         for result in ["ok", "error"] {
             let _ = self
@@ -521,6 +542,18 @@ impl Metrics {
             .inc_by(n);
     }
 
+    /// The broker refused a publish of `message` (`report`, `keys_request`) for
+    /// `reason` (a `Refusal` label).
+    pub fn publish_refused(&self, message: &'static str, reason: &'static str) {
+        debug_assert!(
+            PUBLISH_MESSAGES.contains(&message),
+            "unknown message {message}"
+        );
+        self.publish_refused
+            .get_or_create(&vec![("message", message), ("reason", reason)])
+            .inc();
+    }
+
     pub fn keys_file_reload(&self, result: &'static str) {
         self.keys_file_reloads
             .get_or_create(&vec![("result", result)])
@@ -600,6 +633,8 @@ mod tests {
             "keymeter_keys{status=\"blocked\"} 0",
             "keymeter_check_requests_total{outcome=\"blocked_key\"} 0",
             "keymeter_key_list_request_pending 0",
+            "keymeter_publish_refused_total{message=\"report\",reason=\"not_authorized\"} 0",
+            "keymeter_publish_refused_total{message=\"keys_request\",reason=\"quota_exceeded\"} 0",
         ] {
             assert!(text.contains(sample), "missing {sample} in\n{text}");
         }

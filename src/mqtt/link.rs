@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::MqttStatus;
 use super::inflight::{Drift, InFlight, Message, Sent};
-use super::protocol::{Client, Event, EventLoop};
+use super::protocol::{Client, Event, EventLoop, Refusal};
 use super::publisher::Publisher;
 use crate::admin::metrics::Metrics;
 use crate::config::Topics;
@@ -23,6 +23,9 @@ use crate::keys::sync::now_ms;
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 /// How long a stopping keymeter waits for PUBACKs of records already sent.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(2);
+/// The `message` label of `keymeter_publish_refused_total`.
+pub(crate) const PUBLISH_REPORT: &str = "report";
+pub(crate) const PUBLISH_KEYS_REQUEST: &str = "keys_request";
 
 /// Why the session must start over although the connection did not fail.
 struct Restart(String);
@@ -44,6 +47,8 @@ pub(super) struct Connection {
     pub(super) keys_retry_every: Duration,
     pub(super) updates: mpsc::Sender<Vec<u8>>,
     pub(super) publisher: Publisher,
+    /// Records the broker refused since it last accepted one.
+    pub(super) refusals_in_a_row: u64,
     /// Shutting down: only acknowledgements are awaited, nothing new is sent.
     pub(super) draining: bool,
 }
@@ -63,6 +68,13 @@ impl Connection {
             let can_send = connected && self.publisher.has_room(&self.out);
             let outbox = self.publisher.outbox().clone();
             let unsent = async move { outbox.unsent_available().await };
+            let retry_at = self.publisher.retry_at();
+            let retry = async move {
+                match retry_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             let step = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 event = eventloop.poll() => match event {
@@ -86,6 +98,7 @@ impl Connection {
                     }
                 },
                 _ = unsent, if can_send => self.fill_window().map(|()| true),
+                _ = retry, if connected => self.retry_refused().map(|()| true),
                 _ = heartbeat.tick() => {
                     if connected {
                         self.heartbeat();
@@ -164,29 +177,34 @@ impl Connection {
                 }
             }
             Event::Numbered(pkid) => self.out.on_numbered(pkid)?,
-            Event::Acked {
-                pkid,
-                refused: Some(refusal),
-            } => {
-                // Never acknowledged in the outbox: the records in flight go out again in
-                // a new session.
-                let sent = self.out.on_acked(pkid)?;
-                return Err(Restart(format!(
-                    "the broker refused a publish ({sent:?}): {} (0x{:02x})",
-                    refusal.as_str(),
-                    refusal.code()
-                )));
-            }
-            Event::Acked {
-                pkid,
-                refused: None,
-            } => {
-                if let Sent::Record { seq, at } = self.out.on_acked(pkid)? {
-                    self.publisher.acked(seq);
-                    self.metrics.records_published.inc();
-                    self.metrics
-                        .publish_latency
-                        .observe(at.elapsed().as_secs_f64());
+            Event::Acked { pkid, refused } => {
+                match (self.out.on_acked(pkid)?, refused) {
+                    (Sent::Record { seq, at, .. }, None) => {
+                        self.publisher.acked(seq);
+                        self.metrics.records_published.inc();
+                        self.metrics
+                            .publish_latency
+                            .observe(at.elapsed().as_secs_f64());
+                        if self.refusals_in_a_row > 0 {
+                            tracing::info!(
+                                refused = self.refusals_in_a_row,
+                                "the broker accepts usage records again"
+                            );
+                            self.refusals_in_a_row = 0;
+                        }
+                    }
+                    (Sent::Record { seq, payload, .. }, Some(refusal)) => {
+                        self.record_refused(seq, payload, refusal);
+                    }
+                    (Sent::KeysRequest, Some(refusal)) => {
+                        self.metrics
+                            .publish_refused(PUBLISH_KEYS_REQUEST, refusal.as_str());
+                        tracing::error!(topic = %self.topics.keys_request, reason = refusal.as_str(),
+                            code = refusal.code(), retry_in_s = self.keys_retry_every.as_secs(),
+                            "the broker refused the key list request: no key list will come \
+                             (check the broker ACL, README \"Broker ACLs\")");
+                    }
+                    (Sent::KeysRequest, None) | (Sent::Heartbeat, _) => {}
                 }
                 self.fill_window()?;
             }
@@ -240,6 +258,42 @@ impl Connection {
         eventloop.forget_session();
         self.out.connection_lost();
         self.publisher.connection_lost();
+    }
+
+    /// The broker refused a record (MQTT 5): it stays in the outbox, is counted, and is
+    /// published again later. Logged loudly once per run of refusals, never with its
+    /// payload (it holds an API key).
+    fn record_refused(&mut self, seq: u64, payload: Bytes, refusal: Refusal) {
+        self.metrics
+            .publish_refused(PUBLISH_REPORT, refusal.as_str());
+        let retry_in = self.publisher.refused(seq, payload);
+        self.refusals_in_a_row += 1;
+        if self.refusals_in_a_row == 1 {
+            tracing::error!(topic = %self.topics.report, reason = refusal.as_str(),
+                code = refusal.code(), record = seq, retry_in_ms = retry_in.as_millis() as u64,
+                "the broker refused a usage record; it stays in the outbox and is sent again \
+                 (check the broker ACL, README \"Broker ACLs\")");
+        } else {
+            tracing::debug!(topic = %self.topics.report, reason = refusal.as_str(), record = seq,
+                "the broker refused a usage record");
+        }
+    }
+
+    /// Publishes the records the broker refused again.
+    fn retry_refused(&mut self) -> Result<(), Restart> {
+        if !self.status.is_connected() || self.draining {
+            return Ok(());
+        }
+        let n = self
+            .publisher
+            .retry_refused(&mut self.out)
+            .map_err(|e| Restart(format!("cannot queue a record for publishing: {e}")))?;
+        tracing::warn!(
+            records = n,
+            refused_so_far = self.refusals_in_a_row,
+            "publishing again the usage records the broker refused"
+        );
+        Ok(())
     }
 
     /// Hands outbox records to the client until the window is full.

@@ -32,6 +32,7 @@ use crate::keys::sync::apply_billing_message;
 use crate::outbox::Outbox;
 use inflight::InFlight;
 use link::Connection;
+pub(crate) use link::{PUBLISH_KEYS_REQUEST, PUBLISH_REPORT};
 pub use protocol::{BrokerOptions, Refusal};
 use publisher::Publisher;
 pub use tls::tls_config;
@@ -150,7 +151,12 @@ pub fn start(
         heartbeat_every: Duration::from_secs(m.heartbeat_interval_secs),
         keys_retry_every: Duration::from_secs(m.keys_request_retry_secs),
         updates: updates_tx,
-        publisher: Publisher::new(outbox, config.outbox.max_inflight),
+        publisher: Publisher::new(
+            outbox,
+            config.outbox.max_inflight,
+            Duration::from_secs(m.reconnect_max_secs),
+        ),
+        refusals_in_a_row: 0,
         draining: false,
     };
     // The connection runs on a thread (and runtime) of its own: under heavy gRPC load
