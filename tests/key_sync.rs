@@ -202,8 +202,9 @@ async fn a_100k_entry_message_applies_all_but_its_bad_entries(protocol: MqttProt
             .and_then(|b| serde_json::from_slice::<KeyList>(&b).ok())
             .map_or(0, |l| l.keys.len())
     };
+    // The file is renamed into place just before the write is counted: wait for both.
     wait_until("the first list is in the snapshot", WAIT, || async {
-        snapshot_keys() == 2
+        snapshot_keys() == 2 && keymeter.metric("keymeter_snapshot_writes_total").await >= 1.0
     })
     .await;
     let writes_before = keymeter.metric("keymeter_snapshot_writes_total").await;
