@@ -5,7 +5,8 @@
 //! A publish the ACL denies is dropped by the broker. Under MQTT 3.1.1 the broker still
 //! acknowledges it, so keymeter deletes records nobody received (the documented
 //! hazard, shown here); under MQTT 5 the PUBACK says "not authorized", and the records
-//! stay in the outbox until the ACL lets them through.
+//! stay in the outbox until the ACL lets them through. With the shipped ACL, only the
+//! billing system can change the key list.
 
 mod support;
 
@@ -19,12 +20,14 @@ use keymeter::keys::{KeyEntry, KeyList};
 use keymeter::proto::v1::usage_client::UsageClient;
 use keymeter::proto::v1::{ReportRequest, UsageRecord};
 use serde_json::Value;
-use support::keymeter::Keymeter;
+use support::keymeter::{Keymeter, http_status};
 use support::{Mosquitto, MosquittoOptions, MqttTestClient, TestDir, mqtt_options, wait_until};
 
 const WAIT: Duration = Duration::from_secs(20);
 const KEYMETER: (&str, &str) = ("keymeter", "keymeter-secret");
 const BILLING: (&str, &str) = ("billing", "billing-secret");
+/// Another client of the same broker, with a valid login of its own.
+const INTRUDER: (&str, &str) = ("intruder", "intruder-secret");
 const GOOD: &str = "sk-acl-0001";
 /// The grant the misconfigured ACL lacks.
 const REPORT_GRANT: &str = "user keymeter\ntopic write billing/report\n";
@@ -70,7 +73,7 @@ impl Rig {
         let acl_path = dir.path().join("billing.acl");
         std::fs::write(&acl_path, acl).unwrap();
         let broker = Mosquitto::start_with(MosquittoOptions {
-            users: &[KEYMETER, BILLING],
+            users: &[KEYMETER, BILLING, INTRUDER],
             acl_file: Some(&acl_path),
             ..Default::default()
         })
@@ -236,5 +239,60 @@ async fn with_mqtt_5_refused_records_stay_in_the_outbox_until_the_acl_lets_them_
     })
     .await;
     rig.keymeter.assert_no_record_unaccounted().await;
+    rig.keymeter.stop().await;
+}
+
+/// A client that logs in as `login` and publishes `payload` on `billing/keys/update`;
+/// keep it until the broker has dealt with the publish.
+async fn publish_key_update_as(
+    port: u16,
+    login: (&str, &str),
+    client: &str,
+    payload: &str,
+) -> MqttTestClient {
+    let mut options = mqtt_options(client, port);
+    options.set_credentials(login.0, login.1);
+    let publisher = MqttTestClient::connect(options).await;
+    publisher.publish("billing/keys/update", payload).await;
+    publisher
+}
+
+/// With the shipped ACL, a key update from anyone but the billing system (another
+/// service's login, or keymeter's own) is dropped by the broker and never reaches
+/// keymeter; the billing system's applies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_billing_system_can_change_the_key_list() {
+    let mut rig = Rig::start(MqttProtocol::V311, &shipped_acl()).await;
+    let status = |key: &'static str| {
+        let keymeter = &rig.keymeter;
+        async move { http_status(&keymeter.check(&[("api-key", key)]).await) }
+    };
+    assert_eq!(status(GOOD).await, 200);
+    let applied = "keymeter_key_updates_applied_total";
+    let applied_before = rig.metric(applied).await;
+
+    let injected = r#"{"updates": [{"app_id": "app-evil", "api_key": "sk-injected", "status": "ok", "reason": ""}, {"app_id": "app-1", "api_key": "sk-acl-0001", "status": "blocked", "reason": "x"}], "timestamp": 1}"#;
+    let port = rig.broker.port();
+    let _intruder = publish_key_update_as(port, INTRUDER, "intruder", injected).await;
+    rig.broker
+        .process()
+        .wait_for_log("Denied PUBLISH from intruder-", WAIT)
+        .await;
+    let _stolen = publish_key_update_as(port, KEYMETER, "stolen-keymeter-login", injected).await;
+    rig.broker
+        .process()
+        .wait_for_log("Denied PUBLISH from stolen-keymeter-login-", WAIT)
+        .await;
+
+    // The billing system's own update goes through, after both were dropped.
+    let genuine = r#"{"updates": [{"app_id": "app-2", "api_key": "sk-genuine", "status": "ok", "reason": ""}], "timestamp": 2}"#;
+    let _billing = publish_key_update_as(port, BILLING, "billing-keys", genuine).await;
+    wait_until("the billing system's update applies", WAIT, || async {
+        status("sk-genuine").await == 200
+    })
+    .await;
+    assert_eq!(status("sk-injected").await, 401);
+    assert_eq!(status(GOOD).await, 200, "the injected block did not apply");
+    assert_eq!(rig.metric(applied).await, applied_before + 1.0);
     rig.keymeter.stop().await;
 }
