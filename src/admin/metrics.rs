@@ -56,6 +56,10 @@ const PUBLISH_MESSAGES: [&str; 2] = [
     crate::mqtt::PUBLISH_KEYS_REQUEST,
 ];
 
+/// Why a well-formed billing key update is not applied: the `reason` label of
+/// `keymeter_key_updates_ignored_total`.
+const KEY_UPDATE_IGNORED: [&str; 1] = [crate::mqtt::KEY_UPDATE_RETAINED];
+
 /// Key sources, the `source` label of the per-source last-update time.
 const KEY_SOURCES: [&str; 3] = ["billing", "snapshot", "file"];
 
@@ -76,6 +80,7 @@ pub struct Metrics {
     keys: Family<Labels, Gauge>,
     pub key_updates_applied: Counter,
     key_updates_rejected: Family<Labels, Counter>,
+    key_updates_ignored: Family<Labels, Counter>,
     pub key_entries_ignored: Counter,
     key_entries_skipped: Family<Labels, Counter>,
     key_last_update: Gauge,
@@ -162,6 +167,12 @@ impl Metrics {
             "key_updates_rejected",
             "Key list messages or files rejected whole, by reason",
             key_updates_rejected.clone(),
+        );
+        let key_updates_ignored = Family::<Labels, Counter>::default();
+        registry.register(
+            "key_updates_ignored",
+            "billing/keys/update messages not applied although well-formed, by reason (retained: a retained message the broker delivered on subscribing)",
+            key_updates_ignored.clone(),
         );
         let key_entries_ignored = Counter::default();
         registry.register(
@@ -395,6 +406,7 @@ impl Metrics {
             keys,
             key_updates_applied,
             key_updates_rejected,
+            key_updates_ignored,
             key_entries_ignored,
             key_entries_skipped,
             key_last_update,
@@ -444,6 +456,11 @@ impl Metrics {
         for reason in KEY_UPDATE_REJECTIONS {
             let _ = self
                 .key_updates_rejected
+                .get_or_create(&vec![("reason", reason)]);
+        }
+        for reason in KEY_UPDATE_IGNORED {
+            let _ = self
+                .key_updates_ignored
                 .get_or_create(&vec![("reason", reason)]);
         }
         for reason in crate::keys::update::SkipReason::ALL {
@@ -531,6 +548,17 @@ impl Metrics {
 
     pub fn key_update_rejected(&self, reason: &'static str) {
         self.key_updates_rejected
+            .get_or_create(&vec![("reason", reason)])
+            .inc();
+    }
+
+    /// A billing key update not applied for `reason` (`retained`).
+    pub fn key_update_ignored(&self, reason: &'static str) {
+        debug_assert!(
+            KEY_UPDATE_IGNORED.contains(&reason),
+            "unknown reason {reason}"
+        );
+        self.key_updates_ignored
             .get_or_create(&vec![("reason", reason)])
             .inc();
     }
@@ -633,6 +661,7 @@ mod tests {
             "keymeter_keys{status=\"blocked\"} 0",
             "keymeter_check_requests_total{outcome=\"blocked_key\"} 0",
             "keymeter_key_list_request_pending 0",
+            "keymeter_key_updates_ignored_total{reason=\"retained\"} 0",
             "keymeter_publish_refused_total{message=\"report\",reason=\"not_authorized\"} 0",
             "keymeter_publish_refused_total{message=\"keys_request\",reason=\"quota_exceeded\"} 0",
         ] {

@@ -23,6 +23,8 @@ use crate::keys::sync::now_ms;
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 /// How long a stopping keymeter waits for PUBACKs of records already sent.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(2);
+/// The `reason` label of `keymeter_key_updates_ignored_total` for a retained update.
+pub(crate) const KEY_UPDATE_RETAINED: &str = "retained";
 /// The `message` label of `keymeter_publish_refused_total`.
 pub(crate) const PUBLISH_REPORT: &str = "report";
 pub(crate) const PUBLISH_KEYS_REQUEST: &str = "keys_request";
@@ -169,7 +171,24 @@ impl Connection {
                 self.request_keys();
                 self.fill_window()?;
             }
-            Event::Message { topic, payload } if topic == self.topics.keys_update => {
+            Event::Message {
+                topic,
+                payload,
+                retain: true,
+            } if topic == self.topics.keys_update => {
+                // Stored on the broker by whoever once published it with the retain flag:
+                // possibly long ago, possibly not the billing system. Only live updates
+                // and answers to this connection's key list request apply.
+                self.metrics.key_update_ignored(KEY_UPDATE_RETAINED);
+                tracing::warn!(topic = %topic, bytes = payload.len(),
+                    "ignored a retained key update: a retained key list may be stale or planted \
+                     (clear it on the broker: README \"Broker ACLs\")");
+            }
+            Event::Message {
+                topic,
+                payload,
+                retain: false,
+            } if topic == self.topics.keys_update => {
                 self.status.awaiting_keys.store(false, Ordering::Release);
                 self.metrics.key_request_pending.set(0);
                 if self.updates.send(payload.to_vec()).await.is_err() {

@@ -234,10 +234,13 @@ impl Refusal {
 pub(super) enum Event {
     /// CONNACK: a new (clean) session.
     Connected,
-    /// A message on a subscribed topic.
+    /// A message on a subscribed topic. `retain` is set only on a retained message the
+    /// broker delivers because of a new subscription (MQTT 3.1.1 section 3.3.1.3; MQTT 5
+    /// the same unless "retain as published" is asked for, which keymeter does not).
     Message {
         topic: String,
         payload: Bytes,
+        retain: bool,
     },
     /// rumqttc numbered the next requested publish and wrote it.
     Numbered(u16),
@@ -312,6 +315,7 @@ fn v311_event(event: rumqttc::Event) -> Event {
         E::Incoming(P::Publish(p)) => Event::Message {
             topic: p.topic,
             payload: p.payload,
+            retain: p.retain,
         },
         E::Outgoing(Outgoing::Publish(pkid)) => Event::Numbered(pkid),
         E::Incoming(P::PubAck(ack)) => Event::Acked {
@@ -338,6 +342,7 @@ fn v5_event(event: rumqttc::v5::Event) -> Event {
         E::Incoming(P::Publish(p)) => Event::Message {
             topic: String::from_utf8_lossy(&p.topic).into_owned(),
             payload: p.payload,
+            retain: p.retain,
         },
         E::Outgoing(Outgoing::Publish(pkid)) => Event::Numbered(pkid),
         E::Incoming(P::PubAck(ack)) => Event::Acked {
