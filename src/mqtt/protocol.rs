@@ -295,14 +295,20 @@ impl EventLoop {
             }
             EventLoop::V5(e) => {
                 e.pending.clear();
-                e.state.events.clear();
-                e.state.collision = None;
+                forget_v5_state(&mut e.state);
             }
         }
     }
 }
 
+/// The part of [`EventLoop::forget_session`] that rumqttc's 3.1.1 state holds.
 pub(super) fn forget_v311_state(state: &mut rumqttc::MqttState) {
+    state.events.clear();
+    state.collision = None;
+}
+
+/// The part of [`EventLoop::forget_session`] that rumqttc's MQTT 5 state holds.
+pub(super) fn forget_v5_state(state: &mut rumqttc::v5::MqttState) {
     state.events.clear();
     state.collision = None;
 }
