@@ -174,8 +174,23 @@ pub struct MqttConfig {
     /// within this time (the billing system may have been down when we connected).
     #[serde(default = "default_keys_request_retry")]
     pub keys_request_retry_secs: u64,
+    /// `"3.1.1"`, what the billing SDK speaks, or `"5"`, whose PUBACK says whether the
+    /// broker accepted a publish: a record the broker refuses (e.g. its ACL denies
+    /// `billing/report`) then stays in the outbox instead of being deleted unread.
+    #[serde(default)]
+    pub protocol: MqttProtocol,
     #[serde(default)]
     pub tls: TlsConfig,
+}
+
+/// The MQTT protocol version spoken to the broker.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MqttProtocol {
+    #[default]
+    #[serde(rename = "3.1.1")]
+    V311,
+    #[serde(rename = "5")]
+    V5,
 }
 
 fn default_mqtt_port() -> u16 {
@@ -1107,6 +1122,7 @@ impl Config {
                 reconnect_max_secs: 2,
                 heartbeat_interval_secs: default_heartbeat(),
                 keys_request_retry_secs: default_keys_request_retry(),
+                protocol: MqttProtocol::default(),
                 tls: TlsConfig {
                     enabled: false,
                     ..TlsConfig::default()
@@ -1262,6 +1278,21 @@ mod tests {
         assert!(!dumped.contains("s3cret"), "{dumped}");
         let debugged = format!("{c:?}");
         assert!(!debugged.contains("s3cret"), "{debugged}");
+    }
+
+    #[test]
+    fn mqtt_protocol_is_3_1_1_unless_5_is_asked_for() {
+        assert_eq!(parse(MINIMAL).unwrap().mqtt.protocol, MqttProtocol::V311);
+        let five = parse("[mqtt]\nhost = \"b\"\nprotocol = \"5\"\n").unwrap();
+        assert_eq!(five.mqtt.protocol, MqttProtocol::V5);
+        let three = parse("[mqtt]\nhost = \"b\"\nprotocol = \"3.1.1\"\n").unwrap();
+        assert_eq!(three.mqtt.protocol, MqttProtocol::V311);
+        for bad in ["\"4\"", "\"3.1\"", "5"] {
+            let e = parse(&format!("[mqtt]\nhost = \"b\"\nprotocol = {bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("mqtt.protocol"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -169,7 +169,7 @@ pub async fn run(
         &config,
         keys.clone(),
         metrics.clone(),
-        Some(outbox.clone()),
+        outbox.clone(),
         &tracker,
         token.clone(),
     )?;
@@ -203,7 +203,7 @@ pub async fn run(
             keys: keys.clone(),
             metrics: metrics.clone(),
             mqtt: link.status.clone(),
-            outbox: Some(outbox.clone()),
+            outbox: outbox.clone(),
         },
         token.clone(),
     ));

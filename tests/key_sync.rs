@@ -1,17 +1,19 @@
 //! Key sync over a real mosquitto: a payload that is no key update changes nothing,
 //! a message's bad entries are skipped one by one (also in a 100k-entry message), the
 //! snapshot keeps known keys working across a restart with the broker down, the keys
-//! file is reloaded on change, and reconnects ask for the key list again.
+//! file is reloaded on change, reconnects ask for the key list again, and a retained
+//! key update is ignored.
 
 mod support;
 
 use std::time::Duration;
 
 use keymeter::Config;
+use keymeter::config::MqttProtocol;
 use keymeter::dev::billing::BillingStandIn;
 use keymeter::keys::{KeyEntry, KeyList};
 use support::keymeter::{Keymeter, billing, http_status};
-use support::{Mosquitto, TestDir, wait_until};
+use support::{Mosquitto, MqttTestClient, TestDir, mqtt_options, wait_until};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -175,12 +177,24 @@ async fn bad_entries_are_skipped_and_the_rest_of_their_message_applies() {
 /// applies, in one change, and the snapshot is written once for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_100k_entry_message_with_10_bad_entries_applies_the_other_99990() {
+    a_100k_entry_message_applies_all_but_its_bad_entries(MqttProtocol::V311).await;
+}
+
+/// MQTT 5 clients announce the largest packet they accept (rumqttc's default is
+/// 10 KiB): a key list of megabytes must arrive all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_100k_entry_message_arrives_and_applies_over_mqtt_5() {
+    a_100k_entry_message_applies_all_but_its_bad_entries(MqttProtocol::V5).await;
+}
+
+async fn a_100k_entry_message_applies_all_but_its_bad_entries(protocol: MqttProtocol) {
     const ENTRIES: usize = 100_000;
     let dir = TestDir::new("big-update");
     let snapshot = dir.path().join("keys.snapshot.json");
     let broker = Mosquitto::start().await;
     let billing = billing(broker.port(), good_and_bad()).await;
     let mut config = Config::for_local_broker("127.0.0.1", broker.port());
+    config.mqtt.protocol = protocol;
     config.keys.snapshot = Some(snapshot.clone());
     let keymeter = Keymeter::start_ready(config).await;
     let snapshot_keys = || {
@@ -189,8 +203,9 @@ async fn a_100k_entry_message_with_10_bad_entries_applies_the_other_99990() {
             .and_then(|b| serde_json::from_slice::<KeyList>(&b).ok())
             .map_or(0, |l| l.keys.len())
     };
+    // The file is renamed into place just before the write is counted: wait for both.
     wait_until("the first list is in the snapshot", WAIT, || async {
-        snapshot_keys() == 2
+        snapshot_keys() == 2 && keymeter.metric("keymeter_snapshot_writes_total").await >= 1.0
     })
     .await;
     let writes_before = keymeter.metric("keymeter_snapshot_writes_total").await;
@@ -227,7 +242,7 @@ async fn a_100k_entry_message_with_10_bad_entries_applies_the_other_99990() {
     .await;
     let elapsed = started.elapsed();
     println!(
-        "100k-entry key update ({} MB, 10 bad entries): published -> 99,990 keys valid in {elapsed:?}",
+        "100k-entry key update ({} MB, 10 bad entries, MQTT {protocol:?}): published -> 99,990 keys valid in {elapsed:?}",
         payload.len() / 1_000_000
     );
     let skips = [
@@ -344,9 +359,19 @@ async fn keys_file_is_reloaded_when_it_changes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnect_requests_the_key_list_again_and_heartbeats_flow() {
+    reconnect_asks_for_the_key_list_again(MqttProtocol::V311).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_requests_the_key_list_again_and_heartbeats_flow_over_mqtt_5() {
+    reconnect_asks_for_the_key_list_again(MqttProtocol::V5).await;
+}
+
+async fn reconnect_asks_for_the_key_list_again(protocol: MqttProtocol) {
     let mut broker = Mosquitto::start().await;
     let billing = billing(broker.port(), vec![KeyEntry::ok("app-1", "sk-good")]).await;
     let mut config = Config::for_local_broker("127.0.0.1", broker.port());
+    config.mqtt.protocol = protocol;
     config.mqtt.heartbeat_interval_secs = 1;
     config.mqtt.reconnect_max_secs = 1;
     // keymeter may reconnect before the billing system does; it then asks again.
@@ -378,5 +403,77 @@ async fn reconnect_requests_the_key_list_again_and_heartbeats_flow() {
     })
     .await;
     assert!(keymeter.metric("keymeter_mqtt_connections_total").await >= 2.0);
+    keymeter.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_key_update_is_ignored_and_live_ones_apply() {
+    retained_key_update_is_ignored(MqttProtocol::V311).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_key_update_is_ignored_and_live_ones_apply_over_mqtt_5() {
+    retained_key_update_is_ignored(MqttProtocol::V5).await;
+}
+
+/// Publishes `payload` on `billing/keys/update` with the retain flag.
+async fn publish_retained(client: &MqttTestClient, payload: &[u8]) {
+    client
+        .client()
+        .publish(
+            "billing/keys/update",
+            rumqttc::QoS::AtLeastOnce,
+            true,
+            payload.to_vec(),
+        )
+        .await
+        .expect("queue PUBLISH");
+}
+
+/// A retained `billing/keys/update` reaches every new subscriber, however old it is and
+/// whoever stored it: keymeter ignores it (counted, logged). Live updates apply, also
+/// one published with the retain flag: the broker sets the flag only on a retained
+/// message it delivers because of a new subscription.
+async fn retained_key_update_is_ignored(protocol: MqttProtocol) {
+    let broker = Mosquitto::start().await;
+    // Stored before keymeter connects: adds a key and blocks the billing system's.
+    let planted = br#"{"updates": [{"app_id": "app-x", "api_key": "sk-planted", "status": "ok", "reason": ""}, {"app_id": "app-1", "api_key": "sk-good", "status": "blocked", "reason": "planted"}], "timestamp": 1}"#;
+    let mut planter = MqttTestClient::connect(mqtt_options("planter", broker.port())).await;
+    planter.subscribe("billing/keys/update").await;
+    publish_retained(&planter, planted).await;
+    // Its own copy coming back means the broker has stored it.
+    assert_eq!(planter.recv(WAIT).await.payload.as_ref(), planted);
+
+    let billing = billing(broker.port(), vec![KeyEntry::ok("app-1", "sk-good")]).await;
+    let mut config = Config::for_local_broker("127.0.0.1", broker.port());
+    config.mqtt.protocol = protocol;
+    let keymeter = Keymeter::start_ready(config).await;
+    let ignored = "keymeter_key_updates_ignored_total{reason=\"retained\"}";
+    wait_until("the retained update is counted", WAIT, || async {
+        keymeter.metric(ignored).await == 1.0
+    })
+    .await;
+    assert_eq!(status_of(&keymeter, "sk-planted").await, 401);
+    assert_eq!(status_of(&keymeter, "sk-good").await, 200);
+
+    billing
+        .publish_update(vec![KeyEntry::ok("app-2", "sk-live")])
+        .await
+        .unwrap();
+    wait_until("a live update applies", WAIT, || async {
+        status_of(&keymeter, "sk-live").await == 200
+    })
+    .await;
+    let live_retained = br#"{"updates": [{"app_id": "app-3", "api_key": "sk-live-retained", "status": "ok", "reason": ""}], "timestamp": 2}"#;
+    publish_retained(&planter, live_retained).await;
+    wait_until(
+        "a live update with the retain flag applies",
+        WAIT,
+        || async { status_of(&keymeter, "sk-live-retained").await == 200 },
+    )
+    .await;
+    assert_eq!(keymeter.metric(ignored).await, 1.0);
+    assert_eq!(status_of(&keymeter, "sk-planted").await, 401);
+    assert_eq!(status_of(&keymeter, "sk-good").await, 200);
     keymeter.stop().await;
 }

@@ -50,6 +50,16 @@ pub const KEY_UPDATE_REJECTIONS: [&str; 6] = [
     "snapshot_unreadable",
 ];
 
+/// What a refused publish carried: the `message` label of `keymeter_publish_refused_total`.
+const PUBLISH_MESSAGES: [&str; 2] = [
+    crate::mqtt::PUBLISH_REPORT,
+    crate::mqtt::PUBLISH_KEYS_REQUEST,
+];
+
+/// Why a well-formed billing key update is not applied: the `reason` label of
+/// `keymeter_key_updates_ignored_total`.
+const KEY_UPDATE_IGNORED: [&str; 1] = [crate::mqtt::KEY_UPDATE_RETAINED];
+
 /// Key sources, the `source` label of the per-source last-update time.
 const KEY_SOURCES: [&str; 3] = ["billing", "snapshot", "file"];
 
@@ -72,6 +82,7 @@ pub struct Metrics {
     keys: Family<Labels, Gauge>,
     pub key_updates_applied: Counter,
     key_updates_rejected: Family<Labels, Counter>,
+    key_updates_ignored: Family<Labels, Counter>,
     pub key_entries_ignored: Counter,
     key_entries_skipped: Family<Labels, Counter>,
     key_last_update: Gauge,
@@ -84,6 +95,7 @@ pub struct Metrics {
     pub mqtt_connections: Counter,
     pub mqtt_connection_errors: Counter,
     pub heartbeats_sent: Counter,
+    publish_refused: Family<Labels, Counter>,
     pub ready: Gauge,
     grpc_peers_refused: Family<Labels, Counter>,
     pub access_log_streams: Gauge,
@@ -162,6 +174,12 @@ impl Metrics {
             "Key list messages or files rejected whole, by reason",
             key_updates_rejected.clone(),
         );
+        let key_updates_ignored = Family::<Labels, Counter>::default();
+        registry.register(
+            "key_updates_ignored",
+            "billing/keys/update messages not applied although well-formed, by reason (retained: a retained message the broker delivered on subscribing)",
+            key_updates_ignored.clone(),
+        );
         let key_entries_ignored = Counter::default();
         registry.register(
             "key_entries_ignored",
@@ -233,6 +251,12 @@ impl Metrics {
             "heartbeats_sent",
             "Heartbeats published to the billing system",
             heartbeats_sent.clone(),
+        );
+        let publish_refused = Family::<Labels, Counter>::default();
+        registry.register(
+            "publish_refused",
+            "Publishes the broker refused (MQTT 5 PUBACK reason code 0x80 or above), by message (report, keys_request) and reason; refused records stay in the outbox and are sent again",
+            publish_refused.clone(),
         );
         let ready = Gauge::default();
         registry.register(
@@ -418,6 +442,7 @@ impl Metrics {
             keys,
             key_updates_applied,
             key_updates_rejected,
+            key_updates_ignored,
             key_entries_ignored,
             key_entries_skipped,
             key_last_update,
@@ -430,6 +455,7 @@ impl Metrics {
             mqtt_connections,
             mqtt_connection_errors,
             heartbeats_sent,
+            publish_refused,
             ready,
             grpc_peers_refused,
             access_log_streams,
@@ -471,10 +497,22 @@ impl Metrics {
                 .key_updates_rejected
                 .get_or_create(&vec![("reason", reason)]);
         }
+        for reason in KEY_UPDATE_IGNORED {
+            let _ = self
+                .key_updates_ignored
+                .get_or_create(&vec![("reason", reason)]);
+        }
         for reason in crate::keys::update::SkipReason::ALL {
             let _ = self
                 .key_entries_skipped
                 .get_or_create(&vec![("reason", reason.as_str())]);
+        }
+        for message in PUBLISH_MESSAGES {
+            for reason in crate::mqtt::Refusal::ALL {
+                let _ = self
+                    .publish_refused
+                    .get_or_create(&vec![("message", message), ("reason", reason.as_str())]);
+            }
         }
         for result in ["ok", "error"] {
             let _ = self
@@ -558,11 +596,34 @@ impl Metrics {
             .inc();
     }
 
+    /// A billing key update not applied for `reason` (`retained`).
+    pub fn key_update_ignored(&self, reason: &'static str) {
+        debug_assert!(
+            KEY_UPDATE_IGNORED.contains(&reason),
+            "unknown reason {reason}"
+        );
+        self.key_updates_ignored
+            .get_or_create(&vec![("reason", reason)])
+            .inc();
+    }
+
     /// `n` entries of one key update skipped for `reason` (a `SkipReason` label).
     pub fn key_entries_skipped(&self, reason: &'static str, n: u64) {
         self.key_entries_skipped
             .get_or_create(&vec![("reason", reason)])
             .inc_by(n);
+    }
+
+    /// The broker refused a publish of `message` (`report`, `keys_request`) for
+    /// `reason` (a `Refusal` label).
+    pub fn publish_refused(&self, message: &'static str, reason: &'static str) {
+        debug_assert!(
+            PUBLISH_MESSAGES.contains(&message),
+            "unknown message {message}"
+        );
+        self.publish_refused
+            .get_or_create(&vec![("message", message), ("reason", reason)])
+            .inc();
     }
 
     pub fn keys_file_reload(&self, result: &'static str) {
@@ -665,6 +726,9 @@ mod tests {
             "keymeter_key_list_request_pending 0",
             "keymeter_outbox_corrupt_bytes_total 0",
             "keymeter_outbox_fsync_errors_total 0",
+            "keymeter_key_updates_ignored_total{reason=\"retained\"} 0",
+            "keymeter_publish_refused_total{message=\"report\",reason=\"not_authorized\"} 0",
+            "keymeter_publish_refused_total{message=\"keys_request\",reason=\"quota_exceeded\"} 0",
         ] {
             assert!(text.contains(sample), "missing {sample} in\n{text}");
         }

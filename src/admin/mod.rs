@@ -27,7 +27,7 @@ pub struct AdminState {
     pub keys: Arc<KeyStore>,
     pub metrics: Arc<Metrics>,
     pub mqtt: Arc<MqttStatus>,
-    pub outbox: Option<Outbox>,
+    pub outbox: Outbox,
 }
 
 pub fn router(state: AdminState) -> Router {
@@ -71,20 +71,18 @@ async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
-    if let Some(outbox) = &s.outbox {
-        let st = outbox.stats();
-        let m = &s.metrics;
-        m.outbox_pending_records.set(st.pending_records as i64);
-        m.outbox_inflight_records.set(st.inflight_records as i64);
-        m.outbox_pending_bytes.set(st.pending_bytes as i64);
-        m.outbox_disk_bytes.set(st.disk_bytes as i64);
-        m.outbox_budget_bytes.set(st.max_bytes as i64);
-        let age = st
-            .oldest_pending_created_ms
-            .map_or(0.0, |t| ((now_ms() - t).max(0) as f64) / 1000.0);
-        m.outbox_oldest_age_seconds.set(age);
-        m.set_outbox_totals(st.corrupt_bytes_total, st.fsync_errors_total);
-    }
+    let st = s.outbox.stats();
+    let m = &s.metrics;
+    m.outbox_pending_records.set(st.pending_records as i64);
+    m.outbox_inflight_records.set(st.inflight_records as i64);
+    m.outbox_pending_bytes.set(st.pending_bytes as i64);
+    m.outbox_disk_bytes.set(st.disk_bytes as i64);
+    m.outbox_budget_bytes.set(st.max_bytes as i64);
+    let age = st
+        .oldest_pending_created_ms
+        .map_or(0.0, |t| ((now_ms() - t).max(0) as f64) / 1000.0);
+    m.outbox_oldest_age_seconds.set(age);
+    m.set_outbox_totals(st.corrupt_bytes_total, st.fsync_errors_total);
     (
         [(
             header::CONTENT_TYPE,

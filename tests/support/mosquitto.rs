@@ -1,6 +1,6 @@
 //! A real mosquitto broker on free ports, stoppable and restartable in place.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::time::Duration;
 
@@ -15,6 +15,11 @@ pub struct MosquittoOptions<'a> {
     pub tls: Option<&'a TestPki>,
     /// `(user, password)`: login required on every listener, anonymous refused.
     pub credentials: Option<(&'a str, &'a str)>,
+    /// More `(user, password)` logins, as `credentials` (anonymous refused).
+    pub users: &'a [(&'a str, &'a str)],
+    /// A mosquitto `acl_file`: copied next to the config, so that a test can replace
+    /// it while the broker runs ([`Mosquitto::replace_acl`]).
+    pub acl_file: Option<&'a Path>,
 }
 
 pub struct Mosquitto {
@@ -93,12 +98,21 @@ impl Mosquitto {
             tls_port
         });
 
-        match options.credentials {
-            None => config.push_str("allow_anonymous true\n"),
-            Some((user, pass)) => {
-                let passwd = dir.path().join("passwd");
-                let out = Command::new(mosquitto_passwd_bin())
-                    .arg("-c")
+        let logins: Vec<(&str, &str)> = options
+            .credentials
+            .into_iter()
+            .chain(options.users.iter().copied())
+            .collect();
+        if logins.is_empty() {
+            config.push_str("allow_anonymous true\n");
+        } else {
+            let passwd = dir.path().join("passwd");
+            for (i, (user, pass)) in logins.into_iter().enumerate() {
+                let mut command = Command::new(mosquitto_passwd_bin());
+                if i == 0 {
+                    command.arg("-c");
+                }
+                let out = command
                     .arg("-b")
                     .arg(&passwd)
                     .args([user, pass])
@@ -110,11 +124,17 @@ impl Mosquitto {
                     String::from_utf8_lossy(&out.stdout),
                     String::from_utf8_lossy(&out.stderr)
                 );
-                config.push_str(&format!(
-                    "allow_anonymous false\npassword_file {}\n",
-                    passwd.display()
-                ));
             }
+            config.push_str(&format!(
+                "allow_anonymous false\npassword_file {}\n",
+                passwd.display()
+            ));
+        }
+        if let Some(acl) = options.acl_file {
+            let copy = dir.path().join("acl");
+            std::fs::copy(acl, &copy)
+                .unwrap_or_else(|e| panic!("copy ACL file {}: {e}", acl.display()));
+            config.push_str(&format!("acl_file {}\n", copy.display()));
         }
 
         let config_path = dir.path().join("mosquitto.conf");
@@ -153,6 +173,28 @@ impl Mosquitto {
 
     pub fn is_running(&mut self) -> bool {
         self.process.is_running()
+    }
+
+    /// Replaces the ACL file (started with [`MosquittoOptions::acl_file`]) with `text`
+    /// and makes the running broker reload it (SIGHUP); returns once it has.
+    pub async fn replace_acl(&mut self, text: &str) {
+        let acl = self.dir.path().join("acl");
+        assert!(acl.is_file(), "the broker was started without an acl_file");
+        std::fs::write(&acl, text).expect("write the ACL file");
+        let log = self.process.stderr_log().to_path_buf();
+        let reloads = || {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .matches("Reloading config.")
+                .count()
+        };
+        let before = reloads();
+        self.process.signal(libc::SIGHUP);
+        self.process
+            .wait_for("mosquitto to reload its config", STARTUP_TIMEOUT, || {
+                std::future::ready(reloads() > before)
+            })
+            .await;
     }
 
     /// Graceful shutdown (SIGTERM); returns once the broker has exited, so
