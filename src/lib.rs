@@ -8,6 +8,7 @@ pub mod admin;
 pub mod authz;
 pub mod config;
 pub mod dev;
+pub mod files;
 mod grpc;
 pub mod keys;
 pub mod mqtt;

@@ -6,7 +6,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use keymeter::config::{Config, EXIT_USAGE, LogFormat};
+use keymeter::outbox::DirLocked;
 use keymeter::{Listeners, RunError, dev, telemetry};
+
+/// Exit code when another process holds the outbox directory (sysexits.h
+/// `EX_TEMPFAIL`): nothing is wrong with this process, it can start once that one
+/// has stopped.
+const EXIT_OUTBOX_LOCKED: u8 = 75;
 
 #[derive(Parser)]
 #[command(
@@ -114,11 +120,20 @@ async fn serve(config: Config) -> ExitCode {
             tracing::error!(error = %e, "bad configuration");
             ExitCode::from(EXIT_USAGE as u8)
         }
+        Err(e) if outbox_locked(&e) => {
+            tracing::error!(error = %e, "another keymeter has this outbox open; not starting");
+            ExitCode::from(EXIT_OUTBOX_LOCKED)
+        }
         Err(e) => {
             tracing::error!(error = %e, "keymeter stopped with an error");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether `e` is another process holding the outbox directory.
+fn outbox_locked(e: &RunError) -> bool {
+    matches!(e, RunError::Outbox(_, io) if io.get_ref().is_some_and(|inner| inner.is::<DirLocked>()))
 }
 
 async fn run_dev(

@@ -3,7 +3,7 @@
 //! acknowledged segments and persists the ack watermark.
 
 use std::collections::{BTreeSet, VecDeque};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, BufReader, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
+
+use crate::files::{self, DirLock};
 
 use super::frame::{self, ReadFrame};
 use super::{
@@ -90,6 +92,8 @@ pub(super) struct DiskState {
 }
 
 pub(super) struct IoThread {
+    /// The directory's lock: released when the thread ends, before `close` returns.
+    lock: Option<DirLock>,
     dir: PathBuf,
     dir_handle: File,
     shared: Arc<Shared>,
@@ -212,6 +216,7 @@ impl IoThread {
         shared: Arc<Shared>,
         commands: Receiver<Command>,
         disk: DiskState,
+        lock: DirLock,
     ) -> io::Result<Self> {
         let dir_handle = File::open(&config.dir)?;
         let (next_seq, disk_bytes) = {
@@ -219,6 +224,7 @@ impl IoThread {
             (st.next_seq, st.disk_bytes)
         };
         let io = IoThread {
+            lock: Some(lock),
             dir: config.dir.clone(),
             dir_handle,
             shared,
@@ -295,6 +301,8 @@ impl IoThread {
             self.persist_acked_if_due();
             if let Some(reply) = close {
                 self.shutdown();
+                // Free for the next open as soon as `close` returns.
+                drop(self.lock.take());
                 let _ = reply.send(());
                 return;
             }
@@ -518,10 +526,8 @@ impl IoThread {
             self.retire_active();
             let path = frame::segment_path(&self.dir, chunk.first_seq);
             // Append mode: after an undo (`set_len`), the next write lands at the new end.
-            let file = OpenOptions::new()
-                .append(true)
-                .create_new(true)
-                .open(&path)?;
+            // Private (0600), and never through a symlink planted at the name.
+            let file = files::create_new_append(&path)?;
             self.dir_dirty = true;
             self.active = Some(file);
             self.segments.push_back(SegmentMeta {
@@ -795,7 +801,7 @@ impl IoThread {
     /// least `lowest`.
     fn resync(&mut self, pos: TailPos, limit: u64, lowest: u64) -> io::Result<Option<u64>> {
         self.reader = None;
-        let file = File::open(frame::segment_path(&self.dir, pos.first_seq))?;
+        let file = files::open_read(&frame::segment_path(&self.dir, pos.first_seq))?;
         let found = frame::resync(
             &file,
             pos.offset + 1,
@@ -829,7 +835,7 @@ impl IoThread {
         let reader = match &mut self.reader {
             Some(r) if r.first_seq == pos.first_seq => r,
             _ => {
-                let file = File::open(frame::segment_path(&self.dir, pos.first_seq))?;
+                let file = files::open_read(&frame::segment_path(&self.dir, pos.first_seq))?;
                 self.reader.insert(SegmentReader {
                     first_seq: pos.first_seq,
                     pos: 0,
