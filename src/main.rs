@@ -157,10 +157,18 @@ async fn run_dev(
             return ExitCode::FAILURE;
         }
     };
+    let scratch = match dev::scratch_dir() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("keymeter dev: cannot create a private temp directory for the outbox: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut config =
         Config::for_local_broker(&broker.addr().ip().to_string(), broker.addr().port());
     config.listen.grpc = grpc;
     config.listen.admin = admin;
+    config.outbox.dir = scratch.path().join("outbox");
     let standin = match dev::billing::BillingStandIn::start(dev::billing::StandInOptions {
         host: broker.addr().ip().to_string(),
         port: broker.addr().port(),
@@ -182,15 +190,19 @@ async fn run_dev(
          admin HTTP               http://{admin}/readyz  /metrics  /healthz\n\
          embedded MQTT broker     {} (no TLS, no auth)\n\
          billing stand-in         serves {} keys from {}; prints every billing/report\n\
+         outbox                   {} (private, removed on exit)\n\
          Point Envoy's ext_authz at {grpc}, or run ./scripts/demo.sh for Envoy in front.\n\
          Ctrl-C stops everything.\n\
          ================================================================================\n",
         broker.addr(),
         entries.len(),
         keys.display(),
+        config.outbox.dir.display(),
     );
     let code = serve(config).await;
     standin.stop().await;
+    // Removed only now: the outbox is closed.
+    drop(scratch);
     code
 }
 
