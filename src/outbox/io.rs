@@ -14,6 +14,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use crate::files::{self, DirLock};
+use crate::log_limit::LogLimiter;
 
 use super::frame::{self, ReadFrame};
 use super::{
@@ -132,28 +133,6 @@ pub(super) struct IoThread {
     sync_error_log: LogLimiter,
 }
 
-/// Logs a recurring error at most once per [`ERROR_LOG_INTERVAL`], counting the rest.
-#[derive(Default)]
-struct LogLimiter {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl LogLimiter {
-    /// `Some(occurrences held back since the last log)` when this one is to be logged.
-    fn admit(&mut self) -> Option<u64> {
-        if self
-            .last
-            .is_some_and(|at| at.elapsed() < ERROR_LOG_INTERVAL)
-        {
-            self.suppressed += 1;
-            return None;
-        }
-        self.last = Some(Instant::now());
-        Some(std::mem::take(&mut self.suppressed))
-    }
-}
-
 /// What one sync round could not make durable.
 #[derive(Default)]
 struct SyncOutcome {
@@ -248,8 +227,8 @@ impl IoThread {
             persisted: disk.persisted,
             persisted_generation: 0,
             last_persist: Instant::now(),
-            full_log: LogLimiter::default(),
-            sync_error_log: LogLimiter::default(),
+            full_log: LogLimiter::new(ERROR_LOG_INTERVAL),
+            sync_error_log: LogLimiter::new(ERROR_LOG_INTERVAL),
         };
         io.shared.lock().reclaim_at = io.reclaim_at();
         Ok(io)
