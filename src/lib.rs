@@ -11,6 +11,7 @@ pub mod dev;
 pub mod files;
 mod grpc;
 pub mod keys;
+mod listen;
 mod log_limit;
 pub mod mqtt;
 pub mod outbox;
