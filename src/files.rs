@@ -7,6 +7,7 @@ use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 /// Directories keymeter creates for data with raw keys: owner only.
 pub const PRIVATE_DIR_MODE: u32 = 0o700;
@@ -20,6 +21,12 @@ const OTHERS: u32 = 0o077;
 pub const LOCK_FILE: &str = "lock";
 /// Bytes of a lock file read to name its holder; it holds two short lines.
 const LOCK_READ_LIMIT: u64 = 256;
+/// How long a lock that this very process holds is waited for before giving up. It is
+/// normally another outbox of this process, a mistake reported at once after this;
+/// but a lock just released can linger in a child process being spawned (its copy of
+/// the descriptor lives from fork to exec).
+const OWN_LOCK_WAIT: Duration = Duration::from_secs(1);
+const OWN_LOCK_RETRY: Duration = Duration::from_millis(10);
 
 /// Creates `dir` with any missing parents, new directories with mode 0700.
 pub fn create_private_dir_all(dir: &Path) -> io::Result<()> {
@@ -143,10 +150,22 @@ pub struct DirLocked {
 }
 
 impl DirLock {
-    /// Takes the lock of `dir` without waiting. When another process (or another open
-    /// of this process) holds it, the error is of kind `ResourceBusy` and wraps a
-    /// [`DirLocked`] naming the holder.
+    /// Takes the lock of `dir`. When another process holds it, or another open of this
+    /// process (after waiting a second for it to go), the error is of kind
+    /// `ResourceBusy` and wraps a [`DirLocked`] naming the holder.
     pub fn acquire(dir: &Path) -> io::Result<DirLock> {
+        let deadline = Instant::now() + OWN_LOCK_WAIT;
+        loop {
+            match Self::try_acquire(dir) {
+                Err(e) if Instant::now() < deadline && held_by_this_process(&e) => {
+                    std::thread::sleep(OWN_LOCK_RETRY);
+                }
+                result => return result,
+            }
+        }
+    }
+
+    fn try_acquire(dir: &Path) -> io::Result<DirLock> {
         let path = dir.join(LOCK_FILE);
         let file = OpenOptions::new()
             .read(true)
@@ -187,6 +206,12 @@ impl DirLock {
         file.write_all_at(text.as_bytes(), 0)?;
         Ok(DirLock { _file: file })
     }
+}
+
+fn held_by_this_process(e: &io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<DirLocked>())
+        .is_some_and(|locked| locked.pid == Some(std::process::id()))
 }
 
 fn holder_pid(text: &str) -> Option<u32> {

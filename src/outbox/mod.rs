@@ -87,9 +87,9 @@
 //!
 //! One process per directory: [`Outbox::open`] takes an exclusive `flock` on `lock` and
 //! fails (an error of kind `ResourceBusy` wrapping [`DirLocked`], which names the
-//! holder's pid) while another process, or another open outbox of this process, has
-//! it. The lock is released when the outbox is closed, or its last handle dropped, or
-//! the process dies.
+//! holder's pid) while another process, or another open outbox of this process (after
+//! a second's wait), has it. The lock is released when the outbox is closed, or its
+//! last handle dropped, or the process dies.
 
 mod frame;
 mod io;
