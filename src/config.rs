@@ -77,10 +77,46 @@ pub struct ListenConfig {
     /// Envoy's first access-log message carries its node description (~64 KiB).
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
+    /// Open gRPC connections at most; more are refused (reset at once, logged). Envoy
+    /// opens about one per worker thread: 4096 serve some 2000 two-thread sidecars.
+    #[serde(default = "default_grpc_max_connections")]
+    pub grpc_max_connections: usize,
+    /// An HTTP/2 PING goes to a gRPC connection quiet for this long...
+    #[serde(default = "default_grpc_keepalive_interval_secs")]
+    pub grpc_keepalive_interval_secs: u64,
+    /// ...and it is closed if the PING is not answered within this time: a dead
+    /// Envoy's connection is noticed within the sum.
+    #[serde(default = "default_grpc_keepalive_timeout_secs")]
+    pub grpc_keepalive_timeout_secs: u64,
+    /// Open admin connections at most. Past it, a new connection displaces the oldest
+    /// one still waiting for its request (a slowloris), or is refused.
+    #[serde(default = "default_admin_max_connections")]
+    pub admin_max_connections: usize,
+    /// An admin connection that has not sent a whole request head within this time
+    /// (from its start, or from the end of the previous response) is closed.
+    #[serde(default = "default_admin_header_read_timeout_ms")]
+    pub admin_header_read_timeout_ms: u64,
 }
 
 fn default_max_message_bytes() -> usize {
     4 << 20
+}
+fn default_grpc_max_connections() -> usize {
+    4096
+}
+fn default_grpc_keepalive_interval_secs() -> u64 {
+    30
+}
+fn default_grpc_keepalive_timeout_secs() -> u64 {
+    10
+}
+/// Probes, scrapes and port-forwards need a handful at a time.
+fn default_admin_max_connections() -> usize {
+    64
+}
+/// A probe or scrape sends its request head in one packet.
+fn default_admin_header_read_timeout_ms() -> u64 {
+    5000
 }
 
 impl Default for ListenConfig {
@@ -91,6 +127,11 @@ impl Default for ListenConfig {
             grpc_tls: None,
             allow_plaintext: false,
             max_message_bytes: default_max_message_bytes(),
+            grpc_max_connections: default_grpc_max_connections(),
+            grpc_keepalive_interval_secs: default_grpc_keepalive_interval_secs(),
+            grpc_keepalive_timeout_secs: default_grpc_keepalive_timeout_secs(),
+            admin_max_connections: default_admin_max_connections(),
+            admin_header_read_timeout_ms: default_admin_header_read_timeout_ms(),
         }
     }
 }
@@ -862,6 +903,37 @@ impl Config {
                 "must be at least 262144 (Envoy's access-log identifier alone is ~64 KiB)",
             ));
         }
+        let l = &self.listen;
+        for (key, value) in [
+            ("listen.grpc_max_connections", l.grpc_max_connections),
+            ("listen.admin_max_connections", l.admin_max_connections),
+        ] {
+            if !(1..=1_000_000).contains(&value) {
+                return Err(ConfigError::invalid(key, "must be 1-1000000"));
+            }
+        }
+        for (key, value, max) in [
+            (
+                "listen.grpc_keepalive_interval_secs",
+                l.grpc_keepalive_interval_secs,
+                3600,
+            ),
+            (
+                "listen.grpc_keepalive_timeout_secs",
+                l.grpc_keepalive_timeout_secs,
+                600,
+            ),
+        ] {
+            if !(1..=max).contains(&value) {
+                return Err(ConfigError::invalid(key, format!("must be 1-{max}")));
+            }
+        }
+        if !(100..=600_000).contains(&l.admin_header_read_timeout_ms) {
+            return Err(ConfigError::invalid(
+                "listen.admin_header_read_timeout_ms",
+                "must be 100-600000",
+            ));
+        }
         let m = &self.mqtt;
         if m.host.trim().is_empty() {
             return Err(ConfigError::invalid("mqtt.host", "must not be empty"));
@@ -1110,7 +1182,7 @@ impl Config {
                 admin: SocketAddr::from(([127, 0, 0, 1], 0)),
                 grpc_tls: None,
                 allow_plaintext: false,
-                max_message_bytes: default_max_message_bytes(),
+                ..ListenConfig::default()
             },
             mqtt: MqttConfig {
                 host: host.into(),

@@ -6,7 +6,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use keymeter::config::{Config, EXIT_USAGE, LogFormat};
+use keymeter::outbox::DirLocked;
 use keymeter::{Listeners, RunError, dev, telemetry};
+
+/// Exit code when another process holds the outbox directory (sysexits.h
+/// `EX_TEMPFAIL`): nothing is wrong with this process, it can start once that one
+/// has stopped.
+const EXIT_OUTBOX_LOCKED: u8 = 75;
 
 #[derive(Parser)]
 #[command(
@@ -115,11 +121,20 @@ async fn serve(config: Config) -> ExitCode {
             tracing::error!(error = %e, "bad configuration");
             ExitCode::from(EXIT_USAGE as u8)
         }
+        Err(e) if outbox_locked(&e) => {
+            tracing::error!(error = %e, "another keymeter has this outbox open; not starting");
+            ExitCode::from(EXIT_OUTBOX_LOCKED)
+        }
         Err(e) => {
             tracing::error!(error = %e, "keymeter stopped with an error");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether `e` is another process holding the outbox directory.
+fn outbox_locked(e: &RunError) -> bool {
+    matches!(e, RunError::Outbox(_, io) if io.get_ref().is_some_and(|inner| inner.is::<DirLocked>()))
 }
 
 async fn run_dev(
@@ -155,10 +170,18 @@ async fn run_dev(
             return ExitCode::FAILURE;
         }
     };
+    let scratch = match dev::scratch_dir() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("keymeter dev: cannot create a private temp directory for the outbox: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let mut config =
         Config::for_local_broker(&broker.addr().ip().to_string(), broker.addr().port());
     config.listen.grpc = grpc;
     config.listen.admin = admin;
+    config.outbox.dir = scratch.path().join("outbox");
     let standin = match dev::billing::BillingStandIn::start(dev::billing::StandInOptions {
         host: broker.addr().ip().to_string(),
         port: broker.addr().port(),
@@ -180,15 +203,19 @@ async fn run_dev(
          admin HTTP               http://{admin}/readyz  /metrics  /healthz\n\
          embedded MQTT broker     {} (no TLS, no auth)\n\
          billing stand-in         serves {} keys from {}; prints every billing/report\n\
+         outbox                   {} (private, removed on exit)\n\
          Point Envoy's ext_authz at {grpc}, or run ./scripts/demo.sh for Envoy in front.\n\
          Ctrl-C stops everything.\n\
          ================================================================================\n",
         broker.addr(),
         entries.len(),
         source,
+        config.outbox.dir.display(),
     );
     let code = serve(config).await;
     standin.stop().await;
+    // Removed only now: the outbox is closed.
+    drop(scratch);
     code
 }
 

@@ -3,17 +3,19 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::accesslog::AccessLogServer;
-use crate::admin::{self, AdminState, metrics::Metrics};
+use crate::admin::{self, AdminLimits, AdminState, metrics::Metrics};
 use crate::authz::{AuthzService, CheckServer};
 use crate::config::{Config, FsyncMode, GrpcTlsConfig, PeerAllowList};
 use crate::keys::sync::now_ms;
 use crate::keys::{KeyStore, sync};
+use crate::listen;
 use crate::mqtt;
 use crate::outbox::{FsyncPolicy, Outbox, OutboxConfig};
 use crate::peers::PeerGate;
@@ -25,8 +27,19 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 /// HTTP/2 flow-control windows of the gRPC listener.
 const GRPC_CONNECTION_WINDOW: u32 = 4 << 20;
 const GRPC_STREAM_WINDOW: u32 = 1 << 20;
-/// Reset streams tolerated before h2 calls the peer abusive: far above one busy Envoy.
-const GRPC_MAX_PENDING_RESETS: usize = 4096;
+/// Streams one gRPC connection may have open at once: Envoy's default circuit breaker
+/// allows 1024 requests to a cluster, so one Envoy never needs more; a client that
+/// wants more opens another connection, which the connection cap counts.
+const GRPC_MAX_CONCURRENT_STREAMS: u32 = 1024;
+/// Streams the client reset before keymeter accepted them, pending at once, past which
+/// h2 calls the client abusive (HTTP/2 rapid reset) and ends the connection: as many as
+/// it may have open, since Envoy resets every Check it timed out at once (h2's
+/// default of 20 made keymeter end busy Envoys' connections, access-log stream and all).
+const GRPC_MAX_PENDING_RESETS: usize = GRPC_MAX_CONCURRENT_STREAMS as usize;
+/// Streams keymeter reset because the client broke the protocol, over a connection's
+/// life, past which it ends the connection (HTTP/2 "MadeYouReset"): an honest Envoy
+/// causes none. hyper's default, which tonic would otherwise switch off.
+const GRPC_MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
 /// gRPC service names reported through grpc.health.v1.
 const AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
@@ -195,7 +208,11 @@ pub async fn run(
 
     let grpc_addr = listeners.grpc.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
-    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, service = AUTHZ_SERVICE, "keymeter listening");
+    let l = &config.listen;
+    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, service = AUTHZ_SERVICE,
+        grpc_max_connections = l.grpc_max_connections,
+        admin_max_connections = l.admin_max_connections, "keymeter listening");
+    listen::fit_open_file_limit((l.grpc_max_connections + l.admin_max_connections) as u64);
 
     let admin_task = tracker.spawn(admin::serve(
         listeners.admin,
@@ -204,6 +221,10 @@ pub async fn run(
             metrics: metrics.clone(),
             mqtt: link.status.clone(),
             outbox: outbox.clone(),
+        },
+        AdminLimits {
+            max_connections: l.admin_max_connections,
+            header_read_timeout: Duration::from_millis(l.admin_header_read_timeout_ms),
         },
         token.clone(),
     ));
@@ -227,17 +248,26 @@ pub async fn run(
         config.client_id(),
         open_idempotency_keys(&config).await?,
     );
-    let incoming =
-        tonic::transport::server::TcpIncoming::from(listeners.grpc).with_nodelay(Some(true));
+    let incoming = listen::GrpcIncoming::new(
+        listeners.grpc,
+        listen::ConnectionCap::new(l.grpc_max_connections),
+        listen::GRPC_HANDSHAKE_TIMEOUT,
+    );
     // Checks are tiny and come many per connection: wide flow-control windows save
     // WINDOW_UPDATE round trips on a busy Envoy connection.
     let mut builder = tonic::transport::Server::builder()
         .initial_connection_window_size(Some(GRPC_CONNECTION_WINDOW))
         .initial_stream_window_size(Some(GRPC_STREAM_WINDOW))
+        .max_concurrent_streams(GRPC_MAX_CONCURRENT_STREAMS)
         // Envoy resets Check streams it timed out or whose client went away. h2's
         // default answers more than 20 such resets pending at once with GOAWAY, which
         // also kills the access-log stream on the same connection (records lost).
-        .http2_max_pending_accept_reset_streams(Some(GRPC_MAX_PENDING_RESETS));
+        .http2_max_pending_accept_reset_streams(Some(GRPC_MAX_PENDING_RESETS))
+        .http2_max_local_error_reset_streams(Some(GRPC_MAX_LOCAL_ERROR_RESETS))
+        // A PING when a connection was quiet this long, closed when unanswered: an
+        // Envoy that vanished without a FIN (node lost) frees its place under the cap.
+        .http2_keepalive_interval(Some(Duration::from_secs(l.grpc_keepalive_interval_secs)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(l.grpc_keepalive_timeout_secs)));
     let mut allow = PeerAllowList::default();
     if let Some(tls) = &config.listen.grpc_tls {
         builder = builder.tls_config(grpc_tls(tls)?)?;

@@ -78,6 +78,26 @@ fn bad_values_exit_64_naming_the_key() {
             "[mqtt]\nhost = \"b\"\n[keys]\nfile = \"/nonexistent/keys.json\"\n",
             "keys.file",
         ),
+        (
+            "[listen]\ngrpc_max_connections = 0\n[mqtt]\nhost = \"b\"\n",
+            "listen.grpc_max_connections",
+        ),
+        (
+            "[listen]\nadmin_max_connections = 0\n[mqtt]\nhost = \"b\"\n",
+            "listen.admin_max_connections",
+        ),
+        (
+            "[listen]\ngrpc_keepalive_interval_secs = 0\n[mqtt]\nhost = \"b\"\n",
+            "listen.grpc_keepalive_interval_secs",
+        ),
+        (
+            "[listen]\ngrpc_keepalive_timeout_secs = 601\n[mqtt]\nhost = \"b\"\n",
+            "listen.grpc_keepalive_timeout_secs",
+        ),
+        (
+            "[listen]\nadmin_header_read_timeout_ms = 10\n[mqtt]\nhost = \"b\"\n",
+            "listen.admin_header_read_timeout_ms",
+        ),
     ];
     for (text, key) in cases {
         let (_d, path) = write_config(text);

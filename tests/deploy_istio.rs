@@ -107,6 +107,20 @@ fn istio_docs() -> Vec<Doc> {
         .collect()
 }
 
+/// The one AuthorizationPolicy with `action`; panics if there is none or more than one.
+fn policy_with_action<'a>(docs: &'a [Doc], action: &str) -> &'a Doc {
+    let found: Vec<&Doc> = docs
+        .iter()
+        .filter(|d| d.kind() == "AuthorizationPolicy" && str_at(&d.value, "spec.action") == action)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected exactly one AuthorizationPolicy with action {action} in deploy/istio"
+    );
+    found[0]
+}
+
 /// The one document of `kind`; panics if there is none or more than one.
 fn one_of_kind<'a>(docs: &'a [Doc], kind: &str) -> &'a Doc {
     let found: Vec<&Doc> = docs.iter().filter(|d| d.kind() == kind).collect();
@@ -315,7 +329,10 @@ fn every_document_is_one_of_the_expected_istio_resources() {
         at(&doc.value, "spec");
     }
     for (kind, _) in expected {
-        one_of_kind(&docs, kind);
+        let count = docs.iter().filter(|d| d.kind() == kind).count();
+        // The CUSTOM policy on the paid API, and the ALLOW policy on keymeter.
+        let want = if kind == "AuthorizationPolicy" { 2 } else { 1 };
+        assert_eq!(count, want, "{kind}s in deploy/istio");
     }
 }
 
@@ -420,7 +437,7 @@ fn als_provider_logs_the_headers_and_trailers_that_the_envoy_config_logs() {
 fn authorization_policy_sends_matching_requests_to_keymeter() {
     let docs = istio_docs();
     let mesh = mesh_config(&docs);
-    let policy = &one_of_kind(&docs, "AuthorizationPolicy").value;
+    let policy = &policy_with_action(&docs, "CUSTOM").value;
     assert_eq!(str_at(policy, "spec.action"), "CUSTOM");
     let name = str_at(policy, "spec.provider.name");
     assert_eq!(name, EXT_AUTHZ_PROVIDER);
@@ -482,7 +499,10 @@ fn policy_telemetry_and_envoyfilter_select_the_same_workloads() {
     ]
     .into_iter()
     .map(|(kind, labels)| {
-        let doc = &one_of_kind(&docs, kind).value;
+        let doc = match kind {
+            "AuthorizationPolicy" => &policy_with_action(&docs, "CUSTOM").value,
+            _ => &one_of_kind(&docs, kind).value,
+        };
         (kind, str_at(doc, "metadata.namespace"), at(doc, labels))
     })
     .collect();
@@ -660,4 +680,262 @@ fn envoyfilter_http_filter_is_accepted_by_real_envoy() {
         "envoy accepted an unknown field in {}:\n{log}",
         path.display()
     );
+}
+
+// ---------------------------------------------------------------------------
+// The policy on keymeter itself
+// ---------------------------------------------------------------------------
+
+/// Fields of Istio's `security.istio.io/v1` AuthorizationPolicy (istio/api
+/// security/v1beta1/authorization.proto), by message.
+const AUTHZ_FIELDS: [(&str, &[&str]); 5] = [
+    (
+        "spec",
+        &[
+            "selector",
+            "targetRef",
+            "targetRefs",
+            "rules",
+            "action",
+            "provider",
+        ],
+    ),
+    ("rule", &["from", "to", "when"]),
+    (
+        "source",
+        &[
+            "principals",
+            "notPrincipals",
+            "requestPrincipals",
+            "notRequestPrincipals",
+            "namespaces",
+            "notNamespaces",
+            "ipBlocks",
+            "notIpBlocks",
+            "remoteIpBlocks",
+            "notRemoteIpBlocks",
+            "serviceAccounts",
+            "notServiceAccounts",
+        ],
+    ),
+    (
+        "operation",
+        &[
+            "hosts",
+            "notHosts",
+            "ports",
+            "notPorts",
+            "methods",
+            "notMethods",
+            "paths",
+            "notPaths",
+        ],
+    ),
+    ("from/to", &["source", "operation"]),
+];
+
+fn assert_authz_fields(value: &Value, message: &str) {
+    let allowed = AUTHZ_FIELDS
+        .iter()
+        .find(|(m, _)| *m == message)
+        .map(|(_, f)| *f)
+        .unwrap();
+    assert_only_fields(value, allowed, &format!("AuthorizationPolicy {message}"));
+}
+
+/// The keymeter pods' labels and container ports in deploy/kubernetes (both
+/// workloads have the same pod template; tests/deploy_kubernetes.rs checks that).
+fn keymeter_pod() -> (Value, Vec<(String, u64)>) {
+    let docs = parse_documents(&repo_path("deploy/kubernetes/statefulset.yaml"));
+    let template = at(&docs[0], "spec.template");
+    let labels = at(template, "metadata.labels").clone();
+    let container = seq_at(template, "spec.containers")
+        .iter()
+        .find(|c| str_at(c, "name") == "keymeter")
+        .expect("the keymeter container");
+    let ports = seq_at(container, "ports")
+        .iter()
+        .map(|p| {
+            (
+                str_at(p, "name").to_owned(),
+                at(p, "containerPort").as_u64().unwrap(),
+            )
+        })
+        .collect();
+    (labels, ports)
+}
+
+/// What one ALLOW rule lets through: principals, ports, methods, paths.
+#[derive(Debug, Default)]
+struct Allowed {
+    principals: BTreeSet<String>,
+    ports: BTreeSet<u64>,
+    methods: BTreeSet<String>,
+    paths: BTreeSet<String>,
+}
+
+/// Whether Istio's path match (exact, `prefix*` or `*suffix`) takes `path`.
+fn path_matches(pattern: &str, path: &str) -> bool {
+    match (pattern.strip_suffix('*'), pattern.strip_prefix('*')) {
+        (Some(prefix), _) => path.starts_with(prefix),
+        (_, Some(suffix)) => path.ends_with(suffix),
+        _ => pattern == path,
+    }
+}
+
+/// keymeter's own AuthorizationPolicy (action ALLOW) lets only the paid API's
+/// sidecars (and the gateway) call the Check and the access-log stream, only the
+/// billing jobs call the Report API, and nobody else anything on the gRPC port; the
+/// admin port serves GETs of its routes. It selects keymeter's pods as labelled in
+/// deploy/kubernetes, in the namespace of the providers' host, on keymeter's ports,
+/// with the gRPC paths of the services keymeter implements.
+#[test]
+fn keymeter_lets_in_only_the_paid_apis_sidecars_and_report_jobs() {
+    use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server;
+    use envoy_types::pb::envoy::service::auth::v3::authorization_server;
+    use keymeter::proto::v1::usage_server;
+
+    let docs = istio_docs();
+    let doc = policy_with_action(&docs, "ALLOW");
+    let policy = &doc.value;
+    assert_eq!(str_at(policy, "apiVersion"), "security.istio.io/v1");
+    let spec = at(policy, "spec");
+    assert_authz_fields(spec, "spec");
+
+    // Where: keymeter's namespace (the providers' host) and pods (deploy/kubernetes).
+    let mesh = mesh_config(&docs);
+    let (_, grpc_provider) = provider(&mesh, EXT_AUTHZ_PROVIDER);
+    let host = str_at(&grpc_provider, "service");
+    let namespace = host
+        .split('.')
+        .nth(1)
+        .expect("<service>.<namespace>.svc...");
+    assert_eq!(str_at(policy, "metadata.namespace"), namespace);
+    let (pod_labels, container_ports) = keymeter_pod();
+    let selector = at(spec, "selector.matchLabels").as_mapping().unwrap();
+    assert!(!selector.is_empty());
+    for (key, value) in selector {
+        assert_eq!(
+            pod_labels.get(key),
+            Some(value),
+            "the selector {key:?} matches deploy/kubernetes' keymeter pods"
+        );
+    }
+    let port = |name: &str| {
+        container_ports
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| *p)
+            .unwrap()
+    };
+    let (grpc, admin) = (port("grpc"), port("admin"));
+    assert_eq!(grpc, KEYMETER_GRPC_PORT);
+    assert_eq!(at(&grpc_provider, "port").as_u64(), Some(grpc));
+
+    // What: each rule, flattened.
+    let mut rules = Vec::new();
+    for rule in seq_at(spec, "rules") {
+        assert_authz_fields(rule, "rule");
+        assert!(rule.get("when").is_none(), "no conditions");
+        let mut allowed = Allowed::default();
+        if let Some(from) = rule.get("from") {
+            for f in from.as_sequence().unwrap() {
+                assert_authz_fields(f, "from/to");
+                let source = at(f, "source");
+                assert_authz_fields(source, "source");
+                assert_eq!(
+                    keys(source),
+                    ["principals"],
+                    "callers are named by mTLS identity"
+                );
+                allowed.principals.extend(strings_at(source, "principals"));
+            }
+        }
+        for t in seq_at(rule, "to") {
+            assert_authz_fields(t, "from/to");
+            let operation = at(t, "operation");
+            assert_authz_fields(operation, "operation");
+            let ports = strings_at(operation, "ports");
+            allowed
+                .ports
+                .extend(ports.iter().map(|p| p.parse::<u64>().unwrap()));
+            allowed.methods.extend(strings_at(operation, "methods"));
+            allowed.paths.extend(strings_at(operation, "paths"));
+        }
+        assert!(!allowed.ports.is_empty(), "every rule names its port");
+        rules.push(allowed);
+    }
+
+    let check = format!("/{}/Check", authorization_server::SERVICE_NAME);
+    let access_log = format!(
+        "/{}/StreamAccessLogs",
+        access_log_service_server::SERVICE_NAME
+    );
+    let report = format!("/{}/Report", usage_server::SERVICE_NAME);
+    let takes = |rule: &Allowed, path: &str| rule.paths.iter().any(|p| path_matches(p, path));
+    let custom = &policy_with_action(&docs, "CUSTOM").value;
+    let paid_api_namespace = str_at(custom, "metadata.namespace");
+    for rule in &rules {
+        if rule.ports.contains(&grpc) {
+            assert!(
+                !rule.principals.is_empty(),
+                "the gRPC port only for named identities: {rule:?}"
+            );
+            assert_eq!(rule.methods, ["POST".to_string()].into(), "gRPC is POST");
+            assert!(!rule.paths.is_empty(), "gRPC rules name their methods");
+            assert!(
+                !(takes(rule, &report) && (takes(rule, &check) || takes(rule, &access_log))),
+                "one rule for Envoy, another for the Report API: {rule:?}"
+            );
+        } else {
+            assert_eq!(rule.ports, [admin].into(), "only the gRPC and admin ports");
+            assert_eq!(rule.methods, ["GET".to_string()].into());
+        }
+    }
+    let envoy: Vec<&Allowed> = rules.iter().filter(|r| takes(r, &check)).collect();
+    assert_eq!(envoy.len(), 1, "one rule admits the Check");
+    assert!(
+        takes(envoy[0], &access_log),
+        "the same callers stream the access log"
+    );
+    assert_eq!(envoy[0].paths, [check.clone(), access_log.clone()].into());
+    assert!(
+        envoy[0]
+            .principals
+            .iter()
+            .any(|p| p.starts_with(&format!("cluster.local/ns/{paid_api_namespace}/sa/"))),
+        "the paid API's sidecars ({paid_api_namespace}, authorization-policy.yaml) may Check: {:?}",
+        envoy[0].principals
+    );
+    let jobs: Vec<&Allowed> = rules.iter().filter(|r| takes(r, &report)).collect();
+    assert_eq!(jobs.len(), 1, "one rule admits the Report API");
+    assert_eq!(
+        jobs[0].paths,
+        [format!("/{}/*", usage_server::SERVICE_NAME)].into(),
+        "the Report API's service and nothing else"
+    );
+    assert!(
+        jobs[0].principals.is_disjoint(&envoy[0].principals),
+        "Envoy's identities do not get the Report API"
+    );
+
+    // The admin routes are the probes' and the scrape's paths.
+    let admin_rules: Vec<&Allowed> = rules.iter().filter(|r| r.ports.contains(&admin)).collect();
+    assert_eq!(admin_rules.len(), 1);
+    let statefulset = parse_documents(&repo_path("deploy/kubernetes/statefulset.yaml"));
+    let template = at(&statefulset[0], "spec.template");
+    let container = &seq_at(template, "spec.containers")[0];
+    let mut routes: BTreeSet<String> = ["livenessProbe", "readinessProbe", "startupProbe"]
+        .iter()
+        .filter_map(|p| container.get(*p))
+        .map(|p| str_at(p, "httpGet.path").to_owned())
+        .collect();
+    let scrape = at(template, "metadata.annotations")
+        .get("prometheus.io/path")
+        .and_then(Value::as_str)
+        .expect("the prometheus.io/path annotation");
+    routes.insert(scrape.to_owned());
+    assert_eq!(admin_rules[0].paths, routes);
+    let readme = std::fs::read_to_string(repo_path("deploy/istio/README.md")).unwrap();
+    assert!(readme.contains(&doc.file), "README.md lists {}", doc.file);
 }

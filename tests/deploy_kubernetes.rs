@@ -1106,3 +1106,261 @@ fn the_image_runs_as_the_pods_user_and_exposes_their_ports() {
         ".dockerignore keeps target/ and .git out of the build context"
     );
 }
+
+/// The fields of `networking.k8s.io/v1` NetworkPolicy objects (the Kubernetes API
+/// reference), by object: an unknown field is rejected by a strict apply, or ignored by
+/// a lenient one, which for a policy can mean open where it was meant to be shut.
+const NETWORK_POLICY_FIELDS: [(&str, &[&str]); 7] = [
+    ("spec", &["podSelector", "policyTypes", "ingress", "egress"]),
+    ("ingress rule", &["from", "ports"]),
+    ("egress rule", &["to", "ports"]),
+    ("peer", &["podSelector", "namespaceSelector", "ipBlock"]),
+    ("port", &["port", "protocol", "endPort"]),
+    ("selector", &["matchLabels", "matchExpressions"]),
+    ("requirement", &["key", "operator", "values"]),
+];
+
+fn assert_fields(value: &Value, object: &str) {
+    let allowed = NETWORK_POLICY_FIELDS
+        .iter()
+        .find(|(o, _)| *o == object)
+        .map(|(_, f)| *f)
+        .unwrap();
+    let map = value
+        .as_mapping()
+        .unwrap_or_else(|| panic!("NetworkPolicy {object} is not a mapping: {value:?}"));
+    for key in map.keys() {
+        let key = key.as_str().unwrap();
+        assert!(
+            allowed.contains(&key),
+            "NetworkPolicy {object} has no field `{key}` (fields: {allowed:?})"
+        );
+    }
+}
+
+fn assert_selector_fields(selector: &Value) {
+    assert_fields(selector, "selector");
+    for requirement in seq_at(selector, "matchExpressions") {
+        assert_fields(requirement, "requirement");
+        let operator = str_at(requirement, "operator");
+        assert!(
+            ["In", "NotIn", "Exists", "DoesNotExist"].contains(&operator),
+            "selector operator {operator}"
+        );
+    }
+}
+
+/// A label selector as text: empty when it selects everything.
+fn selector_text(selector: Option<&Value>) -> String {
+    let Some(selector) = selector else {
+        return String::new();
+    };
+    let labels = string_map(selector, "matchLabels");
+    let expressions: Vec<String> = seq_at(selector, "matchExpressions")
+        .iter()
+        .map(|e| {
+            let values: Vec<&str> = seq_at(e, "values")
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            format!(
+                "{} {} ({})",
+                str_at(e, "key"),
+                str_at(e, "operator"),
+                values.join(",")
+            )
+        })
+        .collect();
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .chain(expressions)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// `(namespace, pods)` a peer admits, as text for comparison (an empty `pods`: every
+/// pod); checks its fields.
+fn peer(p: &Value) -> (String, String) {
+    assert_fields(p, "peer");
+    assert!(
+        try_at(p, "ipBlock").is_none(),
+        "no ipBlock: peers are named by selectors"
+    );
+    for selector in ["podSelector", "namespaceSelector"] {
+        if let Some(s) = try_at(p, selector) {
+            assert_selector_fields(s);
+        }
+    }
+    let namespace = match try_at(p, "namespaceSelector") {
+        None => "<own namespace>".to_string(),
+        Some(ns) => {
+            let labels = string_map(ns, "matchLabels");
+            match labels.get("kubernetes.io/metadata.name") {
+                Some(name) if labels.len() == 1 => name.clone(),
+                _ => match selector_text(Some(ns)) {
+                    any if any.is_empty() => "<any>".to_string(),
+                    text => text,
+                },
+            }
+        }
+    };
+    (namespace, selector_text(try_at(p, "podSelector")))
+}
+
+/// The ports of a rule, resolved against the container ports; checks their fields.
+fn rule_ports(workload: &Workload, rule: &Value) -> BTreeSet<(u64, String)> {
+    let ports = seq_at(rule, "ports");
+    assert!(!ports.is_empty(), "a rule without ports allows every port");
+    ports
+        .iter()
+        .map(|p| {
+            assert_fields(p, "port");
+            assert!(try_at(p, "endPort").is_none(), "single ports only");
+            (
+                workload.resolve_port(at(p, "port")),
+                str_at(p, "protocol").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The NetworkPolicy admits the gRPC port only from Envoy (Istio gateways and
+/// sidecars, pods labelled `keymeter.io/client`), the admin port only from the
+/// `monitoring` namespace, and lets keymeter reach only DNS, the broker that the
+/// ConfigMap names (its namespace and port) and istiod. Every field exists in
+/// `networking.k8s.io/v1`, and it selects the keymeter pods of both workloads.
+#[test]
+fn network_policy_admits_envoy_and_monitoring_and_reaches_only_dns_and_the_broker() {
+    let docs = docs();
+    let policies: Vec<&Doc> = docs
+        .iter()
+        .filter(|d| d.kind() == "NetworkPolicy")
+        .collect();
+    assert_eq!(policies.len(), 1, "one NetworkPolicy in {DIR}");
+    let policy = &policies[0].value;
+    assert_eq!(str_at(policy, "apiVersion"), "networking.k8s.io/v1");
+    assert!(
+        kustomization_resources(&docs).contains(&policies[0].file),
+        "kustomization.yaml applies the NetworkPolicy"
+    );
+    let spec = at(policy, "spec");
+    assert_fields(spec, "spec");
+    assert_selector_fields(at(spec, "podSelector"));
+    let types: Vec<&str> = seq_at(spec, "policyTypes")
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        ["Ingress", "Egress"],
+        "both directions are restricted"
+    );
+    for workload in Workload::all(&docs) {
+        assert!(
+            is_subset(
+                &string_map(spec, "podSelector.matchLabels"),
+                &workload.pod_labels()
+            ),
+            "the NetworkPolicy selects the pods of the {}",
+            workload.what()
+        );
+    }
+
+    let workload = default_workload(&docs);
+    let config = workload_config(&docs, &workload, POD_NAME, POD_NAMESPACE);
+    let grpc = (u64::from(config.listen.grpc.port()), "TCP".to_string());
+    let admin = (u64::from(config.listen.admin.port()), "TCP".to_string());
+    let mut ingress: BTreeMap<(u64, String), Vec<(String, String)>> = BTreeMap::new();
+    for rule in seq_at(spec, "ingress") {
+        assert_fields(rule, "ingress rule");
+        let from = seq_at(rule, "from");
+        assert!(
+            !from.is_empty(),
+            "an ingress rule without `from` admits everyone"
+        );
+        for port in rule_ports(&workload, rule) {
+            ingress
+                .entry(port)
+                .or_default()
+                .extend(from.iter().map(peer));
+        }
+    }
+    assert_eq!(
+        ingress.keys().cloned().collect::<Vec<_>>(),
+        [grpc.clone(), admin.clone()],
+        "only keymeter's gRPC and admin ports are open"
+    );
+    let envoy_label = "keymeter.io/client";
+    let grpc_peers = &ingress[&grpc];
+    for (namespace, pods) in grpc_peers {
+        assert_ne!(
+            (namespace.as_str(), pods.is_empty()),
+            ("<any>", true),
+            "gRPC open to every pod"
+        );
+    }
+    assert!(
+        grpc_peers.iter().any(|(ns, _)| ns == "istio-system"),
+        "Istio gateways"
+    );
+    assert!(
+        grpc_peers
+            .iter()
+            .any(|(ns, _)| ns == "istio-injection=enabled"),
+        "namespaces with sidecars"
+    );
+    assert!(
+        grpc_peers
+            .iter()
+            .any(|(ns, pods)| ns == "<any>" && *pods == format!("{envoy_label} In (envoy,report)")),
+        "pods labelled {envoy_label}: envoy, in any namespace: {grpc_peers:?}"
+    );
+    assert_eq!(
+        ingress[&admin],
+        [("monitoring".to_string(), String::new())],
+        "the admin port only from the monitoring namespace"
+    );
+    let readme = read(&format!("{DIR}/README.md"));
+    assert!(readme.contains(envoy_label), "README.md names the label");
+
+    // Egress: DNS, the broker of the ConfigMap, istiod.
+    let broker_namespace = config
+        .mqtt
+        .host
+        .strip_suffix(".svc.cluster.local")
+        .and_then(|h| h.split('.').nth(1))
+        .unwrap_or_else(|| panic!("mqtt.host {} is no in-cluster Service", config.mqtt.host))
+        .to_string();
+    let mut egress: BTreeMap<String, BTreeSet<(u64, String)>> = BTreeMap::new();
+    for rule in seq_at(spec, "egress") {
+        assert_fields(rule, "egress rule");
+        let to = seq_at(rule, "to");
+        assert!(
+            !to.is_empty(),
+            "an egress rule without `to` reaches everything"
+        );
+        for p in to {
+            let (namespace, pods) = peer(p);
+            assert!(!pods.is_empty(), "egress to {namespace}: name the pods");
+            egress
+                .entry(namespace)
+                .or_default()
+                .extend(rule_ports(&workload, rule));
+        }
+    }
+    let tcp = |port: u64| (port, "TCP".to_string());
+    let expected: BTreeMap<String, BTreeSet<(u64, String)>> = [
+        (
+            "kube-system".to_string(),
+            [tcp(53), (53, "UDP".to_string())].into(),
+        ),
+        (broker_namespace, [tcp(u64::from(config.mqtt.port))].into()),
+        ("istio-system".to_string(), [tcp(15012)].into()),
+    ]
+    .into();
+    assert_eq!(
+        egress, expected,
+        "egress: DNS, the broker, istiod, nothing else"
+    );
+}

@@ -341,3 +341,57 @@ async fn stand_in_reconnects_and_resubscribes_after_the_broker_restarts() {
     assert_eq!(parse(&update)["updates"], example_keys_json());
     stand_in.stop().await;
 }
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+/// `keymeter dev` keeps its outbox (usage records hold API keys) in a fresh private
+/// directory with a random name under the temp dir, never a predictable path, and
+/// removes it when it stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_mode_keeps_its_outbox_in_a_private_temp_dir_and_removes_it() {
+    let tmp = support::TestDir::new("dev-tmp");
+    let (grpc, admin) = (support::free_port(), support::free_port());
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_keymeter"));
+    command
+        .arg("dev")
+        .arg("--keys")
+        .arg(example_keys_path())
+        .args(["--grpc", &format!("127.0.0.1:{grpc}")])
+        .args(["--admin", &format!("127.0.0.1:{admin}")])
+        .env("TMPDIR", tmp.path())
+        .env_remove("RUST_LOG");
+    let mut dev = support::ChildGuard::spawn("keymeter-dev", command, tmp.path());
+    support::binary::wait_ready(&mut dev, admin, WAIT).await;
+
+    let scratch: Vec<PathBuf> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    assert_eq!(scratch.len(), 1, "one scratch directory: {scratch:?}");
+    let scratch = &scratch[0];
+    let name = scratch.file_name().unwrap().to_string_lossy().into_owned();
+    let suffix = name
+        .strip_prefix("keymeter-dev-")
+        .expect("named keymeter-dev-*");
+    assert!(suffix.len() >= 6, "a random part in {name}");
+    assert!(
+        !name.contains(&dev.pid().unwrap().to_string()),
+        "not derived from the pid: {name}"
+    );
+    assert_eq!(mode(scratch), 0o700);
+    let outbox = scratch.join("outbox");
+    assert_eq!(mode(&outbox), 0o700);
+    assert!(outbox.join("lock").is_file());
+    assert!(
+        dev.logs().contains(&outbox.display().to_string()),
+        "the banner names the outbox"
+    );
+
+    let exit = dev.terminate(WAIT).await;
+    assert!(exit.success(), "{exit}");
+    assert!(!scratch.exists(), "removed on exit");
+}

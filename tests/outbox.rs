@@ -1131,3 +1131,104 @@ async fn drain(outbox: &Outbox, mut next: u64, until: u64) -> u64 {
     }
     next
 }
+
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// Payloads hold raw API keys: the directory is 0700 (an open one is changed, and the
+/// log says so), every file in it 0600, segments of earlier versions are made 0600 on
+/// open, and symlinks planted at the temp file's or a segment's name are not followed.
+#[tokio::test]
+async fn files_are_private_and_planted_symlinks_are_not_followed() {
+    use std::os::unix::fs::{PermissionsExt, symlink};
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("outbox");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // Someone who could write here before the fix plants links to a file of theirs.
+    let victim = root.path().join("victim");
+    std::fs::write(&victim, b"untouched").unwrap();
+    symlink(&victim, dir.join("ack-watermark.tmp")).unwrap();
+    symlink(&victim, dir.join("00000000000000000007.seg")).unwrap();
+
+    let (outbox, logs) = logs_of(|| Outbox::open(config(&dir)).unwrap());
+    assert_eq!(mode(&dir), 0o700);
+    assert_logged(
+        &logs,
+        "changed its mode to 0700",
+        &["old_mode=0755", &dir.display().to_string()],
+    );
+    let seqs = outbox
+        .append(records(0..20, 100), Durability::Synced)
+        .await
+        .unwrap();
+    let taken = take_all(&outbox);
+    assert_eq!(taken.len(), 20, "the planted segment link is not read");
+    outbox.ack(seqs[0]);
+    outbox.close().await;
+
+    assert_eq!(std::fs::read(&victim).unwrap(), b"untouched");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if std::fs::symlink_metadata(&path).unwrap().is_symlink() {
+            // Only the planted segment link is left; the temp file's was replaced.
+            assert_eq!(name, "00000000000000000007.seg");
+            continue;
+        }
+        assert_eq!(mode(&path), 0o600, "{name}");
+        names.push(name);
+    }
+    names.sort();
+    assert_eq!(
+        names,
+        ["00000000000000000001.seg", "ack-watermark", "lock"],
+        "the files checked"
+    );
+
+    // A segment written by an earlier version (mode 0644) is made private on open.
+    let segment = dir.join("00000000000000000001.seg");
+    std::fs::set_permissions(&segment, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (outbox, logs) = logs_of(|| Outbox::open(config(&dir)).unwrap());
+    assert_eq!(mode(&segment), 0o600);
+    assert_logged(&logs, "changed their mode to 0600", &["files=1"]);
+    assert_eq!(take_all(&outbox).len(), 19);
+    outbox.close().await;
+}
+
+/// One process per directory: a second open fails and names the holder; the lock is
+/// free again once the first outbox is closed, or dropped without a close.
+#[tokio::test]
+async fn a_second_open_of_one_directory_is_refused_until_the_first_is_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = Outbox::open(config(dir.path())).unwrap();
+    let err = Outbox::open(config(dir.path())).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ResourceBusy);
+    let locked = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<keymeter::outbox::DirLocked>())
+        .expect("a DirLocked error");
+    assert_eq!(locked.pid, Some(std::process::id()));
+    assert!(
+        err.to_string()
+            .contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
+    first.close().await;
+    let second = Outbox::open(config(dir.path())).unwrap();
+    second
+        .append(records(0..3, 50), Durability::Written)
+        .await
+        .unwrap();
+    drop(second);
+    let third = Outbox::open(config(dir.path())).unwrap();
+    assert_eq!(take_all(&third).len(), 3);
+    third.close().await;
+}

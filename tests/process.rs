@@ -4,7 +4,7 @@
 
 mod support;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use keymeter::keys::KeyEntry;
 use support::keymeter::{billing, check, http_status};
@@ -138,4 +138,68 @@ async fn dev_mode_runs_anywhere_with_a_clean_log() {
     assert!(log.contains("built-in samples"), "{log}");
     assert!(!log.contains(" ERROR "), "{log}");
     assert!(!log.contains('\u{1b}'), "colour codes in a log file: {log}");
+}
+
+/// Two processes on one outbox would corrupt it: a second keymeter configured with the
+/// same `outbox.dir` refuses to start, names the first one's pid, and exits 75
+/// (EX_TEMPFAIL) while the first keeps serving; once the first has stopped, it starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_keymeter_on_the_same_outbox_exits_naming_the_first() {
+    let dir = TestDir::new("outbox-lock");
+    let outbox = dir.path().join("outbox");
+    let keys_file = dir.path().join("keys.json");
+    binary::write_keys(&keys_file, vec![KeyEntry::ok("local", "sk-lock-test")]);
+    let rest = format!(
+        "[keys]\nfile = \"{}\"\n[outbox]\ndir = \"{}\"\n",
+        keys_file.display(),
+        outbox.display()
+    );
+    let first_ports = (free_port(), free_port());
+    let first_dir = TestDir::new("outbox-lock-first");
+    let config = binary::write_config(first_dir.path(), first_ports, 1, "", &rest);
+    let mut first = ChildGuard::spawn("keymeter-first", binary::command(&config), dir.path());
+    binary::wait_ready(&mut first, first_ports.1, WAIT).await;
+    let first_pid = first.pid().unwrap();
+
+    let second_ports = (free_port(), free_port());
+    let second_dir = TestDir::new("outbox-lock-second");
+    let config = binary::write_config(second_dir.path(), second_ports, 1, "", &rest);
+    let mut second = ChildGuard::spawn("keymeter-second", binary::command(&config), dir.path());
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = second.exit_status() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            second.fail("is still running next to the first");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let logs = second.logs();
+    assert_eq!(
+        status.code(),
+        Some(75),
+        "exit code EX_TEMPFAIL: {status}\n{logs}"
+    );
+    for part in [
+        format!("pid {first_pid}"),
+        outbox.display().to_string(),
+        "another keymeter".to_string(),
+    ] {
+        assert!(logs.contains(&part), "{part:?} missing in:\n{logs}");
+    }
+    // The first one did not notice.
+    assert_eq!(
+        http_status(&check(first_ports.0, &[("api-key", "sk-lock-test")]).await),
+        200
+    );
+
+    let exit = first.terminate(WAIT).await;
+    assert!(exit.success(), "{exit}");
+    second.start();
+    binary::wait_ready(&mut second, second_ports.1, WAIT).await;
+    assert_eq!(
+        http_status(&check(second_ports.0, &[("api-key", "sk-lock-test")]).await),
+        200
+    );
 }

@@ -13,6 +13,19 @@ pub use broker::EmbeddedBroker;
 
 use crate::keys::{KeyEntry, KeyList};
 
+/// A fresh private directory (mode 0700, a random name under the system temp dir) for
+/// dev mode's outbox, removed when dropped. Not a predictable path: another user of the
+/// machine can neither read the records (they hold API keys) nor prepare the directory.
+pub fn scratch_dir() -> std::io::Result<tempfile::TempDir> {
+    use std::os::unix::fs::PermissionsExt;
+    tempfile::Builder::new()
+        .prefix("keymeter-dev-")
+        .permissions(std::fs::Permissions::from_mode(
+            crate::files::PRIVATE_DIR_MODE,
+        ))
+        .tempdir()
+}
+
 /// Reads a keys file (`{"keys": [...]}`, the [`KeyList`] format) for the stand-in to
 /// serve; the error names the file and the place in it that is wrong, but never
 /// quotes a string from it (it could be an API key, and errors end up in logs).
@@ -88,6 +101,18 @@ mod tests {
 
         let err = load_keys_file(dir.path().join("missing.json")).unwrap_err();
         assert!(err.contains("missing.json"), "{err}");
+    }
+
+    #[test]
+    fn scratch_dirs_are_private_and_unpredictable() {
+        use std::os::unix::fs::PermissionsExt;
+        let (a, b) = (scratch_dir().unwrap(), scratch_dir().unwrap());
+        assert_ne!(a.path(), b.path());
+        let mode = std::fs::metadata(a.path()).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        let path = a.path().to_path_buf();
+        drop(a);
+        assert!(!path.exists(), "removed when dropped");
     }
 
     #[test]

@@ -217,11 +217,14 @@ pub fn load_snapshot(store: &KeyStore, metrics: &Metrics, path: &Path) {
 }
 
 /// Writes `list` to `path` atomically: temp file, fsync, rename, fsync the directory.
-/// The file holds raw keys, so it is created readable by its owner only.
+/// The file holds raw keys, so it is created readable by its owner only (0600), and a
+/// missing directory is created private (0700). The temp file is created anew
+/// (`O_CREAT|O_EXCL|O_NOFOLLOW`): a leftover or a planted symlink at its name is
+/// removed, never written through.
 pub fn write_key_list(path: &Path, list: &KeyList) -> std::io::Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty());
     let dir = dir.unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
+    crate::files::create_private_dir_all(dir)?;
     let tmp = dir.join(format!(
         ".{}.tmp",
         path.file_name()
@@ -229,11 +232,7 @@ pub fn write_key_list(path: &Path, list: &KeyList) -> std::io::Result<()> {
             .unwrap_or_default()
     ));
     {
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let mut f = opts.open(&tmp)?;
+        let mut f = crate::files::create_temp(&tmp)?;
         let json = serde_json::to_vec(list).map_err(std::io::Error::other)?;
         f.write_all(&json)?;
         f.sync_all()?;
@@ -606,8 +605,12 @@ mod tests {
             keys: vec![KeyEntry::ok("a", "k1"), KeyEntry::blocked("b", "k2", "r")],
             saved_at: Some(1),
         };
+        // A symlink planted at the temp file's name is replaced, not written through.
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, b"not the snapshot").unwrap();
+        std::os::unix::fs::symlink(&target, dir.path().join(".keys.snapshot.json.tmp")).unwrap();
         write_key_list(&path, &list).unwrap();
-        #[cfg(unix)]
+        assert_eq!(std::fs::read(&target).unwrap(), b"not the snapshot");
         {
             use std::os::unix::fs::PermissionsExt;
             let mode = std::fs::metadata(&path).unwrap().permissions().mode();

@@ -258,11 +258,13 @@ pub(super) struct Acked {
 /// (replay everything on disk), which can only re-publish, never lose.
 pub(super) fn read_acked(dir: &Path) -> io::Result<Acked> {
     let path = dir.join(WATERMARK_FILE);
-    let text = match fs::read(&path) {
-        Ok(bytes) => bytes,
+    let mut file = match crate::files::open_read(&path) {
+        Ok(file) => file,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Acked::default()),
         Err(e) => return Err(e),
     };
+    let mut text = Vec::new();
+    file.read_to_end(&mut text)?;
     match parse_acked(&text) {
         Some(acked) => Ok(acked),
         None => {
@@ -293,6 +295,7 @@ fn parse_acked(bytes: &[u8]) -> Option<Acked> {
 }
 
 /// Replaces the ack file atomically (temp file, fsync, rename, fsync the directory).
+/// The temp file is created anew (mode 0600), never through a symlink.
 pub(super) fn write_acked(dir: &Path, dir_handle: &File, acked: &Acked) -> io::Result<()> {
     let mut text = format!("{WATERMARK_HEADER}\n{}\n", acked.watermark);
     for (i, seq) in acked.above.iter().enumerate() {
@@ -303,7 +306,7 @@ pub(super) fn write_acked(dir: &Path, dir_handle: &File, acked: &Acked) -> io::R
     }
     text.push('\n');
     let tmp = dir.join(WATERMARK_TMP);
-    let mut file = File::create(&tmp)?;
+    let mut file = crate::files::create_temp(&tmp)?;
     file.write_all(text.as_bytes())?;
     file.sync_data()?;
     drop(file);

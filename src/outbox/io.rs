@@ -3,7 +3,7 @@
 //! acknowledged segments and persists the ack watermark.
 
 use std::collections::{BTreeSet, VecDeque};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, BufReader, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
+
+use crate::files::{self, DirLock};
+use crate::log_limit::LogLimiter;
 
 use super::frame::{self, ReadFrame};
 use super::{
@@ -90,6 +93,8 @@ pub(super) struct DiskState {
 }
 
 pub(super) struct IoThread {
+    /// The directory's lock: released when the thread ends, before `close` returns.
+    lock: Option<DirLock>,
     dir: PathBuf,
     dir_handle: File,
     shared: Arc<Shared>,
@@ -126,28 +131,6 @@ pub(super) struct IoThread {
     last_persist: Instant,
     full_log: LogLimiter,
     sync_error_log: LogLimiter,
-}
-
-/// Logs a recurring error at most once per [`ERROR_LOG_INTERVAL`], counting the rest.
-#[derive(Default)]
-struct LogLimiter {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl LogLimiter {
-    /// `Some(occurrences held back since the last log)` when this one is to be logged.
-    fn admit(&mut self) -> Option<u64> {
-        if self
-            .last
-            .is_some_and(|at| at.elapsed() < ERROR_LOG_INTERVAL)
-        {
-            self.suppressed += 1;
-            return None;
-        }
-        self.last = Some(Instant::now());
-        Some(std::mem::take(&mut self.suppressed))
-    }
 }
 
 /// What one sync round could not make durable.
@@ -212,6 +195,7 @@ impl IoThread {
         shared: Arc<Shared>,
         commands: Receiver<Command>,
         disk: DiskState,
+        lock: DirLock,
     ) -> io::Result<Self> {
         let dir_handle = File::open(&config.dir)?;
         let (next_seq, disk_bytes) = {
@@ -219,6 +203,7 @@ impl IoThread {
             (st.next_seq, st.disk_bytes)
         };
         let io = IoThread {
+            lock: Some(lock),
             dir: config.dir.clone(),
             dir_handle,
             shared,
@@ -242,8 +227,8 @@ impl IoThread {
             persisted: disk.persisted,
             persisted_generation: 0,
             last_persist: Instant::now(),
-            full_log: LogLimiter::default(),
-            sync_error_log: LogLimiter::default(),
+            full_log: LogLimiter::new(ERROR_LOG_INTERVAL),
+            sync_error_log: LogLimiter::new(ERROR_LOG_INTERVAL),
         };
         io.shared.lock().reclaim_at = io.reclaim_at();
         Ok(io)
@@ -295,6 +280,8 @@ impl IoThread {
             self.persist_acked_if_due();
             if let Some(reply) = close {
                 self.shutdown();
+                // Free for the next open as soon as `close` returns.
+                drop(self.lock.take());
                 let _ = reply.send(());
                 return;
             }
@@ -518,10 +505,8 @@ impl IoThread {
             self.retire_active();
             let path = frame::segment_path(&self.dir, chunk.first_seq);
             // Append mode: after an undo (`set_len`), the next write lands at the new end.
-            let file = OpenOptions::new()
-                .append(true)
-                .create_new(true)
-                .open(&path)?;
+            // Private (0600), and never through a symlink planted at the name.
+            let file = files::create_new_append(&path)?;
             self.dir_dirty = true;
             self.active = Some(file);
             self.segments.push_back(SegmentMeta {
@@ -795,7 +780,7 @@ impl IoThread {
     /// least `lowest`.
     fn resync(&mut self, pos: TailPos, limit: u64, lowest: u64) -> io::Result<Option<u64>> {
         self.reader = None;
-        let file = File::open(frame::segment_path(&self.dir, pos.first_seq))?;
+        let file = files::open_read(&frame::segment_path(&self.dir, pos.first_seq))?;
         let found = frame::resync(
             &file,
             pos.offset + 1,
@@ -829,7 +814,7 @@ impl IoThread {
         let reader = match &mut self.reader {
             Some(r) if r.first_seq == pos.first_seq => r,
             _ => {
-                let file = File::open(frame::segment_path(&self.dir, pos.first_seq))?;
+                let file = files::open_read(&frame::segment_path(&self.dir, pos.first_seq))?;
                 self.reader.insert(SegmentReader {
                     first_seq: pos.first_seq,
                     pos: 0,

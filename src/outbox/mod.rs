@@ -74,8 +74,22 @@
 //! Only records that were never fsynced and were lost to a machine crash can see their
 //! seqs handed out again.
 //!
-//! One process per directory: nothing locks it, so two outboxes on one directory would
-//! corrupt each other.
+//! - `lock`: `pid <pid>` and `host <hostname>` of the process that has the outbox open,
+//!   which holds an exclusive `flock` on it (see below).
+//!
+//! # Files and permissions
+//! Payloads hold raw API keys. The directory is made private (mode 0700; an existing
+//! directory open to others is changed, with a `warn!`, and one that cannot be changed
+//! is refused) and every file keymeter creates in it is mode 0600; segment files of
+//! earlier versions open to others are changed to 0600 on open. Files are created with
+//! `O_CREAT|O_EXCL|O_NOFOLLOW` and read with `O_NOFOLLOW`: a symlink planted in the
+//! directory is never followed (a stale temp file is removed first).
+//!
+//! One process per directory: [`Outbox::open`] takes an exclusive `flock` on `lock` and
+//! fails (an error of kind `ResourceBusy` wrapping [`DirLocked`], which names the
+//! holder's pid) while another process, or another open outbox of this process (after
+//! a second's wait), has it. The lock is released when the outbox is closed, or its
+//! last handle dropped, or the process dies.
 
 mod frame;
 mod io;
@@ -90,6 +104,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::sync::{Notify, oneshot};
 
+pub use crate::files::DirLocked;
 pub use frame::MAX_PAYLOAD;
 
 /// Payload records kept in memory for the publisher: enough to keep a QoS 1 window
@@ -276,6 +291,20 @@ pub struct Outbox {
 struct Inner {
     shared: Arc<Shared>,
     commands: mpsc::Sender<io::Command>,
+    /// The I/O thread, joined when the last handle goes.
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    /// The last handle is gone: the I/O thread stops (it syncs what was written) and is
+    /// waited for, so that the directory and its lock are free once this returns.
+    fn drop(&mut self) {
+        let (closed, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.commands, closed));
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// What the I/O thread and the handles share.
@@ -425,8 +454,13 @@ impl Outbox {
     /// Opens (or creates) the outbox and replays it: every record not acknowledged
     /// before the last stop or crash is pending again, in seq order, unsent. Reads every
     /// segment once to verify it, so call it at start-up (or in `spawn_blocking`).
+    ///
+    /// The directory is made private first and then locked: while another process (or
+    /// another outbox of this process) has it open, this fails with an error of kind
+    /// `ResourceBusy` that wraps [`DirLocked`].
     pub fn open(config: OutboxConfig) -> std::io::Result<Outbox> {
-        std::fs::create_dir_all(&config.dir)?;
+        crate::files::private_dir(&config.dir)?;
+        let lock = crate::files::DirLock::acquire(&config.dir)?;
         let recovered = recover::recover(&config.dir)?;
         let shared = Arc::new(Shared {
             state: Mutex::new(recovered.state),
@@ -435,8 +469,8 @@ impl Outbox {
             max_bytes: config.max_bytes,
         });
         let (commands, receiver) = mpsc::channel();
-        let io = io::IoThread::new(&config, shared.clone(), receiver, recovered.disk)?;
-        std::thread::Builder::new()
+        let io = io::IoThread::new(&config, shared.clone(), receiver, recovered.disk, lock)?;
+        let thread = std::thread::Builder::new()
             .name("keymeter-outbox".into())
             .spawn(move || io.run())?;
         {
@@ -450,7 +484,11 @@ impl Outbox {
             );
         }
         Ok(Outbox {
-            inner: Arc::new(Inner { shared, commands }),
+            inner: Arc::new(Inner {
+                shared,
+                commands,
+                thread: Some(thread),
+            }),
         })
     }
 

@@ -2,7 +2,7 @@
 //! and rebuild what is pending from the records above the ack watermark.
 
 use std::collections::{BTreeSet, VecDeque};
-use std::fs::{self, File, OpenOptions};
+use std::fs;
 use std::io::{self, BufReader, Seek, SeekFrom};
 use std::path::Path;
 
@@ -11,6 +11,7 @@ use bytes::Bytes;
 use super::State;
 use super::frame::{self, ReadFrame};
 use super::io::{DiskState, SegmentMeta, TailPos};
+use crate::files;
 
 /// Read buffer for the start-up scan: large sequential reads.
 const SCAN_BUFFER: usize = 256 * 1024;
@@ -53,6 +54,7 @@ pub(super) fn recover(dir: &Path) -> io::Result<Recovered> {
         tail: None,
         payload: Vec::new(),
         torn: false,
+        made_private: 0,
     };
     let mut segments: VecDeque<SegmentMeta> = VecDeque::new();
     for first_seq in firsts {
@@ -92,6 +94,13 @@ pub(super) fn recover(dir: &Path) -> io::Result<Recovered> {
         segments.push_back(meta);
     }
 
+    if scan.made_private > 0 {
+        tracing::warn!(
+            dir = %dir.display(),
+            files = scan.made_private,
+            "outbox segment files were readable by other users; changed their mode to 0600 (they hold raw API keys)"
+        );
+    }
     let mut state = scan.state;
     // Seqs never go back: not below what is on disk, nor below what was acknowledged
     // (whose segments may be gone). 0 is never used.
@@ -123,6 +132,8 @@ struct Scan {
     payload: Vec<u8>,
     /// The last segment scanned ended in a torn tail, or held nothing valid.
     torn: bool,
+    /// Segment files whose mode had to be changed to 0600.
+    made_private: u64,
 }
 
 impl Scan {
@@ -138,7 +149,13 @@ impl Scan {
     /// last valid frame are a torn tail and are truncated. `None` when nothing valid is
     /// left in the segment (the file is removed).
     fn segment(&mut self, path: &Path, first_seq: u64) -> io::Result<Option<SegmentMeta>> {
-        let file = File::open(path)?;
+        let file = files::open_read(path)?;
+        // Written by an earlier version, or copied in: readable by others (raw keys).
+        match files::make_file_private(&file) {
+            Ok(changed) => self.made_private += u64::from(changed),
+            Err(e) => tracing::warn!(segment = %path.display(), error = %e,
+                "outbox could not change a segment's mode to 0600"),
+        }
         let len = file.metadata()?.len();
         let mut reader = BufReader::with_capacity(SCAN_BUFFER, &file);
         let mut meta = SegmentMeta {
@@ -270,7 +287,7 @@ impl Scan {
 }
 
 fn truncate(path: &Path, len: u64) -> io::Result<()> {
-    let file = OpenOptions::new().write(true).open(path)?;
+    let file = files::open_write(path)?;
     file.set_len(len)?;
     file.sync_all()
 }
