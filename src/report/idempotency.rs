@@ -12,9 +12,12 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+use crate::files;
 
 /// Remembered keys at most; past it the oldest are forgotten first (their retries then
 /// record again, with the same record id).
@@ -49,7 +52,7 @@ impl IdempotencyKeys {
     /// `retention_ms` at `now_ms`.
     pub fn open(path: &Path, retention_ms: i64, now_ms: i64) -> std::io::Result<IdempotencyKeys> {
         let mut seen = HashMap::new();
-        match File::open(path) {
+        match files::open_read(path) {
             Ok(f) => {
                 for line in BufReader::new(f).lines() {
                     // A torn last line (crash mid-write) is skipped: its call was not
@@ -150,16 +153,8 @@ impl IdempotencyKeys {
     /// Replaces the file with what is remembered now: temp file, fsync, rename.
     fn rewrite(&mut self) -> std::io::Result<()> {
         let tmp = self.path.with_extension("tmp");
-        let _ = std::fs::remove_file(&tmp);
         {
-            let mut opts = OpenOptions::new();
-            opts.write(true).create_new(true);
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::OpenOptionsExt;
-                opts.mode(0o600).custom_flags(libc::O_NOFOLLOW);
-            }
-            let mut f = opts.open(&tmp)?;
+            let mut f = files::create_temp(&tmp)?;
             let mut text = Vec::new();
             for ((app, key), s) in &self.seen {
                 let line = Line {
@@ -184,15 +179,15 @@ impl IdempotencyKeys {
     }
 }
 
+/// The file to append to: created private, never through a symlink.
 fn open_append(path: &Path) -> std::io::Result<File> {
-    let mut opts = OpenOptions::new();
-    opts.append(true).create(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
+    match files::create_new_append(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => OpenOptions::new()
+            .append(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path),
+        other => other,
     }
-    opts.open(path)
 }
 
 #[cfg(test)]
