@@ -6,6 +6,7 @@
 pub mod accesslog;
 pub mod admin;
 pub mod authz;
+pub mod clock;
 pub mod config;
 pub mod dev;
 pub mod files;
@@ -13,6 +14,7 @@ mod grpc;
 pub mod keys;
 mod listen;
 mod log_limit;
+pub mod metrics;
 pub mod mqtt;
 pub mod outbox;
 pub mod peers;

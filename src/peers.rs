@@ -9,24 +9,24 @@
 //! is parsed once and its identities kept.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tonic::Status;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::admin::metrics::Metrics;
 use crate::config::PeerAllowList;
-use crate::keys::sync::now_ms;
+use crate::log_limit::LogLimiter;
+use crate::metrics::Metrics;
 
 /// Distinct client certificates whose identities are kept; a fleet of Envoys rotating
 /// certificates stays far below, and past it the cache starts over.
 const MAX_CACHED_CERTIFICATES: usize = 4096;
-/// At most one log line per this many milliseconds; the rest are counted.
-const REFUSAL_LOG_INTERVAL_MS: i64 = 1000;
+/// At most one log line per this interval; the rest are counted.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The services an allow-list guards. `as_str` is the metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,7 +84,7 @@ struct Gate {
     allow: PeerAllowList,
     metrics: Arc<Metrics>,
     known: Mutex<HashMap<Vec<u8>, Arc<[String]>>>,
-    last_log_ms: AtomicI64,
+    refusals_logged: Mutex<LogLimiter>,
 }
 
 impl Gate {
@@ -139,14 +139,12 @@ impl Gate {
     }
 
     fn log_refusal<B>(&self, service: Guarded, ids: &[String], request: &http::Request<B>) {
-        let now = now_ms();
-        let last = self.last_log_ms.load(Ordering::Relaxed);
-        if now - last >= REFUSAL_LOG_INTERVAL_MS
-            && self
-                .last_log_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        let admitted = self
+            .refusals_logged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit();
+        if let Some(suppressed) = admitted {
             let peer = request
                 .extensions()
                 .get::<TlsConnectInfo<TcpConnectInfo>>()
@@ -155,6 +153,7 @@ impl Gate {
                 service = service.as_str(),
                 peer = ?peer,
                 identities = ?ids,
+                suppressed_since_last_log = suppressed,
                 "gRPC call refused: the client certificate is not on listen.grpc_tls.allow for this service"
             );
         }
@@ -171,7 +170,7 @@ impl PeerGate {
             allow,
             metrics,
             known: Mutex::new(HashMap::new()),
-            last_log_ms: AtomicI64::new(0),
+            refusals_logged: Mutex::new(LogLimiter::new(REFUSAL_LOG_INTERVAL)),
         }))
     }
 }

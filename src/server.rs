@@ -10,12 +10,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::accesslog::AccessLogServer;
-use crate::admin::{self, AdminLimits, AdminState, metrics::Metrics};
+use crate::admin::{self, AdminLimits, AdminState};
 use crate::authz::{AuthzService, CheckServer};
+use crate::clock::now_ms;
 use crate::config::{Config, FsyncMode, GrpcTlsConfig, PeerAllowList};
-use crate::keys::sync::now_ms;
 use crate::keys::{KeyStore, sync};
 use crate::listen;
+use crate::metrics::Metrics;
 use crate::mqtt;
 use crate::outbox::{FsyncPolicy, Outbox, OutboxConfig};
 use crate::peers::PeerGate;

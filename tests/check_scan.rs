@@ -180,7 +180,7 @@ fn authz() -> AuthzService {
     ]);
     AuthzService::new(
         Arc::new(keys),
-        Arc::new(keymeter::admin::metrics::Metrics::new()),
+        Arc::new(keymeter::metrics::Metrics::new()),
         CheckConfig {
             accept_bearer: true,
             ..CheckConfig::default()

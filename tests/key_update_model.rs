@@ -17,10 +17,10 @@
 
 use std::collections::{HashMap, HashSet};
 
-use keymeter::admin::metrics::Metrics;
 use keymeter::keys::KeyStore;
 use keymeter::keys::sync::apply_billing_message;
 use keymeter::keys::update::{MAX_FIELD_BYTES, SkipReason};
+use keymeter::metrics::Metrics;
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
 

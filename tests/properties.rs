@@ -5,11 +5,11 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use keymeter::admin::metrics::Metrics;
 use keymeter::config::{Config, UsageConfig};
 use keymeter::keys::sync::{apply_billing_message, parse_update};
 use keymeter::keys::update::check_api_key;
 use keymeter::keys::{KeyEntry, KeyStore};
+use keymeter::metrics::Metrics;
 use keymeter::usage::contract::{Declared, FieldNames, Limits, usages};
 use proptest::prelude::*;
 use serde_json::Value;

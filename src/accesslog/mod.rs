@@ -18,8 +18,8 @@ use envoy_types::pb::envoy::config::core::v3::RequestMethod;
 use crate::authz::{
     Decision, METADATA_APP_ID, METADATA_KEY_FINGERPRINT, UNREADABLE_KEY, decide, find_key,
 };
+use crate::clock::now_ms;
 use crate::config::{CheckConfig, UsageConfig};
-use crate::keys::sync::now_ms;
 use crate::keys::{KeyView, fingerprint};
 use crate::usage::contract::{Declared, Field, FieldNames, Limits, MetadataProblem, usages};
 use crate::usage::record::record_id;

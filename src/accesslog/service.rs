@@ -17,16 +17,17 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::wire::{decode_entry, decode_message};
 use super::{Outcome, Rules, Skipped, entry_outcome};
-use crate::admin::metrics::Metrics;
 use crate::config::{CheckConfig, UsageConfig};
 use crate::keys::KeyStore;
+use crate::metrics::Metrics;
 use crate::outbox::Durability;
 use crate::usage::recorder::Recorder;
 
 const STREAM_PATH: &str = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs";
 
-/// How long a stream is read after shutdown starts, for entries already in flight.
-const SHUTDOWN_DRAIN: std::time::Duration = std::time::Duration::from_millis(300);
+/// How long a stream is still read after shutdown starts: Envoy's entries already on
+/// the wire become records instead of being dropped with the connection.
+const READ_AFTER_SHUTDOWN: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// Turns access-log messages into records.
 pub struct AccessLog {
@@ -144,7 +145,7 @@ impl AccessLog {
     /// At shutdown: takes what Envoy already sent (buffered in the connection) before
     /// the stream is dropped, so those entries still become records.
     async fn drain(&self, stream: &mut Streaming<Bytes>, node: &mut String) {
-        let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN;
+        let deadline = tokio::time::Instant::now() + READ_AFTER_SHUTDOWN;
         while let Ok(Ok(Some(message))) = tokio::time::timeout_at(deadline, stream.message()).await
         {
             self.handle(&message, node).await;

@@ -3,9 +3,6 @@
 //!
 //! Nothing here prints a key, a fingerprint or the MQTT password.
 
-pub mod metrics;
-mod process;
-
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -27,12 +24,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
 
+use crate::clock::now_ms;
 use crate::keys::KeyStore;
-use crate::keys::sync::now_ms;
 use crate::listen::Acceptor;
+use crate::metrics::Metrics;
 use crate::mqtt::MqttStatus;
 use crate::outbox::Outbox;
-use metrics::Metrics;
 
 #[derive(Clone)]
 pub struct AdminState {
@@ -100,7 +97,7 @@ async fn metrics_text(State(s): State<AdminState>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        process::render() + &s.metrics.render(),
+        crate::metrics::process::render() + &s.metrics.render(),
     )
 }
 

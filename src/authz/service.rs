@@ -20,10 +20,10 @@ use tonic::{Request, Response, Status};
 use super::answers::Answers;
 use super::guard::InvalidKeyGuard;
 use super::{Asker, Decision, decide, find_key, wire};
-use crate::admin::metrics::Metrics;
 use crate::config::CheckConfig;
 use crate::grpc::RawCodec;
 use crate::keys::KeyStore;
+use crate::metrics::Metrics;
 
 const CHECK_PATH: &str = "/envoy.service.auth.v3.Authorization/Check";
 

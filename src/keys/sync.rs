@@ -12,13 +12,15 @@ use std::fmt::Write as _;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
+
+use crate::clock::now_ms;
 
 use tokio_util::sync::CancellationToken;
 
 use super::update::{self, MAX_FIELD_BYTES, ParsedUpdate, SkipReason, Skipped};
 use super::{Applied, AsKeyEntry, KeyList, KeyListRef, KeyStatus, KeyStore, Source};
-use crate::admin::metrics::Metrics;
+use crate::metrics::Metrics;
 
 /// Skipped entries named in the one log line of a message; the rest are only counted.
 const SKIPS_LOGGED: usize = 20;
@@ -91,13 +93,6 @@ fn validate_entries<E: AsKeyEntry>(entries: &[E]) -> Result<(), Rejected> {
         }
     }
     Ok(())
-}
-
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Metrics after a successful change from `source`.
@@ -375,7 +370,7 @@ mod tests {
     /// The metric pre-creates a series per reason; a new reason must be added there.
     #[test]
     fn every_rejection_reason_is_a_known_metric_label() {
-        use crate::admin::metrics::KEY_UPDATE_REJECTIONS;
+        use crate::metrics::KEY_UPDATE_REJECTIONS;
         let reasons = [
             parse_update(b"{", MAX).unwrap_err().reason,
             parse_update(br#"{"updates": 1}"#, MAX).unwrap_err().reason,

@@ -15,14 +15,14 @@ use super::MqttStatus;
 use super::inflight::{Drift, InFlight, Message, Sent};
 use super::protocol::{Client, Event, EventLoop, Refusal};
 use super::publisher::Publisher;
-use crate::admin::metrics::Metrics;
+use crate::clock::now_ms;
 use crate::config::Topics;
-use crate::keys::sync::now_ms;
+use crate::metrics::Metrics;
 
 /// First reconnect delay; doubles up to `mqtt.reconnect_max_secs`.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 /// How long a stopping keymeter waits for PUBACKs of records already sent.
-const SHUTDOWN_DRAIN: Duration = Duration::from_secs(2);
+const PUBACK_WAIT_AT_SHUTDOWN: Duration = Duration::from_secs(2);
 /// The `reason` label of `keymeter_key_updates_ignored_total` for a retained update.
 pub(crate) const KEY_UPDATE_RETAINED: &str = "retained";
 /// The `message` label of `keymeter_publish_refused_total`.
@@ -127,7 +127,7 @@ impl Connection {
         self.out.disconnect();
     }
 
-    /// At shutdown, waits (at most [`SHUTDOWN_DRAIN`]) for the broker to acknowledge the
+    /// At shutdown, waits (at most [`PUBACK_WAIT_AT_SHUTDOWN`]) for the broker to acknowledge the
     /// records already sent, so the next start does not send them again. Nothing new is
     /// sent: records not yet sent stay in the outbox for the next start.
     async fn drain_in_flight(&mut self, eventloop: &mut EventLoop) {
@@ -136,7 +136,7 @@ impl Connection {
             return;
         }
         self.draining = true;
-        let deadline = tokio::time::Instant::now() + SHUTDOWN_DRAIN;
+        let deadline = tokio::time::Instant::now() + PUBACK_WAIT_AT_SHUTDOWN;
         while self.out.records() > 0 {
             match tokio::time::timeout_at(deadline, eventloop.poll()).await {
                 Ok(Ok(event)) => {

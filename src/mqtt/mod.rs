@@ -25,10 +25,10 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admin::metrics::Metrics;
 use crate::config::{Config, MqttProtocol};
 use crate::keys::KeyStore;
 use crate::keys::sync::apply_billing_message;
+use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use inflight::InFlight;
 use link::Connection;

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::{MAX_RECORDS_PER_REPORT, RecordProblem, ReportService};
 use crate::authz::{Asker, Decision, UNREADABLE_KEY, decide, find_key};
-use crate::keys::sync::now_ms;
+use crate::clock::now_ms;
 use crate::outbox::{AppendError, Durability};
 use crate::proto::v1::usage_server::Usage as UsageApi;
 use crate::proto::v1::{ReportRequest, ReportResponse};

@@ -1,24 +1,24 @@
 //! Where records go once built: into the outbox, counted, and on failure counted and
 //! logged (rate-limited) so a misbehaving backend cannot flood the logs.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use crate::admin::metrics::Metrics;
-use crate::keys::sync::now_ms;
+use crate::clock::now_ms;
+use crate::log_limit::LogLimiter;
+use crate::metrics::Metrics;
 use crate::outbox::{AppendError, Durability, NewRecord, Outbox};
 
 use super::{MetadataProblem, Rejection, UsageRecord};
 
-/// At most one rejection log line per this many milliseconds; the rest are counted.
-const REJECTION_LOG_INTERVAL_MS: i64 = 1000;
+/// At most one rejection log line per this interval; the rest are counted.
+const REJECTION_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct Recorder {
     outbox: Outbox,
     metrics: Arc<Metrics>,
     id_field: String,
-    last_log_ms: AtomicI64,
-    suppressed: AtomicU64,
+    rejections_logged: Mutex<LogLimiter>,
 }
 
 impl Recorder {
@@ -27,8 +27,7 @@ impl Recorder {
             outbox,
             metrics,
             id_field,
-            last_log_ms: AtomicI64::new(0),
-            suppressed: AtomicU64::new(0),
+            rejections_logged: Mutex::new(LogLimiter::new(REJECTION_LOG_INTERVAL)),
         }
     }
 
@@ -107,18 +106,14 @@ impl Recorder {
     }
 
     /// Logs `what` happened to a declaration at most once a
-    /// [`REJECTION_LOG_INTERVAL_MS`], with the number of lines suppressed since the last
-    /// one; the others are only counted.
+    /// [`REJECTION_LOG_INTERVAL`], with the number of lines held back since the last one.
     fn log_limited(&self, reason: &str, source: &str, app_id: &str, path: &str, what: &str) {
-        let now = now_ms();
-        let last = self.last_log_ms.load(Ordering::Relaxed);
-        if now - last >= REJECTION_LOG_INTERVAL_MS
-            && self
-                .last_log_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+        let admitted = self
+            .rejections_logged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .admit();
+        if let Some(suppressed) = admitted {
             tracing::warn!(
                 reason,
                 source,
@@ -127,8 +122,6 @@ impl Recorder {
                 suppressed_since_last_log = suppressed,
                 "{what}"
             );
-        } else {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

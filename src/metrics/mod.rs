@@ -9,6 +9,8 @@
 //! series exists before its first event: `increase()` and `rate()` then see the first
 //! `outbox_full` too, and dashboards show 0 instead of "no data".
 
+pub mod process;
+
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
