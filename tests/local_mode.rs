@@ -430,3 +430,106 @@ async fn a_version_envoy_rejects_is_counted_and_the_last_accepted_one_stays() {
     assert_eq!(feed.metrics.xds.acks.get(), 2);
     assert_eq!(feed.metrics.xds.nacks.get(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_first_list_envoy_denies_everything() {
+    // Nothing answers on keymeter's port: Envoy waits initial_fetch_timeout (10 s) for
+    // a list, then starts with the deny-all default_config.
+    let backend = Backend::start().await;
+    let started = Instant::now();
+    let envoy = Envoy::start_local(EnvoyPorts {
+        keymeter_grpc: support::free_port(),
+        backend: backend.port(),
+    })
+    .await;
+    println!(
+        "Envoy /ready without keymeter after {:?}",
+        started.elapsed()
+    );
+    for key in [GOOD, "anything"] {
+        assert_eq!(status(&envoy, &[("api-key", key)]).await, 401);
+    }
+    assert!(backend.requests().is_empty());
+}
+
+/// The pushed list holds raw keys: with mTLS allow-lists, only Envoy's identity may
+/// subscribe; another certificate from the same CA (a batch job's) is refused before
+/// anything is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_mtls_only_envoys_identity_gets_the_key_list() {
+    use envoy_types::pb::envoy::config::core::v3::Node;
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+    use envoy_types::pb::envoy::service::extension::v3::extension_config_discovery_service_client::ExtensionConfigDiscoveryServiceClient;
+    use keymeter::config::{GrpcTlsConfig, PeerAllowList};
+    use support::TestPki;
+    use support::pki::{ENVOY_ID, JOB_ID};
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+    let pki = TestPki::generate();
+    let broker = Mosquitto::start().await;
+    let _billing = billing(broker.port(), vec![KeyEntry::ok("app-1", GOOD)]).await;
+    let mut config = local_config(broker.port());
+    config.listen.grpc_tls = Some(GrpcTlsConfig {
+        cert_file: pki.server_cert.clone(),
+        key_file: pki.server_key.clone(),
+        client_ca_file: Some(pki.ca_cert.clone()),
+        allow: PeerAllowList {
+            envoy: vec![ENVOY_ID.into()],
+            report: vec![JOB_ID.into()],
+        },
+    });
+    let keymeter = Keymeter::start_ready(config).await;
+    let subscribe = |cert: &std::path::Path, key: &std::path::Path| {
+        let tls = ClientTlsConfig::new()
+            .domain_name("localhost")
+            .ca_certificate(Certificate::from_pem(std::fs::read(&pki.ca_cert).unwrap()))
+            .identity(Identity::from_pem(
+                std::fs::read(cert).unwrap(),
+                std::fs::read(key).unwrap(),
+            ));
+        let url = format!("https://127.0.0.1:{}", keymeter.grpc_port());
+        async move {
+            let channel = Endpoint::from_shared(url)
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            tx.send(DiscoveryRequest {
+                node: Some(Node {
+                    id: "probe".into(),
+                    ..Default::default()
+                }),
+                resource_names: vec!["keymeter.api_key_auth".into()],
+                type_url: keymeter::xds::TYPED_EXTENSION_CONFIG_TYPE.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            let mut stream = ExtensionConfigDiscoveryServiceClient::new(channel)
+                .stream_extension_configs(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await?
+                .into_inner();
+            let first = stream.message().await?;
+            drop(tx);
+            Ok::<_, tonic::Status>(first)
+        }
+    };
+    let refused = subscribe(&pki.job_cert, &pki.job_key).await;
+    assert_eq!(
+        refused.unwrap_err().code(),
+        tonic::Code::PermissionDenied,
+        "a job's certificate gets no keys"
+    );
+    let answer = subscribe(&pki.client_cert, &pki.client_key)
+        .await
+        .expect("Envoy's identity subscribes")
+        .expect("a first version");
+    assert_eq!(answer.resources.len(), 1);
+    assert_eq!(
+        keymeter.metric("keymeter_xds_peers_refused_total").await,
+        1.0
+    );
+}
