@@ -36,6 +36,7 @@ if [ "$MODE" = full ]; then
   S3_N=100000
   S4_DUR=6 S4_REPS=7
   S5_DUR=60 SOAK_SECS=600
+  REVOKE_N=100 S6_SIZES="1k 100k 1m" S6_BLOCKS=5
 else
   DUR=3 WARM=1 REPS=1 SWEEP="1x100 4x32"
   HALF_DUR=5
@@ -43,6 +44,7 @@ else
   S3_N=20000
   S4_DUR=3 S4_REPS=3
   S5_DUR=8 SOAK_SECS=0
+  REVOKE_N=20 S6_SIZES="1k 100k 1m" S6_BLOCKS=2
 fi
 # Scenario 2 (and 5) load: HTTP/2 (h2c) to Envoy, 16 connections x 8 streams.
 S2_CLIENTS=16 S2_STREAMS=8
@@ -109,7 +111,7 @@ BT=$ROOT/target/release/examples/bench_tool
 
 WORK=$(mktemp -d /tmp/keymeter-bench.XXXXXX)
 RAW=$WORK/raw
-mkdir -p "$RAW"/s1 "$RAW"/s2 "$RAW"/s3 "$RAW"/s4 "$RAW"/s5
+mkdir -p "$RAW"/s1 "$RAW"/s2 "$RAW"/s3 "$RAW"/s4 "$RAW"/s5 "$RAW"/s6
 
 # ------------------------------------------------------------------- processes
 PIDS=()
@@ -225,7 +227,8 @@ EOF
 }
 
 # write_keymeter_config NAME KEYS_KIND(file|snapshot) KEYS_PATH OUTBOX_DIR [extra TOML for
-# [outbox]]: $WORK/NAME.toml listening on KM_GRPC and KM_ADMIN.
+# [outbox]]: $WORK/NAME.toml listening on KM_GRPC and KM_ADMIN; $KM_EXTRA (whole TOML
+# sections, e.g. [xds]) is appended when set.
 write_keymeter_config() {
   local name=$1 kind=$2 keys=$3 outbox=$4 outbox_extra=${5:-}
   mkdir -p "$outbox"
@@ -254,6 +257,7 @@ $outbox_extra
 
 [log]
 level = "warn"
+${KM_EXTRA:-}
 EOF
 }
 
@@ -360,15 +364,14 @@ printf '{"allowed": %s, "denied": %s, "h2load_2xx": %s}\n' \
   "$(awk -v a="$allowed0" -v b="$allowed1" 'BEGIN { print b - a }')" \
   "$(awk -v a="$denied0" -v b="$denied1" 'BEGIN { print b - a }')" "$km_2xx" >"$RAW/s1/verify.json"
 
-# p99 at half of each side's best rate, evenly spaced (open loop).
-km_max=$(best_rps "$RAW"/s1/max-keymeter-*.json)
+# p99 of both sides at one fixed rate, half of Envoy's best, evenly spaced (open loop).
 envoy_max=$(best_rps "$RAW"/s1/max-envoy-*.json)
+half=$(awk -v r="$envoy_max" 'BEGIN { printf "%.0f", r / 2 }')
 meta="{"
 for side in keymeter envoy; do
-  if [ "$side" = envoy ]; then p=$S1_ENVOY_PORT pid=$S1_ENVOY_PID max=$envoy_max; else p=$S1_KM_GRPC pid=$S1_KM_PID max=$km_max; fi
-  half=$(awk -v r="$max" 'BEGIN { printf "%.0f", r / 2 }')
+  if [ "$side" = envoy ]; then p=$S1_ENVOY_PORT pid=$S1_ENVOY_PID; else p=$S1_KM_GRPC pid=$S1_KM_PID; fi
   meta+="\"$side\": {\"target_rps\": $half, \"clients\": 8},"
-  say "1. $side at half its best rate ($half req/s), open loop, evenly spaced over 8 connections"
+  say "1. $side at half of Envoy's best rate ($half req/s), open loop, evenly spaced over 8 connections"
   # An open-loop client of our own: h2load's timers tick once a millisecond, so its paced
   # modes send bursts (a whole millisecond's requests at once) whose queue alone costs
   # hundreds of µs; this one sends each request when it is due and counts latency from then.
@@ -385,7 +388,7 @@ stop "$S1_KM_PID"
 PLACE0=("${CORE0[@]}")
 
 # ------------------------------------------------------------------- 2. through Envoy
-say "2. Through Envoy: (a) no auth, (b) api_key_auth, (c) ext_authz + access log to keymeter, (d) = (c) with keymeter off core 0"
+say "2. Through Envoy: (a) no auth, (b) api_key_auth, (c) ext_authz + access log to keymeter, (e) local mode (api_key_auth fed by keymeter over xDS + access log), (d) = (c) with keymeter off core 0"
 port BACKEND_PORT
 start backend "${CORE1[@]}" "$BT" backend --port "$BACKEND_PORT"
 BACKEND_PID=$PID
@@ -399,10 +402,19 @@ render_deploy_envoy() {
     --replace "address: 0.0.0.0=address: 127.0.0.1"
 }
 
-# start_counter NAME: a billing/report subscriber on core 1; sets COUNTS, COUNTER_PID.
+# render_local_envoy OUT LISTEN ADMIN KEYMETER_GRPC: deploy/envoy/envoy-local.yaml, ports replaced.
+render_local_envoy() {
+  "$BT" render --input deploy/envoy/envoy-local.yaml --out "$1" \
+    --replace "port_value: 9901=port_value: $3" --replace "port_value: 10000=port_value: $2" \
+    --replace "port_value: 8080=port_value: $BACKEND_PORT" --replace "port_value: 9191=port_value: $4" \
+    --replace "address: 0.0.0.0=address: 127.0.0.1"
+}
+
+# start_counter NAME [TOPIC]: a billing/report (or TOPIC) subscriber on core 1; sets
+# COUNTS, COUNTER_PID.
 start_counter() {
   COUNTS=$WORK/$1.counts
-  start "$1" "${CORE1[@]}" "$BT" subscribe --port "$MQTT_PORT" --out "$COUNTS" --max-secs 3600
+  start "$1" "${CORE1[@]}" "$BT" subscribe --port "$MQTT_PORT" --topic "${2:-billing/report}" --out "$COUNTS" --max-secs 3600
   COUNTER_PID=$PID
   local i
   for ((i = 0; i < 100; i++)); do [ -s "$COUNTS" ] && return 0; check_alive "$COUNTER_PID"; sleep 0.05; done
@@ -441,10 +453,23 @@ render_deploy_envoy "$WORK/s2-c.yaml" "$S2C_PORT" "$S2C_ADMIN" "$KM_GRPC"
 start_envoy s2-envoy-c "$WORK/s2-c.yaml" "$S2C_ADMIN"
 S2C_PID=$ENVOY_PID
 start_counter s2-counter
-S2_COUNTER_PID=$COUNTER_PID
+S2_COUNTER_PID=$COUNTER_PID S2_COUNTS=$COUNTS
+# (e) local mode: keymeter pushes the key list into Envoy's api_key_auth (xDS) and
+# meters from the access log; its records go to a topic of their own, so each side's
+# counter sees only its own.
+KM_EXTRA=$'[topics]\nreport = "billing/report-e"\n\n[xds]\nenabled = true'
+start_keymeter s2-keymeter-e file "$WORK/keys-1k.json"
+KM_EXTRA=""
+S2E_KM_PID=$KM_PID S2E_KM_ADMIN=$KM_ADMIN
+port S2E_PORT; port S2E_ADMIN
+render_local_envoy "$WORK/s2-e.yaml" "$S2E_PORT" "$S2E_ADMIN" "$KM_GRPC"
+start_envoy s2-envoy-e "$WORK/s2-e.yaml" "$S2E_ADMIN"
+S2E_PID=$ENVOY_PID
+start_counter s2-counter-e billing/report-e
+S2E_COUNTER_PID=$COUNTER_PID S2E_COUNTS=$COUNTS
 
 # One request through each, so a broken setup fails here and not as a slow benchmark.
-for p in "$S2A_PORT" "$S2B_PORT" "$S2C_PORT"; do
+for p in "$S2A_PORT" "$S2B_PORT" "$S2C_PORT" "$S2E_PORT"; do
   code=$(curl -s -o /dev/null -w '%{http_code}' -H "api-key: $KEY" "http://127.0.0.1:$p/v1/chat/completions")
   [ "$code" = 200 ] || die "a request through the Envoy on port $p answered $code, not 200"
 done
@@ -465,8 +490,23 @@ for ((rep = 1; rep <= REPS; rep++)); do
   s2_load "$RAW/s2/run-c-r$rep.json" "$S2C_PORT" "envoy=$S2C_PID" "keymeter=$S2_KM_PID" \
     "mosquitto=$MQTT_PID" "backend=$BACKEND_PID"
   check_alive "$S2_KM_PID"
+  s2_load "$RAW/s2/run-e-r$rep.json" "$S2E_PORT" "envoy=$S2E_PID" "keymeter=$S2E_KM_PID" \
+    "mosquitto=$MQTT_PID" "backend=$BACKEND_PID"
+  check_alive "$S2E_KM_PID"
 done
+COUNTS=$S2_COUNTS
 finish_records "$RAW/s2" c- "$S2C_ADMIN" "$S2_KM_ADMIN" "$S2_COUNTER_PID" "$S2_KM_PID"
+COUNTS=$S2E_COUNTS
+finish_records "$RAW/s2" e- "$S2E_ADMIN" "$S2E_KM_ADMIN" "$S2E_COUNTER_PID" "$S2E_KM_PID"
+
+# Revocation latency (scenario 6): a block on billing/keys/update until Envoy's first
+# 401/403 for that key, in local mode and, for comparison, through ext_authz.
+say "6. Revocation latency: block → first deny, $REVOKE_N blocks, local mode and ext_authz"
+"${CORE1[@]}" "$BT" revocation --url "http://127.0.0.1:$S2E_PORT/v1/chat/completions" \
+  --mqtt-port "$MQTT_PORT" --n "$REVOKE_N" --prefix sk-revoke-local --out "$RAW/s6/revocation-local.json"
+"${CORE1[@]}" "$BT" revocation --url "http://127.0.0.1:$S2C_PORT/v1/chat/completions" \
+  --mqtt-port "$MQTT_PORT" --n "$REVOKE_N" --prefix sk-revoke-extauthz --out "$RAW/s6/revocation-extauthz.json"
+stop "$S2E_PID"; stop "$S2E_KM_PID"
 stop "$S2C_PID"; stop "$S2_KM_PID"; stop "$S2B_PID"; stop "$S2A_PID"
 
 # (d) The ceiling, measured: (c)'s Envoy configuration with keymeter moved to core 1, so
@@ -576,7 +616,54 @@ if [ "$SOAK_SECS" -gt 0 ]; then
 fi
 check_alive "$S5_KM_PID"
 finish_records "$RAW/s5" "" "$S5_ADMIN" "$S5_KM_ADMIN" "$S5_COUNTER_PID" "$S5_KM_PID"
-stop "$S5_ENVOY_PID"; stop "$S5_KM_PID"; stop "$BACKEND_PID"; stop "$MQTT_PID"
+stop "$S5_ENVOY_PID"; stop "$S5_KM_PID"; stop "$BACKEND_PID"
+
+# ------------------------------------------------------------------- 6. local mode at scale
+say "6. Local mode at scale: the pushed list with $S6_SIZES keys (push size and time, Envoy memory, block → deny)"
+port BACKEND_PORT
+start backend "${CORE1[@]}" "$BT" backend --port "$BACKEND_PORT"
+BACKEND_PID=$PID
+wait_port "$BACKEND_PORT" "$BACKEND_PID" backend
+for size in $S6_SIZES; do
+  case $size in 1k) n=1000 ;; 100k) n=100000 ;; 1m) n=1000000 ;; esac
+  mkdir -p "$WORK/s6-$size"
+  "$BT" keys --n "$n" --out "$WORK/s6-$size/keys.snapshot"
+  # keymeter on core 0, Envoy on core 1: as on two machines, each push crosses from one
+  # to the other.
+  KM_EXTRA=$'[xds]\nenabled = true'
+  port KM_GRPC; port KM_ADMIN
+  write_keymeter_config "s6-keymeter-$size" snapshot "$WORK/s6-$size/keys.snapshot" "$WORK/s6-$size/outbox"
+  KM_EXTRA=""
+  start "s6-keymeter-$size" "${CORE0[@]}" env TOKIO_WORKER_THREADS=1 "$KEYMETER" --config "$WORK/s6-keymeter-$size.toml"
+  km=$PID
+  wait_http "http://127.0.0.1:$KM_ADMIN/readyz" "$km"
+  port S6_PORT; port S6_ADMIN
+  render_local_envoy "$WORK/s6-envoy-$size.yaml" "$S6_PORT" "$S6_ADMIN" "$KM_GRPC"
+  t0=$(date +%s%N)
+  start "s6-envoy-$size" "${CORE1[@]}" "$ENVOY_BIN" -c "$WORK/s6-envoy-$size.yaml" --disable-hot-restart \
+    --concurrency 1 -l warning --log-path "$WORK/s6-envoy-$size.envoy.log"
+  envoy=$PID
+  "$BT" wait-ready --url "http://127.0.0.1:$S6_ADMIN/ready" --since-ns "$t0" --pid "$envoy" --timeout-secs 120 \
+    --out "$RAW/s6/ready-$size.json" || die "Envoy with $n pushed keys did not become ready; see $WORK/s6-envoy-$size.envoy.log"
+  # Ready also when the first fetch timed out (default_config): the scale row then shows
+  # that no version was accepted.
+  sleep 1
+  "$BT" proc --pid "envoy=$envoy" --pid "keymeter=$km" --out "$RAW/s6/proc-$size.json"
+  if ! "$BT" revocation --url "http://127.0.0.1:$S6_PORT/v1/chat/completions" --mqtt-port "$MQTT_PORT" \
+    --n "$S6_BLOCKS" --existing --timeout-secs 120 --out "$RAW/s6/revocation-$size.json"; then
+    echo "   $size keys: a block did not reach Envoy (see $WORK/s6-keymeter-$size.log)"
+  fi
+  "$BT" proc --pid "envoy=$envoy" --pid "keymeter=$km" --out "$RAW/s6/proc-after-$size.json"
+  curl -fsS "http://127.0.0.1:$KM_ADMIN/metrics" >"$RAW/s6/metrics-$size.txt"
+  curl -fsS "http://127.0.0.1:$S6_ADMIN/stats" >"$RAW/s6/envoy-stats-$size.txt"
+  grep -E 'WARN|ERROR' "$WORK/s6-keymeter-$size.log" >"$RAW/s6/keymeter-warnings-$size.txt" || true
+  echo "   $size keys: Envoy ready with the list after $("$BT" get --file "$RAW/s6/ready-$size.json" --field ready_ms) ms," \
+    "version $(metric "http://127.0.0.1:$KM_ADMIN/metrics" keymeter_xds_version_bytes) bytes," \
+    "Envoy RSS $(($("$BT" get --file "$RAW/s6/proc-after-$size.json" --field envoy.rss_kb) / 1024)) MB"
+  stop "$envoy"; stop "$km"
+  rm -f "$WORK/s6-$size/keys.snapshot"
+done
+stop "$BACKEND_PID"; stop "$MQTT_PID"
 
 # ------------------------------------------------------------------- report
 say "report"

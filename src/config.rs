@@ -54,6 +54,9 @@ pub struct Config {
     pub outbox: OutboxSettings,
     #[serde(default)]
     pub log: LogConfig,
+    /// Local enforcement: the key list pushed into Envoy's `api_key_auth` over ECDS.
+    #[serde(default)]
+    pub xds: XdsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -700,6 +703,51 @@ fn default_max_inflight() -> u16 {
     100
 }
 
+/// Local enforcement (`deploy/envoy/envoy-local.yaml`): keymeter serves Envoy's
+/// Extension Config Discovery Service with an `api_key_auth` filter config holding
+/// every allowed key, and Envoy checks keys itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XdsConfig {
+    /// Serve ECDS on the gRPC listener (the ext_authz Check is served either way).
+    #[serde(default)]
+    pub enabled: bool,
+    /// The resource name, as in the Envoy filter's `config_discovery`.
+    #[serde(default = "default_xds_resource_name")]
+    pub resource_name: String,
+    /// At most one new version per this many milliseconds: changes in between are
+    /// coalesced into the next version.
+    #[serde(default = "default_xds_push_interval_ms")]
+    pub push_interval_ms: u64,
+    /// A key list with more allowed keys than this is not pushed (an error is logged
+    /// and counted); Envoy keeps enforcing the last version.
+    #[serde(default = "default_xds_max_keys")]
+    pub max_keys: usize,
+}
+
+impl Default for XdsConfig {
+    fn default() -> Self {
+        XdsConfig {
+            enabled: false,
+            resource_name: default_xds_resource_name(),
+            push_interval_ms: default_xds_push_interval_ms(),
+            max_keys: default_xds_max_keys(),
+        }
+    }
+}
+
+fn default_xds_resource_name() -> String {
+    "keymeter.api_key_auth".into()
+}
+fn default_xds_push_interval_ms() -> u64 {
+    100
+}
+/// Measured with Envoy 1.40 (bench/README.md, "Local mode at scale").
+pub const XDS_MAX_KEYS_LIMIT: usize = 1_000_000;
+fn default_xds_max_keys() -> usize {
+    XDS_MAX_KEYS_LIMIT
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -1146,6 +1194,37 @@ impl Config {
             check_header_name("check.key_headers", h)?;
         }
         check_header_name("check.app_id_header", &self.check.app_id_header)?;
+        let x = &self.xds;
+        if x.resource_name.is_empty()
+            || x.resource_name.len() > 256
+            || !x.resource_name.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(ConfigError::invalid(
+                "xds.resource_name",
+                "must be 1 to 256 printable ASCII characters without spaces",
+            ));
+        }
+        if !(10..=60_000).contains(&x.push_interval_ms) {
+            return Err(ConfigError::invalid(
+                "xds.push_interval_ms",
+                "must be 10 to 60000",
+            ));
+        }
+        if x.enabled && self.check.strip_key_header {
+            return Err(ConfigError::invalid(
+                "check.strip_key_header",
+                "cannot be true with xds.enabled: Envoy's api_key_auth would remove the key before \
+                 the access log is written, and a request whose key is not logged cannot be billed",
+            ));
+        }
+        if x.max_keys == 0 || x.max_keys > XDS_MAX_KEYS_LIMIT {
+            return Err(ConfigError::invalid(
+                "xds.max_keys",
+                format!(
+                    "must be 1 to {XDS_MAX_KEYS_LIMIT} (the largest list measured to work with Envoy 1.40)"
+                ),
+            ));
+        }
         if self
             .log
             .level
@@ -1209,6 +1288,7 @@ impl Config {
                 ..OutboxSettings::default()
             },
             log: LogConfig::default(),
+            xds: XdsConfig::default(),
         }
     }
 }
@@ -1377,6 +1457,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("topics.report"), "{e}");
+    }
+
+    #[test]
+    fn xds_is_off_by_default_and_its_bad_values_are_named() {
+        let c = parse(MINIMAL).unwrap();
+        assert!(!c.xds.enabled);
+        assert_eq!(c.xds.resource_name, "keymeter.api_key_auth");
+        assert_eq!(c.xds.push_interval_ms, 100);
+        let c = parse(&format!(
+            "{MINIMAL}[xds]\nenabled = true\nmax_keys = 5000\n"
+        ))
+        .unwrap();
+        assert!(c.xds.enabled);
+        assert_eq!(c.xds.max_keys, 5000);
+        for (bad, key) in [
+            ("resource_name = \"\"", "xds.resource_name"),
+            ("resource_name = \"a b\"", "xds.resource_name"),
+            ("push_interval_ms = 1", "xds.push_interval_ms"),
+            ("max_keys = 0", "xds.max_keys"),
+            ("max_keys = 1000001", "xds.max_keys"),
+            ("enable = true", "enable"),
+            (
+                "enabled = true\n[check]\nstrip_key_header = true",
+                "check.strip_key_header",
+            ),
+        ] {
+            let e = parse(&format!("{MINIMAL}[xds]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{bad}: {e}");
+        }
     }
 
     #[test]

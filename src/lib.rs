@@ -24,6 +24,7 @@ pub mod report;
 mod server;
 pub mod telemetry;
 pub mod usage;
+pub mod xds;
 
 pub use config::Config;
 pub use server::{Listeners, RunError, run};

@@ -1,7 +1,8 @@
 //! Who may call which gRPC service: with mTLS on, every call's client certificate is
 //! matched against the allow-list of the service it calls (`listen.grpc_tls.allow`).
 //! Check and the access log move money, so only Envoy's identities may call them; the
-//! Report API takes jobs' identities. A refused call gets PERMISSION_DENIED before any
+//! Report API takes jobs' identities; the key list of local mode (ECDS) holds raw keys
+//! and goes only to Envoy's identities. A refused call gets PERMISSION_DENIED before any
 //! byte of it is read, is counted and logged with the peer's identities.
 //!
 //! Identities are the certificate's URI subject alternative names (SPIFFE IDs) and DNS
@@ -34,16 +35,24 @@ pub enum Guarded {
     Check,
     AccessLog,
     Report,
+    /// Envoy's ECDS subscription to the key list (local mode): it carries raw keys.
+    KeyList,
 }
 
 impl Guarded {
-    pub const ALL: [Guarded; 3] = [Guarded::Check, Guarded::AccessLog, Guarded::Report];
+    pub const ALL: [Guarded; 4] = [
+        Guarded::Check,
+        Guarded::AccessLog,
+        Guarded::Report,
+        Guarded::KeyList,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Guarded::Check => "check",
             Guarded::AccessLog => "access_log",
             Guarded::Report => "report",
+            Guarded::KeyList => "key_list",
         }
     }
 
@@ -55,6 +64,7 @@ impl Guarded {
             "envoy.service.auth.v3.Authorization" => Some(Guarded::Check),
             "envoy.service.accesslog.v3.AccessLogService" => Some(Guarded::AccessLog),
             "keymeter.v1.Usage" => Some(Guarded::Report),
+            "envoy.service.extension.v3.ExtensionConfigDiscoveryService" => Some(Guarded::KeyList),
             _ => None,
         }
     }
@@ -90,7 +100,7 @@ struct Gate {
 impl Gate {
     fn allowed(&self, service: Guarded) -> &[String] {
         match service {
-            Guarded::Check | Guarded::AccessLog => &self.allow.envoy,
+            Guarded::Check | Guarded::AccessLog | Guarded::KeyList => &self.allow.envoy,
             Guarded::Report => &self.allow.report,
         }
     }
@@ -258,6 +268,12 @@ mod tests {
         assert_eq!(
             Guarded::of_path("/keymeter.v1.Usage/Report"),
             Some(Guarded::Report)
+        );
+        assert_eq!(
+            Guarded::of_path(
+                "/envoy.service.extension.v3.ExtensionConfigDiscoveryService/StreamExtensionConfigs"
+            ),
+            Some(Guarded::KeyList)
         );
         assert_eq!(Guarded::of_path("/grpc.health.v1.Health/Check"), None);
         assert_eq!(Guarded::of_path(""), None);

@@ -23,6 +23,7 @@ use crate::peers::PeerGate;
 use crate::proto::v1::usage_server::UsageServer;
 use crate::report::{IdempotencyKeys, ReportService};
 use crate::usage::recorder::Recorder;
+use crate::xds::{self, FilterSettings, XdsServer};
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 /// HTTP/2 flow-control windows of the gRPC listener.
@@ -254,6 +255,27 @@ pub async fn run(
         listen::ConnectionCap::new(l.grpc_max_connections),
         listen::GRPC_HANDSHAKE_TIMEOUT,
     );
+    // Local enforcement: the key list pushed into Envoy's api_key_auth filter (ECDS).
+    let xds_server = config.xds.enabled.then(|| {
+        let settings = Arc::new(FilterSettings::new(&config.xds, &config.check));
+        let (publish, versions) = tokio::sync::watch::channel(None);
+        tracker.spawn(xds::run_pusher(
+            keys.clone(),
+            settings.clone(),
+            std::time::Duration::from_millis(config.xds.push_interval_ms),
+            metrics.clone(),
+            publish,
+            token.clone(),
+        ));
+        tracing::info!(resource = %settings.resource_name, "serving the key list to Envoy over ECDS (local enforcement)");
+        XdsServer::new(
+            settings,
+            versions,
+            metrics.clone(),
+            max_message,
+            token.clone(),
+        )
+    });
     // Checks are tiny and come many per connection: wide flow-control windows save
     // WINDOW_UPDATE round trips on a busy Envoy connection.
     let mut builder = tonic::transport::Server::builder()
@@ -290,6 +312,7 @@ pub async fn run(
         .add_service(CheckServer::new(authz, max_message))
         .add_service(access_log)
         .add_service(UsageServer::new(report).max_decoding_message_size(max_message))
+        .add_optional_service(xds_server)
         .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
 
     tokio::pin!(grpc);

@@ -9,8 +9,8 @@ use std::time::Duration;
 use rumqttc::ConnectionError;
 use support::{
     Backend, ChildGuard, Envoy, EnvoyPorts, Mosquitto, MqttTestClient, TestDir, TestPki,
-    deploy_config_path, free_port, http_client, mqtt_options, port_accepts, tls_transport,
-    validate_envoy_config,
+    deploy_config_path, free_port, http_client, local_config_path, mqtt_options, port_accepts,
+    tls_transport, validate_envoy_config,
 };
 
 const RECV_TIMEOUT: Duration = Duration::from_secs(10);
@@ -29,6 +29,11 @@ async fn assert_roundtrip(port: u16) {
 #[test]
 fn deploy_envoy_config_validates() {
     validate_envoy_config(deploy_config_path());
+}
+
+#[test]
+fn local_mode_envoy_config_validates() {
+    validate_envoy_config(local_config_path());
 }
 
 /// Every Envoy bootstrap anywhere under deploy/ passes `envoy --mode validate`, so none
@@ -56,8 +61,8 @@ fn every_envoy_config_in_deploy_validates() {
         &mut found,
     );
     assert!(
-        found.contains(&deploy_config_path()),
-        "deploy/envoy/envoy.yaml is found: {found:?}"
+        found.contains(&deploy_config_path()) && found.contains(&local_config_path()),
+        "deploy/envoy/envoy.yaml and envoy-local.yaml are found: {found:?}"
     );
     for path in &found {
         validate_envoy_config(path);

@@ -30,10 +30,22 @@ use wire::{Fields, LogEntry, MetaValue};
 /// Where Envoy's ext_authz filter puts the Check's dynamic metadata.
 pub const EXT_AUTHZ_NAMESPACE: &str = "envoy.filters.http.ext_authz";
 
+/// `response_code_details` of Envoy's `api_key_auth` denials (local mode; measured
+/// with Envoy 1.40): no key, a key not in the pushed list, no list yet, and a route's
+/// client allow-list.
+const API_KEY_AUTH_DENIALS: [&str; 5] = [
+    "missing_api_key",
+    "unknown_api_key",
+    "missing_credentials",
+    "missing_key_sources",
+    "client_not_allowed",
+];
+
 /// Why an HTTP entry bills nothing. `as_str` is the metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NotBilled {
-    /// ext_authz denied the request (or failed closed).
+    /// ext_authz (or, in local mode, Envoy's api_key_auth) denied the request, or
+    /// ext_authz failed closed.
     Denied,
     /// No key in the request and no Check metadata.
     NoKey,
@@ -121,7 +133,8 @@ impl Rules<'_> {
 /// logged key header and the key store), what the backend declared (trailers, then
 /// headers, then `header_to_metadata` metadata) or what a route default says.
 pub fn entry_outcome(entry: &LogEntry<'_>, keys: &KeyView, rules: &Rules<'_>) -> Outcome {
-    if entry.response_code_details.starts_with("ext_authz") {
+    let details = &entry.response_code_details[..];
+    if details.starts_with("ext_authz") || API_KEY_AUTH_DENIALS.contains(&details) {
         return Outcome::NotBilled(NotBilled::Denied);
     }
     let authz = entry.metadata(EXT_AUTHZ_NAMESPACE);
@@ -494,6 +507,25 @@ mod tests {
             vec![],
         );
         assert_eq!(o, Outcome::NotBilled(NotBilled::Denied));
+    }
+
+    #[test]
+    fn api_key_auth_denials_never_bill_even_with_a_key_keymeter_allows() {
+        // Local mode: Envoy's list can lag keymeter's by a push; a 401 it answered is
+        // not billed, even when a route default would bill any status.
+        for details in ["unknown_api_key", "missing_api_key", "missing_credentials"] {
+            let o = outcome(
+                E {
+                    code: 401,
+                    details,
+                    request_headers: vec![("api-key", "sk-good")],
+                    response_headers: usage_headers("1"),
+                    ..E::default()
+                },
+                vec![],
+            );
+            assert_eq!(o, Outcome::NotBilled(NotBilled::Denied), "{details}");
+        }
     }
 
     #[test]

@@ -239,6 +239,22 @@ impl KeyView {
         self.blocked
     }
 
+    /// Every key a Check would allow, once each, with its effective app id (the
+    /// billing system's when both layers have it), in no particular order.
+    pub fn for_each_allowed(&self, mut f: impl FnMut(&str, &str)) {
+        let file_blocks = |key: &str| self.file.get(key).is_some_and(|k| k.blocked);
+        for k in self.billing.iter() {
+            if !k.blocked && !file_blocks(k.api_key) {
+                f(k.api_key, k.app_id);
+            }
+        }
+        for k in self.file.iter() {
+            if !k.blocked && self.billing.get(k.api_key).is_none() {
+                f(k.api_key, k.app_id);
+            }
+        }
+    }
+
     /// (keys, blocked keys), counted from scratch.
     fn count(&self) -> (usize, usize) {
         if self.file.is_empty() && self.billing.delta.by_key.is_empty() {
@@ -293,6 +309,9 @@ pub struct KeyStore {
     loaded: watch::Sender<bool>,
     /// Bumped whenever the billing layer changes, so the snapshot writer knows.
     billing_version: watch::Sender<u64>,
+    /// Bumped whenever a new view is published, whatever layer changed (billing
+    /// update, snapshot, keys file): what the xDS pusher follows.
+    view_version: watch::Sender<u64>,
 }
 
 impl Default for KeyStore {
@@ -308,6 +327,7 @@ impl KeyStore {
             writer: Mutex::new(()),
             loaded: watch::channel(false).0,
             billing_version: watch::channel(0).0,
+            view_version: watch::channel(0).0,
         }
     }
 
@@ -331,6 +351,12 @@ impl KeyStore {
     /// Changes each time the billing layer changes.
     pub fn billing_changes(&self) -> watch::Receiver<u64> {
         self.billing_version.subscribe()
+    }
+
+    /// Changes each time a new view is published, from any source (billing, snapshot,
+    /// keys file).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.view_version.subscribe()
     }
 
     /// The billing layer as a list, for the snapshot.
@@ -491,6 +517,7 @@ impl KeyStore {
     fn publish(&self, view: KeyView, writer: std::sync::MutexGuard<'_, ()>) {
         self.view.store(Arc::new(view));
         drop(writer);
+        self.view_version.send_modify(|v| *v += 1);
         self.loaded
             .send_if_modified(|l| !std::mem::replace(l, true));
     }
@@ -650,6 +677,42 @@ mod tests {
         );
         s.apply_billing_update(&[KeyEntry::blocked("app-1", "k1", "balance")]);
         assert!(changes.has_changed().unwrap());
+    }
+
+    #[test]
+    fn allowed_keys_are_what_a_check_allows_and_every_layer_notifies() {
+        let s = KeyStore::new();
+        let changes = s.changes();
+        s.replace_billing(
+            Source::Snapshot,
+            &[
+                KeyEntry::ok("a", "both"),
+                KeyEntry::ok("a", "file-blocks"),
+                KeyEntry::blocked("a", "billing-blocked", "r"),
+            ],
+        );
+        assert!(changes.has_changed().unwrap(), "a snapshot load notifies");
+        let mut changes = s.changes();
+        s.replace_file(&[
+            KeyEntry::ok("f", "both"),
+            KeyEntry::blocked("f", "file-blocks", "local"),
+            KeyEntry::ok("f", "billing-blocked"),
+            KeyEntry::ok("f", "file-only"),
+        ]);
+        assert!(changes.has_changed().unwrap(), "a keys file notifies");
+        changes.mark_unchanged();
+        s.apply_billing_update(&[KeyEntry::ok("b", "new")]);
+        assert!(changes.has_changed().unwrap(), "a billing update notifies");
+        let mut allowed = Vec::new();
+        s.view()
+            .for_each_allowed(|k, app| allowed.push((k.to_string(), app.to_string())));
+        allowed.sort();
+        let expect = [("both", "a"), ("file-only", "f"), ("new", "b")];
+        assert_eq!(allowed, expect.map(|(k, a)| (k.to_string(), a.to_string())));
+        for (k, app) in &allowed {
+            let info = s.view().get(k).map(|i| (i.app_id.to_string(), i.blocked));
+            assert_eq!(info, Some((app.clone(), false)));
+        }
     }
 
     #[test]

@@ -77,8 +77,98 @@ pub struct CheckOutcomes {
     pub malformed: Counter,
 }
 
+/// Local enforcement (`src/xds`): the key list pushed into Envoy over ECDS. Counts,
+/// sizes and durations only: the pushed config holds raw keys.
+pub struct XdsMetrics {
+    /// Envoy ECDS streams open now.
+    pub connected: Gauge,
+    /// Versions sent to an Envoy (one per Envoy per version).
+    pub pushes: Counter,
+    pub acks: Counter,
+    /// Versions an Envoy rejected; it keeps enforcing the one it runs.
+    pub nacks: Counter,
+    /// From sending a version to its ACK: transfer and Envoy applying it.
+    pub push_duration: Histogram,
+    /// Encoding a version from the key store.
+    pub build_duration: Histogram,
+    /// Allowed keys in the newest version.
+    pub keys: Gauge,
+    /// Bytes of the newest version's resource.
+    pub version_bytes: Gauge,
+    /// Key lists not pushed because they exceed `xds.max_keys`.
+    pub refused: Counter,
+}
+
+impl XdsMetrics {
+    fn register(registry: &mut Registry) -> XdsMetrics {
+        let m = XdsMetrics {
+            connected: Gauge::default(),
+            pushes: Counter::default(),
+            acks: Counter::default(),
+            nacks: Counter::default(),
+            // 1 ms .. ~16 s: a million keys take seconds.
+            push_duration: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
+            ),
+            build_duration: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18),
+            ),
+            keys: Gauge::default(),
+            version_bytes: Gauge::default(),
+            refused: Counter::default(),
+        };
+        registry.register(
+            "xds_envoys_connected",
+            "Envoy ECDS streams open (local enforcement)",
+            m.connected.clone(),
+        );
+        registry.register(
+            "xds_pushes",
+            "api_key_auth versions sent to Envoys (one per Envoy per version)",
+            m.pushes.clone(),
+        );
+        registry.register(
+            "xds_acks",
+            "api_key_auth versions Envoys accepted",
+            m.acks.clone(),
+        );
+        registry.register(
+            "xds_nacks",
+            "api_key_auth versions an Envoy rejected (it keeps enforcing the version it runs); the log has Envoy's error and node id",
+            m.nacks.clone(),
+        );
+        registry.register(
+            "xds_push_duration_seconds",
+            "From sending an api_key_auth version to an Envoy to its ACK",
+            m.push_duration.clone(),
+        );
+        registry.register(
+            "xds_build_duration_seconds",
+            "Encoding an api_key_auth version from the key store",
+            m.build_duration.clone(),
+        );
+        registry.register(
+            "xds_keys",
+            "Allowed keys in the newest api_key_auth version",
+            m.keys.clone(),
+        );
+        registry.register(
+            "xds_version_bytes",
+            "Size of the newest api_key_auth version",
+            m.version_bytes.clone(),
+        );
+        registry.register(
+            "xds_versions_refused",
+            "Key lists not pushed because they hold more than xds.max_keys allowed keys",
+            m.refused.clone(),
+        );
+        m
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub xds: XdsMetrics,
     pub checks: CheckOutcomes,
     pub check_duration: Histogram,
     keys: Family<Labels, Gauge>,
@@ -437,8 +527,10 @@ impl Metrics {
             "Outbox fsyncs that failed; the files are retried, and Report API calls that needed them were refused",
             outbox_fsync_errors.clone(),
         );
+        let xds = XdsMetrics::register(&mut registry);
         let metrics = Metrics {
             registry,
+            xds,
             checks,
             check_duration,
             keys,

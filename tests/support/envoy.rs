@@ -31,7 +31,23 @@ pub fn deploy_config_path() -> PathBuf {
 /// admin API. Handy as a base for [`Envoy::start_with_config`] when a test
 /// needs a tweaked config.
 pub fn render_deploy_config(ports: EnvoyPorts) -> String {
-    let yaml = std::fs::read_to_string(deploy_config_path()).expect("read deploy/envoy/envoy.yaml");
+    render_config_file(&deploy_config_path(), ports)
+}
+
+/// `deploy/envoy/envoy-local.yaml`: local enforcement (api_key_auth fed over ECDS).
+pub fn local_config_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/envoy/envoy-local.yaml")
+}
+
+/// `deploy/envoy/envoy-local.yaml` adapted to a test like [`render_deploy_config`].
+pub fn render_local_config(ports: EnvoyPorts) -> String {
+    render_config_file(&local_config_path(), ports)
+}
+
+/// A shipped config with the ports of the test (see [`render_deploy_config`]).
+fn render_config_file(path: &Path, ports: EnvoyPorts) -> String {
+    let name = path.display();
+    let yaml = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {name}: {e}"));
     let replacements = [
         (DEPLOY_LISTENER_PORT, 0),
         (DEPLOY_KEYMETER_PORT, ports.keymeter_grpc),
@@ -61,7 +77,7 @@ pub fn render_deploy_config(ports: EnvoyPorts) -> String {
     for (i, (from, _)) in replacements.iter().enumerate() {
         assert_eq!(
             seen[i], 1,
-            "deploy/envoy/envoy.yaml must contain `port_value: {from}` exactly once"
+            "{name} must contain `port_value: {from}` exactly once"
         );
     }
     out
@@ -249,6 +265,12 @@ impl Envoy {
     /// Envoy with the deployed config, routing to the given upstream ports.
     pub async fn start(ports: EnvoyPorts) -> Envoy {
         Self::start_with_config(render_deploy_config(ports)).await
+    }
+
+    /// Envoy with the local-mode config (`deploy/envoy/envoy-local.yaml`): it is
+    /// `/ready` only once keymeter's first key list arrived (or the fetch timed out).
+    pub async fn start_local(ports: EnvoyPorts) -> Envoy {
+        Self::start_with_config(render_local_config(ports)).await
     }
 
     /// Envoy with any bootstrap config. It must have an `admin` section; ports

@@ -25,7 +25,8 @@ pub mod yaml;
 
 pub use backend::{Backend, RecordedRequest};
 pub use envoy::{
-    Envoy, EnvoyPorts, deploy_config_path, render_deploy_config, validate_envoy_config,
+    Envoy, EnvoyPorts, deploy_config_path, local_config_path, render_deploy_config,
+    render_local_config, validate_envoy_config,
 };
 pub use mosquitto::{Mosquitto, MosquittoOptions};
 pub use mqtt::{MqttTestClient, mqtt_options, rustls_client_config, tls_transport};
