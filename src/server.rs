@@ -169,6 +169,9 @@ pub async fn run(
     }
 
     let outbox = open_outbox(&config).await?;
+    // Everything on disk is opened before anything serves: /readyz never says ready
+    // while a start-up write is still under way.
+    let idempotency_keys = open_idempotency_keys(&config).await?;
     let replayed = outbox.stats().replayed_on_open;
     metrics.outbox_replayed.inc_by(replayed);
     if replayed > 0 {
@@ -248,7 +251,7 @@ pub async fn run(
         authz.guard(),
         &config.usage,
         config.client_id(),
-        open_idempotency_keys(&config).await?,
+        idempotency_keys,
     );
     let incoming = listen::GrpcIncoming::new(
         listeners.grpc,
