@@ -9,6 +9,7 @@
 //! ones. Parsing a certificate costs more than a Check, so each distinct certificate
 //! is parsed once and its identities kept.
 
+use crate::metrics::label_enum;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -29,33 +30,18 @@ const MAX_CACHED_CERTIFICATES: usize = 4096;
 /// At most one log line per this interval; the rest are counted.
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
-/// The services an allow-list guards. `as_str` is the metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Guarded {
-    Check,
-    AccessLog,
-    Report,
-    /// Envoy's ECDS subscription to the key list (local mode): it carries raw keys.
-    KeyList,
+label_enum! {
+    /// The services an allow-list guards. `as_str` is the metric label.
+    pub enum Guarded {
+        Check => "check",
+        AccessLog => "access_log",
+        Report => "report",
+        /// Envoy's ECDS subscription to the key list (local mode): it carries raw keys.
+        KeyList => "key_list",
+    }
 }
 
 impl Guarded {
-    pub const ALL: [Guarded; 4] = [
-        Guarded::Check,
-        Guarded::AccessLog,
-        Guarded::Report,
-        Guarded::KeyList,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Guarded::Check => "check",
-            Guarded::AccessLog => "access_log",
-            Guarded::Report => "report",
-            Guarded::KeyList => "key_list",
-        }
-    }
-
     /// The guarded service a gRPC path belongs to; `None` for the rest (health),
     /// which any client the CA signed may call.
     fn of_path(path: &str) -> Option<Guarded> {

@@ -13,6 +13,7 @@ pub mod wire;
 
 pub use service::AccessLogServer;
 
+use crate::metrics::label_enum;
 use envoy_types::pb::envoy::config::core::v3::RequestMethod;
 
 use crate::authz::{
@@ -41,58 +42,30 @@ const API_KEY_AUTH_DENIALS: [&str; 5] = [
     "client_not_allowed",
 ];
 
-/// Why an HTTP entry bills nothing. `as_str` is the metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum NotBilled {
-    /// ext_authz (or, in local mode, Envoy's api_key_auth) denied the request, or
-    /// ext_authz failed closed.
-    Denied,
-    /// No key in the request and no Check metadata.
-    NoKey,
-    /// The key is not (or no longer) in the key store.
-    UnknownKey,
-    /// The backend declared no usage and no route default matched.
-    NoUsage,
-    /// The Check's metadata names another app than the key store has for the key:
-    /// not something Envoy's Check allowed (a forged or corrupted entry).
-    AppMismatch,
-}
-
-impl NotBilled {
-    pub const ALL: [NotBilled; 5] = [
-        NotBilled::Denied,
-        NotBilled::NoKey,
-        NotBilled::UnknownKey,
-        NotBilled::NoUsage,
-        NotBilled::AppMismatch,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            NotBilled::Denied => "denied",
-            NotBilled::NoKey => "no_key",
-            NotBilled::UnknownKey => "unknown_key",
-            NotBilled::NoUsage => "no_usage",
-            NotBilled::AppMismatch => "app_mismatch",
-        }
+label_enum! {
+    /// Why an HTTP entry bills nothing. `as_str` is the metric label.
+    pub enum NotBilled {
+        /// ext_authz (or, in local mode, Envoy's api_key_auth) denied the request, or
+        /// ext_authz failed closed.
+        Denied => "denied",
+        /// No key in the request and no Check metadata.
+        NoKey => "no_key",
+        /// The key is not (or no longer) in the key store.
+        UnknownKey => "unknown_key",
+        /// The backend declared no usage and no route default matched.
+        NoUsage => "no_usage",
+        /// The Check's metadata names another app than the key store has for the key:
+        /// not something Envoy's Check allowed (a forged or corrupted entry).
+        AppMismatch => "app_mismatch",
     }
 }
 
-/// Why an access-log entry was skipped before it could be judged. `as_str` is the
-/// metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Skipped {
-    /// The entry's bytes are not a valid `HTTPAccessLogEntry`.
-    Malformed,
-}
-
-impl Skipped {
-    pub const ALL: [Skipped; 1] = [Skipped::Malformed];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Skipped::Malformed => "malformed",
-        }
+label_enum! {
+    /// Why an access-log entry was skipped before it could be judged. `as_str` is the
+    /// metric label.
+    pub enum Skipped {
+        /// The entry's bytes are not a valid `HTTPAccessLogEntry`.
+        Malformed => "malformed",
     }
 }
 

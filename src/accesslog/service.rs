@@ -3,6 +3,7 @@
 //! decodes it entry by entry. The stream is ended only by the transport (a reset, a
 //! broken gRPC frame, a message over the size limit), never by what a message holds.
 
+use crate::usage::recorder::Ingress;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
@@ -118,16 +119,20 @@ impl AccessLog {
                     }
                 };
                 match entry_outcome(&entry, &view, &rules) {
-                    Outcome::NotBilled(why) => metrics.entry_not_billed(why.as_str()),
+                    Outcome::NotBilled(why) => metrics.entry_not_billed(why),
                     Outcome::Declared(d) => {
                         for reason in d.rejected {
-                            self.recorder
-                                .reject(reason, "access_log", &d.app_id, &entry.path);
+                            self.recorder.reject(
+                                reason,
+                                Ingress::AccessLog,
+                                &d.app_id,
+                                &entry.path,
+                            );
                         }
                         for problem in d.metadata_dropped {
                             self.recorder.metadata_dropped(
                                 problem,
-                                "access_log",
+                                Ingress::AccessLog,
                                 &d.app_id,
                                 &entry.path,
                             );

@@ -18,6 +18,7 @@ pub mod sync;
 mod table;
 pub mod update;
 
+use crate::metrics::label_enum;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -99,21 +100,13 @@ impl KeyInfo<'_> {
     }
 }
 
-/// Where a key list came from; shown in logs and `/readyz`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Source {
-    Snapshot,
-    File,
-    Billing,
-}
-
-impl Source {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Source::Snapshot => "snapshot",
-            Source::File => "file",
-            Source::Billing => "billing",
-        }
+label_enum! {
+    /// Where a key list came from; shown in logs and `/readyz`, and the `source` label
+    /// of `keymeter_key_source_last_update_timestamp_seconds`.
+    pub enum Source {
+        Snapshot => "snapshot",
+        File => "file",
+        Billing => "billing",
     }
 }
 

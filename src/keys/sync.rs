@@ -20,25 +20,40 @@ use tokio_util::sync::CancellationToken;
 
 use super::update::{self, MAX_FIELD_BYTES, ParsedUpdate, SkipReason, Skipped};
 use super::{Applied, AsKeyEntry, KeyList, KeyListRef, KeyStatus, KeyStore, Source};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, label_enum};
 
 /// Skipped entries named in the one log line of a message; the rest are only counted.
 const SKIPS_LOGGED: usize = 20;
 
-/// Why a key list was rejected whole; `reason` is the metric label.
+label_enum! {
+    /// Why a key list (billing message, snapshot or keys file) is rejected whole: the
+    /// `reason` label of `keymeter_key_updates_rejected_total`. `InvalidEntry` is for
+    /// files only: a message skips its bad entries one by one
+    /// (`keymeter_key_entries_skipped_total`).
+    pub enum ListRejection {
+        TooLarge => "too_large",
+        BadJson => "bad_json",
+        WrongShape => "wrong_shape",
+        InvalidEntry => "invalid_entry",
+        FileUnreadable => "file_unreadable",
+        SnapshotUnreadable => "snapshot_unreadable",
+    }
+}
+
+/// Why a key list was rejected whole, with what an operator needs to fix it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejected {
-    pub reason: &'static str,
+    pub reason: ListRejection,
     pub detail: String,
 }
 
 impl std::fmt::Display for Rejected {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.reason, self.detail)
+        write!(f, "{}: {}", self.reason.as_str(), self.detail)
     }
 }
 
-fn rejected(reason: &'static str, detail: impl Into<String>) -> Rejected {
+fn rejected(reason: ListRejection, detail: impl Into<String>) -> Rejected {
     Rejected {
         reason,
         detail: detail.into(),
@@ -51,7 +66,7 @@ fn rejected(reason: &'static str, detail: impl Into<String>) -> Rejected {
 pub fn parse_update(payload: &[u8], max_bytes: usize) -> Result<ParsedUpdate<'_>, Rejected> {
     if payload.len() > max_bytes {
         return Err(rejected(
-            "too_large",
+            ListRejection::TooLarge,
             format!("{} bytes, limit {max_bytes}", payload.len()),
         ));
     }
@@ -69,8 +84,10 @@ fn json_rejection(e: serde_json::Error) -> Rejected {
     use serde_json::error::Category;
     // serde_json's message names the field and position but never echoes values.
     match e.classify() {
-        Category::Data => rejected("wrong_shape", e.to_string()),
-        Category::Syntax | Category::Eof | Category::Io => rejected("bad_json", e.to_string()),
+        Category::Data => rejected(ListRejection::WrongShape, e.to_string()),
+        Category::Syntax | Category::Eof | Category::Io => {
+            rejected(ListRejection::BadJson, e.to_string())
+        }
     }
 }
 
@@ -79,7 +96,7 @@ fn json_rejection(e: serde_json::Error) -> Rejected {
 fn validate_entries<E: AsKeyEntry>(entries: &[E]) -> Result<(), Rejected> {
     for (i, e) in entries.iter().enumerate() {
         let e = e.fields();
-        let bad = |what: &str| rejected("invalid_entry", format!("entry {i}: {what}"));
+        let bad = |what: &str| rejected(ListRejection::InvalidEntry, format!("entry {i}: {what}"));
         let mut broken = update::check_api_key(e.api_key);
         // A block may leave its app id empty; one it states must be usable.
         if broken.is_ok() && (*e.status == KeyStatus::Ok || !e.app_id.is_empty()) {
@@ -99,7 +116,7 @@ fn validate_entries<E: AsKeyEntry>(entries: &[E]) -> Result<(), Rejected> {
 fn record_applied(store: &KeyStore, metrics: &Metrics, source: Source, applied: Applied) {
     metrics.key_updates_applied.inc();
     metrics.key_entries_ignored.inc_by(applied.ignored as u64);
-    metrics.key_list_applied(source.as_str(), now_ms() / 1000);
+    metrics.key_list_applied(source, now_ms() / 1000);
     let view = store.view();
     metrics.set_key_counts(view.len(), view.blocked());
     metrics.ready.set(1);
@@ -135,7 +152,7 @@ pub fn apply_billing_message(
         Err(r) => {
             metrics.key_update_rejected(r.reason);
             tracing::warn!(
-                reason = r.reason,
+                reason = r.reason.as_str(),
                 detail = %r.detail,
                 bytes = payload.len(),
                 "rejected billing key update; key store unchanged"
@@ -158,7 +175,7 @@ fn record_skipped(metrics: &Metrics, skipped: &[Skipped], total: usize) {
     }
     for (reason, n) in SkipReason::ALL.iter().zip(counts) {
         if n > 0 {
-            metrics.key_entries_skipped(reason.as_str(), n);
+            metrics.key_entries_skipped(*reason, n);
         }
     }
     let mut listed = String::new();
@@ -193,7 +210,7 @@ pub fn load_snapshot(store: &KeyStore, metrics: &Metrics, path: &Path) {
             return;
         }
         Err(e) => {
-            metrics.key_update_rejected("snapshot_unreadable");
+            metrics.key_update_rejected(ListRejection::SnapshotUnreadable);
             tracing::error!(path = %path.display(), error = %e, "cannot read key snapshot");
             return;
         }
@@ -205,7 +222,7 @@ pub fn load_snapshot(store: &KeyStore, metrics: &Metrics, path: &Path) {
         }
         Err(r) => {
             metrics.key_update_rejected(r.reason);
-            tracing::error!(path = %path.display(), reason = r.reason, detail = %r.detail,
+            tracing::error!(path = %path.display(), reason = r.reason.as_str(), detail = %r.detail,
                 "ignoring corrupt key snapshot");
         }
     }
@@ -295,7 +312,8 @@ fn file_stamp(path: &Path) -> Option<(SystemTime, u64, u64)> {
 
 /// Reads and applies the keys file. Errors leave the file layer as it was.
 pub fn load_keys_file(store: &KeyStore, metrics: &Metrics, path: &Path) -> Result<(), Rejected> {
-    let bytes = std::fs::read(path).map_err(|e| rejected("file_unreadable", e.to_string()));
+    let bytes =
+        std::fs::read(path).map_err(|e| rejected(ListRejection::FileUnreadable, e.to_string()));
     let result = bytes
         .as_deref()
         .map_err(Rejected::clone)
@@ -303,14 +321,14 @@ pub fn load_keys_file(store: &KeyStore, metrics: &Metrics, path: &Path) -> Resul
     match result {
         Ok(list) => {
             let applied = store.replace_file(&list.keys);
-            metrics.keys_file_reload("ok");
+            metrics.keys_file_reload(true);
             record_applied(store, metrics, Source::File, applied);
             Ok(())
         }
         Err(r) => {
-            metrics.keys_file_reload("error");
+            metrics.keys_file_reload(false);
             metrics.key_update_rejected(r.reason);
-            tracing::error!(path = %path.display(), reason = r.reason, detail = %r.detail,
+            tracing::error!(path = %path.display(), reason = r.reason.as_str(), detail = %r.detail,
                 "keys file rejected; keeping the keys loaded before");
             Err(r)
         }
@@ -367,10 +385,9 @@ mod tests {
 
     const MAX: usize = 1 << 20;
 
-    /// The metric pre-creates a series per reason; a new reason must be added there.
+    /// No reason is listed (and pre-created as a series) that nothing can produce.
     #[test]
-    fn every_rejection_reason_is_a_known_metric_label() {
-        use crate::metrics::KEY_UPDATE_REJECTIONS;
+    fn every_rejection_reason_has_a_path_that_produces_it() {
         let reasons = [
             parse_update(b"{", MAX).unwrap_err().reason,
             parse_update(br#"{"updates": 1}"#, MAX).unwrap_err().reason,
@@ -385,11 +402,13 @@ mod tests {
             )
             .unwrap_err()
             .reason,
-            "snapshot_unreadable",
         ];
-        for reason in reasons {
-            assert!(KEY_UPDATE_REJECTIONS.contains(&reason), "{reason}");
-        }
+        let mut seen: Vec<_> = reasons.iter().map(|r| r.as_str()).collect();
+        seen.push(ListRejection::SnapshotUnreadable.as_str());
+        seen.sort();
+        let mut all = ListRejection::ALL.map(ListRejection::as_str);
+        all.sort();
+        assert_eq!(seen, all, "each reason has a path that produces it");
     }
 
     #[test]
@@ -405,10 +424,18 @@ mod tests {
         ];
         for (payload, reason) in cases {
             let r = parse_update(payload, MAX).unwrap_err();
-            assert_eq!(r.reason, *reason, "{}", String::from_utf8_lossy(payload));
+            assert_eq!(
+                r.reason.as_str(),
+                *reason,
+                "{}",
+                String::from_utf8_lossy(payload)
+            );
         }
         let big = vec![b' '; 2048];
-        assert_eq!(parse_update(&big, 1024).unwrap_err().reason, "too_large");
+        assert_eq!(
+            parse_update(&big, 1024).unwrap_err().reason,
+            ListRejection::TooLarge
+        );
         // What the strict parser used to reject whole now applies entry by entry.
         for payload in [
             &b"{\"timestamp\": 1}"[..],
@@ -573,7 +600,10 @@ mod tests {
             ),
         ] {
             let r = parse_key_list(list).unwrap_err();
-            assert_eq!((r.reason, r.detail.as_str()), ("invalid_entry", detail));
+            assert_eq!(
+                (r.reason, r.detail.as_str()),
+                (ListRejection::InvalidEntry, detail)
+            );
         }
         // What the billing layer can hold, the snapshot can hold: inner spaces, blocks
         // without an app id.

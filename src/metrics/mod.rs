@@ -9,7 +9,9 @@
 //! series exists before its first event: `increase()` and `rate()` then see the first
 //! `outbox_full` too, and dashboards show 0 instead of "no data".
 
+pub(crate) mod label;
 pub mod process;
+pub(crate) use label::label_enum;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -29,41 +31,11 @@ pub const MAX_MODULE_LABELS: usize = 64;
 /// The `module` label of records whose module arrived after the cap was reached.
 pub const OTHER_MODULE: &str = "_other";
 
-/// Why the recorder (not the header contract) rejected records: the outbox is full,
-/// a record exceeds the outbox's frame limit, a disk error, or keymeter is stopping.
-/// Unlike contract reasons these are records a backend declared correctly and that
-/// are lost.
-pub const PIPELINE_REJECTIONS: [&str; 4] = [
-    "outbox_full",
-    "record_too_large",
-    "outbox_error",
-    "shutting_down",
-];
-
-/// Reasons a key list (billing message, snapshot or keys file) is rejected whole.
-/// `invalid_entry` is for files only: a message skips its bad entries one by one
-/// (`keymeter_key_entries_skipped_total`).
-pub const KEY_UPDATE_REJECTIONS: [&str; 6] = [
-    "too_large",
-    "bad_json",
-    "wrong_shape",
-    "invalid_entry",
-    "file_unreadable",
-    "snapshot_unreadable",
-];
-
-/// What a refused publish carried: the `message` label of `keymeter_publish_refused_total`.
-const PUBLISH_MESSAGES: [&str; 2] = [
-    crate::mqtt::PUBLISH_REPORT,
-    crate::mqtt::PUBLISH_KEYS_REQUEST,
-];
-
-/// Why a well-formed billing key update is not applied: the `reason` label of
-/// `keymeter_key_updates_ignored_total`.
-const KEY_UPDATE_IGNORED: [&str; 1] = [crate::mqtt::KEY_UPDATE_RETAINED];
-
-/// Key sources, the `source` label of the per-source last-update time.
-const KEY_SOURCES: [&str; 3] = ["billing", "snapshot", "file"];
+use crate::keys::Source;
+use crate::keys::sync::ListRejection;
+use crate::mqtt::{Ignored, Published, Refusal};
+use crate::usage::recorder::Lost;
+use crate::usage::{MetadataProblem, Rejection};
 
 /// Check outcomes, one counter each.
 pub struct CheckOutcomes {
@@ -586,26 +558,27 @@ impl Metrics {
     /// Creates every series whose label values come from a fixed set, at 0.
     fn create_known_series(&self) {
         self.set_key_counts(0, 0);
-        for reason in KEY_UPDATE_REJECTIONS {
+        for reason in ListRejection::ALL {
             let _ = self
                 .key_updates_rejected
-                .get_or_create(&vec![("reason", reason)]);
+                .get_or_create(&vec![("reason", reason.as_str())]);
         }
-        for reason in KEY_UPDATE_IGNORED {
+        for reason in Ignored::ALL {
             let _ = self
                 .key_updates_ignored
-                .get_or_create(&vec![("reason", reason)]);
+                .get_or_create(&vec![("reason", reason.as_str())]);
         }
         for reason in crate::keys::update::SkipReason::ALL {
             let _ = self
                 .key_entries_skipped
                 .get_or_create(&vec![("reason", reason.as_str())]);
         }
-        for message in PUBLISH_MESSAGES {
-            for reason in crate::mqtt::Refusal::ALL {
-                let _ = self
-                    .publish_refused
-                    .get_or_create(&vec![("message", message), ("reason", reason.as_str())]);
+        for message in Published::ALL {
+            for reason in Refusal::ALL {
+                let _ = self.publish_refused.get_or_create(&vec![
+                    ("message", message.as_str()),
+                    ("reason", reason.as_str()),
+                ]);
             }
         }
         for result in ["ok", "error"] {
@@ -628,13 +601,13 @@ impl Metrics {
                 .access_log_entries_skipped
                 .get_or_create(&vec![("reason", why.as_str())]);
         }
-        for problem in crate::usage::MetadataProblem::ALL {
+        for problem in MetadataProblem::ALL {
             let _ = self
                 .metadata_dropped
                 .get_or_create(&vec![("reason", problem.as_str())]);
         }
-        let contract = crate::usage::Rejection::ALL.map(|r| r.as_str());
-        for reason in contract.into_iter().chain(PIPELINE_REJECTIONS) {
+        let contract = Rejection::ALL.map(Rejection::as_str);
+        for reason in contract.into_iter().chain(Lost::ALL.map(Lost::as_str)) {
             let _ = self
                 .records_rejected
                 .get_or_create(&vec![("reason", reason)]);
@@ -651,12 +624,11 @@ impl Metrics {
             .set(blocked as i64);
     }
 
-    /// A key list change from `source` (`billing`, `snapshot`, `file`) was applied now.
-    pub fn key_list_applied(&self, source: &'static str, unix_secs: i64) {
+    /// A key list change from `source` was applied now.
+    pub fn key_list_applied(&self, source: Source, unix_secs: i64) {
         self.key_last_update.set(unix_secs);
-        debug_assert!(KEY_SOURCES.contains(&source), "unknown key source {source}");
         self.key_source_last_update
-            .get_or_create(&vec![("source", source)])
+            .get_or_create(&vec![("source", source.as_str())])
             .set(unix_secs);
     }
 
@@ -684,60 +656,62 @@ impl Metrics {
         }
     }
 
-    pub fn key_update_rejected(&self, reason: &'static str) {
+    pub fn key_update_rejected(&self, reason: ListRejection) {
         self.key_updates_rejected
-            .get_or_create(&vec![("reason", reason)])
+            .get_or_create(&vec![("reason", reason.as_str())])
             .inc();
     }
 
-    /// A billing key update not applied for `reason` (`retained`).
-    pub fn key_update_ignored(&self, reason: &'static str) {
-        debug_assert!(
-            KEY_UPDATE_IGNORED.contains(&reason),
-            "unknown reason {reason}"
-        );
+    /// A billing key update not applied for `reason`.
+    pub fn key_update_ignored(&self, reason: Ignored) {
         self.key_updates_ignored
-            .get_or_create(&vec![("reason", reason)])
+            .get_or_create(&vec![("reason", reason.as_str())])
             .inc();
     }
 
-    /// `n` entries of one key update skipped for `reason` (a `SkipReason` label).
-    pub fn key_entries_skipped(&self, reason: &'static str, n: u64) {
+    /// `n` entries of one key update skipped for `reason`.
+    pub fn key_entries_skipped(&self, reason: crate::keys::update::SkipReason, n: u64) {
         self.key_entries_skipped
-            .get_or_create(&vec![("reason", reason)])
+            .get_or_create(&vec![("reason", reason.as_str())])
             .inc_by(n);
     }
 
-    /// The broker refused a publish of `message` (`report`, `keys_request`) for
-    /// `reason` (a `Refusal` label).
-    pub fn publish_refused(&self, message: &'static str, reason: &'static str) {
-        debug_assert!(
-            PUBLISH_MESSAGES.contains(&message),
-            "unknown message {message}"
-        );
+    /// The broker refused a publish of `message` for `reason`.
+    pub fn publish_refused(&self, message: Published, reason: Refusal) {
         self.publish_refused
-            .get_or_create(&vec![("message", message), ("reason", reason)])
+            .get_or_create(&vec![
+                ("message", message.as_str()),
+                ("reason", reason.as_str()),
+            ])
             .inc();
     }
 
-    pub fn keys_file_reload(&self, result: &'static str) {
+    /// The keys file was read and applied (`ok`), or rejected.
+    pub fn keys_file_reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
         self.keys_file_reloads
             .get_or_create(&vec![("result", result)])
             .inc();
     }
 
-    /// An HTTP access-log entry that bills nothing: `denied`, `no_key`, `unknown_key`,
-    /// `no_usage`.
-    pub fn entry_not_billed(&self, reason: &'static str) {
+    /// An HTTP access-log entry that bills nothing.
+    pub fn entry_not_billed(&self, reason: crate::accesslog::NotBilled) {
         self.entries_not_billed
-            .get_or_create(&vec![("reason", reason)])
+            .get_or_create(&vec![("reason", reason.as_str())])
             .inc();
     }
 
-    /// `n` records rejected for `reason` (a contract reason, `outbox_full`, ...).
-    pub fn records_rejected(&self, reason: &'static str, n: u64) {
+    /// `n` declared records rejected by the header contract.
+    pub fn records_rejected(&self, reason: Rejection, n: u64) {
         self.records_rejected
-            .get_or_create(&vec![("reason", reason)])
+            .get_or_create(&vec![("reason", reason.as_str())])
+            .inc_by(n);
+    }
+
+    /// `n` correctly declared records the pipeline could not take: lost.
+    pub fn records_lost(&self, reason: Lost, n: u64) {
+        self.records_rejected
+            .get_or_create(&vec![("reason", reason.as_str())])
             .inc_by(n);
     }
 
@@ -793,7 +767,7 @@ mod tests {
     fn renders_counters_with_units_and_fixed_labels() {
         let m = Metrics::new();
         m.checks.allowed.inc();
-        m.key_update_rejected("bad_json");
+        m.key_update_rejected(ListRejection::BadJson);
         m.set_key_counts(3, 1);
         let text = m.render();
         assert!(text.contains("keymeter_check_requests_total{outcome=\"allowed\"} 1"));
@@ -847,8 +821,8 @@ mod tests {
     #[test]
     fn key_updates_are_timed_per_source() {
         let m = Metrics::new();
-        m.key_list_applied("snapshot", 1_000);
-        m.key_list_applied("billing", 2_000);
+        m.key_list_applied(Source::Snapshot, 1_000);
+        m.key_list_applied(Source::Billing, 2_000);
         let text = m.render();
         assert!(text.contains("keymeter_key_last_update_timestamp_seconds 2000"));
         assert!(text.contains(

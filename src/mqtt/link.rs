@@ -17,17 +17,30 @@ use super::protocol::{Client, Event, EventLoop, Refusal};
 use super::publisher::Publisher;
 use crate::clock::now_ms;
 use crate::config::Topics;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, label_enum};
 
 /// First reconnect delay; doubles up to `mqtt.reconnect_max_secs`.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 /// How long a stopping keymeter waits for PUBACKs of records already sent.
 const PUBACK_WAIT_AT_SHUTDOWN: Duration = Duration::from_secs(2);
-/// The `reason` label of `keymeter_key_updates_ignored_total` for a retained update.
-pub(crate) const KEY_UPDATE_RETAINED: &str = "retained";
-/// The `message` label of `keymeter_publish_refused_total`.
-pub(crate) const PUBLISH_REPORT: &str = "report";
-pub(crate) const PUBLISH_KEYS_REQUEST: &str = "keys_request";
+label_enum! {
+    /// Why a well-formed billing key update is not applied: the `reason` label of
+    /// `keymeter_key_updates_ignored_total`.
+    pub enum Ignored {
+        /// A retained message: the broker's copy of an old list, not the billing
+        /// system speaking now.
+        Retained => "retained",
+    }
+}
+
+label_enum! {
+    /// What a refused publish carried: the `message` label of
+    /// `keymeter_publish_refused_total`.
+    pub enum Published {
+        Report => "report",
+        KeysRequest => "keys_request",
+    }
+}
 
 /// Why the session must start over although the connection did not fail.
 struct Restart(String);
@@ -179,7 +192,7 @@ impl Connection {
                 // Stored on the broker by whoever once published it with the retain flag:
                 // possibly long ago, possibly not the billing system. Only live updates
                 // and answers to this connection's key list request apply.
-                self.metrics.key_update_ignored(KEY_UPDATE_RETAINED);
+                self.metrics.key_update_ignored(Ignored::Retained);
                 tracing::warn!(topic = %topic, bytes = payload.len(),
                     "ignored a retained key update: a retained key list may be stale or planted \
                      (clear it on the broker: README \"Broker ACLs\")");
@@ -217,7 +230,7 @@ impl Connection {
                     }
                     (Sent::KeysRequest, Some(refusal)) => {
                         self.metrics
-                            .publish_refused(PUBLISH_KEYS_REQUEST, refusal.as_str());
+                            .publish_refused(Published::KeysRequest, refusal);
                         tracing::error!(topic = %self.topics.keys_request, reason = refusal.as_str(),
                             code = refusal.code(), retry_in_s = self.keys_retry_every.as_secs(),
                             "the broker refused the key list request: no key list will come \
@@ -283,8 +296,7 @@ impl Connection {
     /// published again later. Logged loudly once per run of refusals, never with its
     /// payload (it holds an API key).
     fn record_refused(&mut self, seq: u64, payload: Bytes, refusal: Refusal) {
-        self.metrics
-            .publish_refused(PUBLISH_REPORT, refusal.as_str());
+        self.metrics.publish_refused(Published::Report, refusal);
         let retry_in = self.publisher.refused(seq, payload);
         self.refusals_in_a_row += 1;
         if self.refusals_in_a_row == 1 {

@@ -32,7 +32,7 @@ use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use inflight::InFlight;
 use link::Connection;
-pub(crate) use link::{KEY_UPDATE_RETAINED, PUBLISH_KEYS_REQUEST, PUBLISH_REPORT};
+pub use link::{Ignored, Published};
 pub use protocol::{BrokerOptions, Refusal};
 use publisher::Publisher;
 pub use tls::tls_config;

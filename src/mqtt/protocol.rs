@@ -4,6 +4,7 @@
 //! a refused subscription. Both versions get the same options: clean session, the
 //! same keep-alive, login, TLS and packet size limits.
 
+use crate::metrics::label_enum;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -164,42 +165,21 @@ impl RequestQueue for Client {
     }
 }
 
-/// Why the broker refused a publish: an MQTT 5 PUBACK reason code of 0x80 or above,
-/// as a metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    UnspecifiedError,
-    ImplementationSpecificError,
-    NotAuthorized,
-    TopicNameInvalid,
-    PacketIdentifierInUse,
-    QuotaExceeded,
-    PayloadFormatInvalid,
+label_enum! {
+    /// Why the broker refused a publish: an MQTT 5 PUBACK reason code of 0x80 or above,
+    /// as a metric label.
+    pub enum Refusal {
+        UnspecifiedError => "unspecified_error",
+        ImplementationSpecificError => "implementation_specific_error",
+        NotAuthorized => "not_authorized",
+        TopicNameInvalid => "topic_name_invalid",
+        PacketIdentifierInUse => "packet_identifier_in_use",
+        QuotaExceeded => "quota_exceeded",
+        PayloadFormatInvalid => "payload_format_invalid",
+    }
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 7] = [
-        Refusal::UnspecifiedError,
-        Refusal::ImplementationSpecificError,
-        Refusal::NotAuthorized,
-        Refusal::TopicNameInvalid,
-        Refusal::PacketIdentifierInUse,
-        Refusal::QuotaExceeded,
-        Refusal::PayloadFormatInvalid,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Refusal::UnspecifiedError => "unspecified_error",
-            Refusal::ImplementationSpecificError => "implementation_specific_error",
-            Refusal::NotAuthorized => "not_authorized",
-            Refusal::TopicNameInvalid => "topic_name_invalid",
-            Refusal::PacketIdentifierInUse => "packet_identifier_in_use",
-            Refusal::QuotaExceeded => "quota_exceeded",
-            Refusal::PayloadFormatInvalid => "payload_format_invalid",
-        }
-    }
-
     /// The reason code on the wire.
     pub fn code(self) -> u8 {
         match self {

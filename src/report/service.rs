@@ -1,6 +1,7 @@
 //! The gRPC side of the Report API: the caller's key through `authz::decide`, the
 //! answer as a gRPC status, the records through the recorder with fsync.
 
+use crate::usage::recorder::Ingress;
 use std::sync::atomic::Ordering;
 
 use tonic::{Request, Response, Status};
@@ -79,7 +80,8 @@ impl UsageApi for ReportService {
         let records = match self.records(&app_id, &api_key, &request.records, now, call) {
             Ok(records) => records,
             Err((i, RecordProblem::Invalid(reason))) => {
-                self.recorder.reject(reason, "report_api", &app_id, "");
+                self.recorder
+                    .reject(reason, Ingress::ReportApi, &app_id, "");
                 return Err(Status::invalid_argument(format!(
                     "records[{i}]: {reason}; nothing was recorded"
                 )));

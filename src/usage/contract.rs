@@ -9,6 +9,7 @@
 //! Per field, the first source that has it wins: trailers, then headers, then metadata.
 //! `records`, when present, is the whole declaration and the single fields are ignored.
 
+use crate::metrics::label_enum;
 use std::collections::HashMap;
 
 use serde_json::value::RawValue;
@@ -34,30 +35,13 @@ pub struct Usage {
     pub metadata_dropped: Option<MetadataProblem>,
 }
 
-/// Why declared metadata was unusable. `as_str` is the metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum MetadataProblem {
-    NotUtf8,
-    InvalidJson,
-    NotObject,
-    TooLarge,
-}
-
-impl MetadataProblem {
-    pub const ALL: [MetadataProblem; 4] = [
-        MetadataProblem::NotUtf8,
-        MetadataProblem::InvalidJson,
-        MetadataProblem::NotObject,
-        MetadataProblem::TooLarge,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            MetadataProblem::NotUtf8 => "not_utf8",
-            MetadataProblem::InvalidJson => "invalid_json",
-            MetadataProblem::NotObject => "not_object",
-            MetadataProblem::TooLarge => "too_large",
-        }
+label_enum! {
+    /// Why declared metadata was unusable. `as_str` is the metric label.
+    pub enum MetadataProblem {
+        NotUtf8 => "not_utf8",
+        InvalidJson => "invalid_json",
+        NotObject => "not_object",
+        TooLarge => "too_large",
     }
 }
 
@@ -74,60 +58,23 @@ impl From<MetadataProblem> for Rejection {
     }
 }
 
-/// Why a declaration was rejected. `as_str` is the metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Rejection {
-    UsageMissing,
-    UsageNotANumber,
-    UsageNegative,
-    UsageOverflow,
-    ModuleMissing,
-    ModuleInvalid,
-    ModelMissing,
-    ModelInvalid,
-    MetadataInvalidJson,
-    MetadataNotObject,
-    MetadataTooLarge,
-    RecordsInvalid,
-    TooManyRecords,
-    NotUtf8,
-}
-
-impl Rejection {
-    pub const ALL: [Rejection; 14] = [
-        Rejection::UsageMissing,
-        Rejection::UsageNotANumber,
-        Rejection::UsageNegative,
-        Rejection::UsageOverflow,
-        Rejection::ModuleMissing,
-        Rejection::ModuleInvalid,
-        Rejection::ModelMissing,
-        Rejection::ModelInvalid,
-        Rejection::MetadataInvalidJson,
-        Rejection::MetadataNotObject,
-        Rejection::MetadataTooLarge,
-        Rejection::RecordsInvalid,
-        Rejection::TooManyRecords,
-        Rejection::NotUtf8,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Rejection::UsageMissing => "usage_missing",
-            Rejection::UsageNotANumber => "usage_not_a_number",
-            Rejection::UsageNegative => "usage_negative",
-            Rejection::UsageOverflow => "usage_overflow",
-            Rejection::ModuleMissing => "module_missing",
-            Rejection::ModuleInvalid => "module_invalid",
-            Rejection::ModelMissing => "model_missing",
-            Rejection::ModelInvalid => "model_invalid",
-            Rejection::MetadataInvalidJson => "metadata_invalid_json",
-            Rejection::MetadataNotObject => "metadata_not_object",
-            Rejection::MetadataTooLarge => "metadata_too_large",
-            Rejection::RecordsInvalid => "records_invalid",
-            Rejection::TooManyRecords => "too_many_records",
-            Rejection::NotUtf8 => "not_utf8",
-        }
+label_enum! {
+    /// Why a declaration was rejected. `as_str` is the metric label.
+    pub enum Rejection {
+        UsageMissing => "usage_missing",
+        UsageNotANumber => "usage_not_a_number",
+        UsageNegative => "usage_negative",
+        UsageOverflow => "usage_overflow",
+        ModuleMissing => "module_missing",
+        ModuleInvalid => "module_invalid",
+        ModelMissing => "model_missing",
+        ModelInvalid => "model_invalid",
+        MetadataInvalidJson => "metadata_invalid_json",
+        MetadataNotObject => "metadata_not_object",
+        MetadataTooLarge => "metadata_too_large",
+        RecordsInvalid => "records_invalid",
+        TooManyRecords => "too_many_records",
+        NotUtf8 => "not_utf8",
     }
 }
 

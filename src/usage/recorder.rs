@@ -6,10 +6,35 @@ use std::time::Duration;
 
 use crate::clock::now_ms;
 use crate::log_limit::LogLimiter;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, label_enum};
 use crate::outbox::{AppendError, Durability, NewRecord, Outbox};
 
 use super::{MetadataProblem, Rejection, UsageRecord};
+
+label_enum! {
+    /// Why the recorder (not the header contract) could not take records: unlike
+    /// contract reasons these are records a backend declared correctly, and they are
+    /// lost. The `reason` label of `keymeter_usage_records_rejected_total`, beside the
+    /// contract's reasons.
+    pub enum Lost {
+        /// The outbox budget is used up (the broker is behind).
+        OutboxFull => "outbox_full",
+        /// A record is larger than the outbox's frame limit.
+        RecordTooLarge => "record_too_large",
+        /// The disk failed.
+        OutboxError => "outbox_error",
+        /// keymeter is stopping.
+        ShuttingDown => "shutting_down",
+    }
+}
+
+label_enum! {
+    /// Which ingress declared a record: a field of the rejection log lines.
+    pub enum Ingress {
+        AccessLog => "access_log",
+        ReportApi => "report_api",
+    }
+}
 
 /// At most one rejection log line per this interval; the rest are counted.
 const REJECTION_LOG_INTERVAL: Duration = Duration::from_secs(1);
@@ -68,12 +93,12 @@ impl Recorder {
             }
             Err(e) => {
                 let reason = match e {
-                    AppendError::Full { .. } => "outbox_full",
-                    AppendError::TooLarge { .. } => "record_too_large",
-                    AppendError::Io(_) => "outbox_error",
-                    AppendError::Closed => "shutting_down",
+                    AppendError::Full { .. } => Lost::OutboxFull,
+                    AppendError::TooLarge { .. } => Lost::RecordTooLarge,
+                    AppendError::Io(_) => Lost::OutboxError,
+                    AppendError::Closed => Lost::ShuttingDown,
                 };
-                self.metrics.records_rejected(reason, n);
+                self.metrics.records_lost(reason, n);
                 // The outbox logs a full budget loudly itself; an I/O error is ours to say.
                 if !matches!(e, AppendError::Full { .. }) {
                     tracing::error!(error = %e, records = n, "usage records could not be written to the outbox and are LOST");
@@ -84,9 +109,9 @@ impl Recorder {
     }
 
     /// Counts a rejected declaration and logs it (rate-limited).
-    pub fn reject(&self, reason: Rejection, source: &str, app_id: &str, path: &str) {
+    pub fn reject(&self, reason: Rejection, source: Ingress, app_id: &str, path: &str) {
         self.metrics.records_received.inc();
-        self.metrics.records_rejected(reason.as_str(), 1);
+        self.metrics.records_rejected(reason, 1);
         let what = "usage rejected; nothing billed for it";
         self.log_limited(reason.as_str(), source, app_id, path, what);
     }
@@ -96,7 +121,7 @@ impl Recorder {
     pub fn metadata_dropped(
         &self,
         problem: MetadataProblem,
-        source: &str,
+        source: Ingress,
         app_id: &str,
         path: &str,
     ) {
@@ -107,7 +132,7 @@ impl Recorder {
 
     /// Logs `what` happened to a declaration at most once a
     /// [`REJECTION_LOG_INTERVAL`], with the number of lines held back since the last one.
-    fn log_limited(&self, reason: &str, source: &str, app_id: &str, path: &str, what: &str) {
+    fn log_limited(&self, reason: &str, source: Ingress, app_id: &str, path: &str, what: &str) {
         let admitted = self
             .rejections_logged
             .lock()
@@ -116,7 +141,7 @@ impl Recorder {
         if let Some(suppressed) = admitted {
             tracing::warn!(
                 reason,
-                source,
+                source = source.as_str(),
                 app_id,
                 path,
                 suppressed_since_last_log = suppressed,
