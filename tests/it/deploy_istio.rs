@@ -1,0 +1,943 @@
+//! deploy/istio/ checked without Istio: every YAML document is parsed and what
+//! matters is asserted, the lists that must match deploy/envoy/envoy.yaml (the
+//! plain-Envoy config that the integration tests run) are compared with it, and
+//! the EnvoyFilter's HTTP filter is loaded by a real Envoy (`--mode validate`).
+//! So the Istio manifests cannot drift from the tested Envoy config or rot.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Deserialize;
+use serde_yaml::Value;
+
+const EXT_AUTHZ_PROVIDER: &str = "keymeter-ext-authz";
+const ALS_PROVIDER: &str = "keymeter-als";
+/// keymeter's gRPC port (`listen.grpc` default): Check and AccessLogService.
+const KEYMETER_GRPC_PORT: u64 = 9191;
+/// The backend header contract (README, `usage.headers.*` defaults).
+const USAGE_HEADERS: [&str; 5] = [
+    "x-billing-module",
+    "x-billing-model",
+    "x-billing-usage",
+    "x-billing-metadata",
+    "x-billing-records",
+];
+/// `usage.metadata_namespace` default.
+const METADATA_NAMESPACE: &str = "keymeter";
+const HEADER_TO_METADATA: &str = "envoy.filters.http.header_to_metadata";
+const HEADER_TO_METADATA_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.header_to_metadata.v3.Config";
+
+/// Fields of Istio's `EnvoyExternalAuthorizationGrpcProvider` (istio/api
+/// mesh/v1alpha1/config.proto). Istio silently ignores unknown fields in mesh
+/// config (pkg/util/protomarshal ApplyYAML), so a misspelt or misplaced field,
+/// e.g. the HTTP provider's `includeRequestHeadersInCheck`, would go unnoticed.
+const EXT_AUTHZ_GRPC_FIELDS: [&str; 6] = [
+    "service",
+    "port",
+    "timeout",
+    "failOpen",
+    "statusOnError",
+    "includeRequestBodyInCheck",
+];
+/// Fields of Istio's `EnvoyHttpGrpcV3LogProvider` (same file). No buffer settings.
+const HTTP_ALS_FIELDS: [&str; 7] = [
+    "service",
+    "port",
+    "logName",
+    "filterStateObjectsToLog",
+    "additionalRequestHeadersToLog",
+    "additionalResponseHeadersToLog",
+    "additionalResponseTrailersToLog",
+];
+
+// ---------------------------------------------------------------------------
+// Loading and navigating YAML
+// ---------------------------------------------------------------------------
+
+struct Doc {
+    file: String,
+    value: Value,
+}
+
+impl Doc {
+    fn kind(&self) -> &str {
+        str_at(&self.value, "kind")
+    }
+}
+
+fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+fn parse_documents(path: &Path) -> Vec<Value> {
+    let text =
+        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| {
+            Value::deserialize(doc).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
+        })
+        // A leading or trailing `---` yields an empty document.
+        .filter(|value| !value.is_null())
+        .collect()
+}
+
+/// Every document of every `*.yaml`/`*.yml` file in deploy/istio/, in file-name order.
+fn istio_docs() -> Vec<Doc> {
+    let dir = repo_path("deploy/istio");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+        .map(|entry| entry.expect("read dir entry").path())
+        .filter(|path| path.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no YAML files in {}", dir.display());
+    files
+        .iter()
+        .flat_map(|path| {
+            let file = path.file_name().unwrap().to_string_lossy().into_owned();
+            parse_documents(path).into_iter().map(move |value| Doc {
+                file: file.clone(),
+                value,
+            })
+        })
+        .collect()
+}
+
+/// The one AuthorizationPolicy with `action`; panics if there is none or more than one.
+fn policy_with_action<'a>(docs: &'a [Doc], action: &str) -> &'a Doc {
+    let found: Vec<&Doc> = docs
+        .iter()
+        .filter(|d| d.kind() == "AuthorizationPolicy" && str_at(&d.value, "spec.action") == action)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected exactly one AuthorizationPolicy with action {action} in deploy/istio"
+    );
+    found[0]
+}
+
+/// The one document of `kind`; panics if there is none or more than one.
+fn one_of_kind<'a>(docs: &'a [Doc], kind: &str) -> &'a Doc {
+    let found: Vec<&Doc> = docs.iter().filter(|d| d.kind() == kind).collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected exactly one {kind} in deploy/istio, found {}",
+        found.len()
+    );
+    found[0]
+}
+
+/// `value` at a dotted path (`spec.selector.matchLabels`, `rules.0.to`).
+fn at<'a>(value: &'a Value, path: &str) -> &'a Value {
+    path.split('.').fold(value, |current, key| {
+        let next = match key.parse::<usize>() {
+            Ok(index) => current.get(index),
+            Err(_) => current.get(key),
+        };
+        next.unwrap_or_else(|| panic!("`{path}`: no `{key}` in {current:?}"))
+    })
+}
+
+fn at_mut<'a>(value: &'a mut Value, path: &str) -> &'a mut Value {
+    path.split('.').fold(value, |current, key| {
+        let next = match key.parse::<usize>() {
+            Ok(index) => current.get_mut(index),
+            Err(_) => current.get_mut(key),
+        };
+        next.unwrap_or_else(|| panic!("`{path}`: no `{key}`"))
+    })
+}
+
+fn str_at<'a>(value: &'a Value, path: &str) -> &'a str {
+    at(value, path)
+        .as_str()
+        .unwrap_or_else(|| panic!("`{path}` is not a string: {:?}", at(value, path)))
+}
+
+fn seq_at<'a>(value: &'a Value, path: &str) -> &'a Vec<Value> {
+    at(value, path)
+        .as_sequence()
+        .unwrap_or_else(|| panic!("`{path}` is not a list: {:?}", at(value, path)))
+}
+
+fn strings_at(value: &Value, path: &str) -> Vec<String> {
+    seq_at(value, path)
+        .iter()
+        .map(|v| {
+            v.as_str()
+                .unwrap_or_else(|| panic!("`{path}` has a non-string item {v:?}"))
+                .to_owned()
+        })
+        .collect()
+}
+
+fn keys(value: &Value) -> Vec<String> {
+    value
+        .as_mapping()
+        .unwrap_or_else(|| panic!("not a mapping: {value:?}"))
+        .keys()
+        .map(|k| k.as_str().expect("string key").to_owned())
+        .collect()
+}
+
+/// Every mapping anywhere below `value` whose `name` is `name`.
+fn find_named<'a>(value: &'a Value, name: &str) -> Vec<&'a Value> {
+    let mut found = Vec::new();
+    fn walk<'a>(value: &'a Value, name: &str, found: &mut Vec<&'a Value>) {
+        match value {
+            Value::Mapping(map) => {
+                if map.get("name").and_then(Value::as_str) == Some(name) {
+                    found.push(value);
+                }
+                map.values().for_each(|v| walk(v, name, found));
+            }
+            Value::Sequence(items) => items.iter().for_each(|v| walk(v, name, found)),
+            Value::Tagged(tagged) => walk(&tagged.value, name, found),
+            _ => {}
+        }
+    }
+    walk(value, name, &mut found);
+    found
+}
+
+/// The one mapping named `name` in deploy/envoy/envoy.yaml.
+fn envoy_deploy_named(name: &str) -> Value {
+    let docs = parse_documents(&crate::support::deploy_config_path());
+    assert_eq!(docs.len(), 1, "deploy/envoy/envoy.yaml is one document");
+    let found = find_named(&docs[0], name);
+    assert_eq!(
+        found.len(),
+        1,
+        "expected exactly one `name: {name}` in deploy/envoy/envoy.yaml"
+    );
+    found[0].clone()
+}
+
+/// A protobuf JSON duration ("0.25s", "1s"; not "250ms", which Istio rejects) in seconds.
+fn duration_secs(text: &str) -> f64 {
+    let number = text
+        .strip_suffix('s')
+        .filter(|n| {
+            let (whole, frac) = n.split_once('.').unwrap_or((n, "0"));
+            !whole.is_empty()
+                && whole.bytes().all(|b| b.is_ascii_digit())
+                && (1..=9).contains(&frac.len())
+                && frac.bytes().all(|b| b.is_ascii_digit())
+        })
+        .unwrap_or_else(|| {
+            panic!("{text:?} is not a protobuf duration (seconds with an `s` suffix, e.g. 0.25s)")
+        });
+    number.parse().expect("checked digits")
+}
+
+/// `meshConfig` from the IstioOperator overlay (`spec.meshConfig`) or, if the
+/// file is switched to the `istio` ConfigMap form, from its `data.mesh` text.
+fn mesh_config(docs: &[Doc]) -> Value {
+    let operators: Vec<&Doc> = docs
+        .iter()
+        .filter(|d| d.kind() == "IstioOperator")
+        .collect();
+    let config_maps: Vec<&Doc> = docs
+        .iter()
+        .filter(|d| d.kind() == "ConfigMap" && str_at(&d.value, "metadata.name") == "istio")
+        .collect();
+    match (operators.as_slice(), config_maps.as_slice()) {
+        ([operator], []) => at(&operator.value, "spec.meshConfig").clone(),
+        ([], [config_map]) => serde_yaml::from_str(str_at(&config_map.value, "data.mesh"))
+            .expect("ConfigMap istio: `data.mesh` is YAML"),
+        _ => panic!(
+            "expected the mesh config exactly once (an IstioOperator or the `istio` ConfigMap), \
+             found {} IstioOperator and {} ConfigMap",
+            operators.len(),
+            config_maps.len()
+        ),
+    }
+}
+
+/// The extension provider `name` and its one provider-type key.
+fn provider(mesh: &Value, name: &str) -> (String, Value) {
+    let named: Vec<&Value> = seq_at(mesh, "extensionProviders")
+        .iter()
+        .filter(|p| p.get("name").and_then(Value::as_str) == Some(name))
+        .collect();
+    assert_eq!(
+        named.len(),
+        1,
+        "expected exactly one extension provider named {name}"
+    );
+    let types: Vec<String> = keys(named[0]).into_iter().filter(|k| k != "name").collect();
+    assert_eq!(
+        types.len(),
+        1,
+        "provider {name} must have exactly one type, has {types:?}"
+    );
+    let kind = types[0].clone();
+    (kind.clone(), at(named[0], &kind).clone())
+}
+
+fn assert_only_fields(value: &Value, allowed: &[&str], what: &str) {
+    for key in keys(value) {
+        assert!(
+            allowed.contains(&key.as_str()),
+            "{what}: Istio has no field `{key}` and would silently ignore it (fields: {allowed:?})"
+        );
+    }
+}
+
+fn sorted(items: &[String]) -> BTreeSet<String> {
+    let set: BTreeSet<String> = items.iter().cloned().collect();
+    assert_eq!(set.len(), items.len(), "duplicates in {items:?}");
+    set
+}
+
+fn usage_headers() -> BTreeSet<String> {
+    USAGE_HEADERS.iter().map(|h| h.to_string()).collect()
+}
+
+// ---------------------------------------------------------------------------
+// The manifests
+// ---------------------------------------------------------------------------
+
+#[test]
+fn every_document_is_one_of_the_expected_istio_resources() {
+    let docs = istio_docs();
+    let expected = [
+        ("IstioOperator", "install.istio.io/v1alpha1"),
+        ("AuthorizationPolicy", "security.istio.io/v1"),
+        ("Telemetry", "telemetry.istio.io/v1"),
+        ("EnvoyFilter", "networking.istio.io/v1alpha3"),
+    ];
+    for doc in &docs {
+        let kind = doc.kind();
+        let api_version = str_at(&doc.value, "apiVersion");
+        assert!(
+            expected.contains(&(kind, api_version)),
+            "{}: unexpected {api_version} {kind}",
+            doc.file
+        );
+        assert!(
+            !str_at(&doc.value, "metadata.name").is_empty(),
+            "{}: {kind} without a name",
+            doc.file
+        );
+        at(&doc.value, "spec");
+    }
+    for (kind, _) in expected {
+        let count = docs.iter().filter(|d| d.kind() == kind).count();
+        // The CUSTOM policy on the paid API, and the ALLOW policy on keymeter.
+        let want = if kind == "AuthorizationPolicy" { 2 } else { 1 };
+        assert_eq!(count, want, "{kind}s in deploy/istio");
+    }
+}
+
+#[test]
+fn ext_authz_provider_fails_closed_within_the_envoy_timeout() {
+    let mesh = mesh_config(&istio_docs());
+    let (kind, grpc) = provider(&mesh, EXT_AUTHZ_PROVIDER);
+    assert_eq!(kind, "envoyExtAuthzGrpc", "keymeter's Check is gRPC");
+    assert_only_fields(&grpc, &EXT_AUTHZ_GRPC_FIELDS, EXT_AUTHZ_PROVIDER);
+
+    assert!(
+        str_at(&grpc, "service").contains('.'),
+        "service must be a fully qualified host name"
+    );
+    assert_eq!(at(&grpc, "port").as_u64(), Some(KEYMETER_GRPC_PORT));
+
+    // Istio's default is 600s: the timeout must be explicit and short.
+    let timeout = duration_secs(str_at(&grpc, "timeout"));
+    assert!(
+        timeout > 0.0 && timeout <= 1.0,
+        "timeout {timeout}s must be in (0, 1]"
+    );
+    // Explicit, not just defaulted.
+    assert_eq!(at(&grpc, "failOpen").as_bool(), Some(false), "fail closed");
+    assert_eq!(str_at(&grpc, "statusOnError"), "503");
+
+    // The same behaviour as the tested plain-Envoy config.
+    let envoy = envoy_deploy_named("envoy.filters.http.ext_authz");
+    let envoy = at(&envoy, "typed_config");
+    assert_eq!(
+        duration_secs(str_at(envoy, "grpc_service.timeout")),
+        timeout,
+        "same Check timeout as deploy/envoy/envoy.yaml"
+    );
+    assert_eq!(at(envoy, "failure_mode_allow").as_bool(), Some(false));
+    assert_eq!(str_at(envoy, "status_on_error.code"), "ServiceUnavailable"); // = 503
+}
+
+#[test]
+fn als_provider_logs_the_headers_and_trailers_that_the_envoy_config_logs() {
+    let mesh = mesh_config(&istio_docs());
+    let (kind, als) = provider(&mesh, ALS_PROVIDER);
+    assert_eq!(
+        kind, "envoyHttpAls",
+        "keymeter implements the HTTP gRPC ALS"
+    );
+    assert_only_fields(&als, &HTTP_ALS_FIELDS, ALS_PROVIDER);
+
+    let (_, ext_authz) = provider(&mesh, EXT_AUTHZ_PROVIDER);
+    assert_eq!(
+        str_at(&als, "service"),
+        str_at(&ext_authz, "service"),
+        "one keymeter serves both"
+    );
+    assert_eq!(at(&als, "port").as_u64(), Some(KEYMETER_GRPC_PORT));
+
+    let envoy = envoy_deploy_named(crate::support::envoy::GRPC_ACCESS_LOGGER);
+    let envoy = at(&envoy, "typed_config");
+    assert_eq!(
+        str_at(&als, "logName"),
+        str_at(envoy, "common_config.log_name")
+    );
+    for (istio, envoy_field) in [
+        (
+            "additionalRequestHeadersToLog",
+            "additional_request_headers_to_log",
+        ),
+        (
+            "additionalResponseHeadersToLog",
+            "additional_response_headers_to_log",
+        ),
+        (
+            "additionalResponseTrailersToLog",
+            "additional_response_trailers_to_log",
+        ),
+    ] {
+        assert_eq!(
+            sorted(&strings_at(&als, istio)),
+            sorted(&strings_at(envoy, envoy_field)),
+            "{ALS_PROVIDER}.{istio} differs from deploy/envoy/envoy.yaml's {envoy_field}"
+        );
+    }
+    // And those are the contract's names (lowercase, as Envoy matches them).
+    assert_eq!(
+        sorted(&strings_at(&als, "additionalResponseHeadersToLog")),
+        usage_headers()
+    );
+    assert_eq!(
+        sorted(&strings_at(&als, "additionalResponseTrailersToLog")),
+        usage_headers()
+    );
+    let request_headers = strings_at(&als, "additionalRequestHeadersToLog");
+    for header in ["api-key", "apikey"] {
+        assert!(
+            request_headers.iter().any(|h| h == header),
+            "the raw key header {header} must be logged: {request_headers:?}"
+        );
+    }
+}
+
+#[test]
+fn authorization_policy_sends_matching_requests_to_keymeter() {
+    let docs = istio_docs();
+    let mesh = mesh_config(&docs);
+    let policy = &policy_with_action(&docs, "CUSTOM").value;
+    assert_eq!(str_at(policy, "spec.action"), "CUSTOM");
+    let name = str_at(policy, "spec.provider.name");
+    assert_eq!(name, EXT_AUTHZ_PROVIDER);
+    let (kind, _) = provider(&mesh, name);
+    assert_eq!(kind, "envoyExtAuthzGrpc");
+    // A policy without rules never matches: keymeter would never be asked.
+    assert!(
+        !seq_at(policy, "spec.rules").is_empty(),
+        "a CUSTOM policy needs at least one rule"
+    );
+    assert!(
+        !keys(at(policy, "spec.selector.matchLabels")).is_empty(),
+        "select the paid workloads, not the whole namespace"
+    );
+}
+
+#[test]
+fn telemetry_streams_the_server_side_access_log_to_keymeter() {
+    let docs = istio_docs();
+    let mesh = mesh_config(&docs);
+    let telemetry = &one_of_kind(&docs, "Telemetry").value;
+    let logging: Vec<&Value> = seq_at(telemetry, "spec.accessLogging")
+        .iter()
+        .filter(|entry| {
+            entry
+                .get("providers")
+                .and_then(Value::as_sequence)
+                .is_some_and(|ps| {
+                    ps.iter()
+                        .any(|p| p.get("name").and_then(Value::as_str) == Some(ALS_PROVIDER))
+                })
+        })
+        .collect();
+    assert_eq!(logging.len(), 1, "exactly one entry names {ALS_PROVIDER}");
+    let (kind, _) = provider(&mesh, ALS_PROVIDER);
+    assert_eq!(kind, "envoyHttpAls");
+    assert_ne!(
+        logging[0].get("disabled").and_then(Value::as_bool),
+        Some(true)
+    );
+    assert_eq!(
+        str_at(logging[0], "match.mode"),
+        "SERVER",
+        "log only the inbound traffic that the Check guards"
+    );
+    assert!(
+        !keys(at(telemetry, "spec.selector.matchLabels")).is_empty(),
+        "select the paid workloads, not the whole namespace"
+    );
+}
+
+#[test]
+fn policy_telemetry_and_envoyfilter_select_the_same_workloads() {
+    let docs = istio_docs();
+    let scopes: Vec<(&str, &str, &Value)> = [
+        ("AuthorizationPolicy", "spec.selector.matchLabels"),
+        ("Telemetry", "spec.selector.matchLabels"),
+        ("EnvoyFilter", "spec.workloadSelector.labels"),
+    ]
+    .into_iter()
+    .map(|(kind, labels)| {
+        let doc = match kind {
+            "AuthorizationPolicy" => &policy_with_action(&docs, "CUSTOM").value,
+            _ => &one_of_kind(&docs, kind).value,
+        };
+        (kind, str_at(doc, "metadata.namespace"), at(doc, labels))
+    })
+    .collect();
+    for (kind, namespace, labels) in &scopes[1..] {
+        assert_eq!(
+            (*namespace, *labels),
+            (scopes[0].1, scopes[0].2),
+            "{kind} must select the workloads that the AuthorizationPolicy selects"
+        );
+    }
+}
+
+/// The EnvoyFilter's configPatch and the HTTP filter it inserts.
+fn envoyfilter_patch(docs: &[Doc]) -> Value {
+    let filter = &one_of_kind(docs, "EnvoyFilter").value;
+    let patches = seq_at(filter, "spec.configPatches");
+    assert_eq!(patches.len(), 1, "one patch: the header_to_metadata filter");
+    patches[0].clone()
+}
+
+#[test]
+fn envoyfilter_moves_the_usage_headers_into_keymeter_metadata_on_the_inbound_sidecar() {
+    let patch = envoyfilter_patch(&istio_docs());
+    assert_eq!(str_at(&patch, "applyTo"), "HTTP_FILTER");
+    assert_eq!(str_at(&patch, "match.context"), "SIDECAR_INBOUND");
+    assert_eq!(
+        str_at(&patch, "match.listener.filterChain.filter.name"),
+        "envoy.filters.network.http_connection_manager"
+    );
+    // Before the router: the first encoder filter, so the headers are gone
+    // before any other filter sees the response or it reaches the client.
+    assert_eq!(
+        str_at(&patch, "match.listener.filterChain.filter.subFilter.name"),
+        "envoy.filters.http.router"
+    );
+    assert_eq!(str_at(&patch, "patch.operation"), "INSERT_BEFORE");
+
+    let value = at(&patch, "patch.value");
+    assert_eq!(str_at(value, "name"), HEADER_TO_METADATA);
+    assert_eq!(str_at(value, "typed_config.@type"), HEADER_TO_METADATA_TYPE);
+    assert!(
+        value
+            .get("typed_config")
+            .unwrap()
+            .get("request_rules")
+            .is_none(),
+        "request headers are not touched"
+    );
+    let rules = seq_at(value, "typed_config.response_rules");
+    let mut headers = Vec::new();
+    for rule in rules {
+        let header = str_at(rule, "header");
+        headers.push(header.to_owned());
+        assert_eq!(
+            at(rule, "remove").as_bool(),
+            Some(true),
+            "{header}: hidden from clients"
+        );
+        assert_eq!(
+            str_at(rule, "on_header_present.metadata_namespace"),
+            METADATA_NAMESPACE
+        );
+        let key = header
+            .strip_prefix("x-billing-")
+            .expect("x-billing-* header");
+        assert_eq!(str_at(rule, "on_header_present.key"), key);
+        assert_eq!(str_at(rule, "on_header_present.type"), "STRING");
+    }
+    assert_eq!(sorted(&headers), usage_headers());
+
+    // Exactly the filter that deploy/envoy/envoy.yaml runs (and the
+    // integration tests exercise): no drift between the two.
+    assert_eq!(
+        *value,
+        envoy_deploy_named(HEADER_TO_METADATA),
+        "patch.value must equal the header_to_metadata filter of deploy/envoy/envoy.yaml"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The EnvoyFilter payload in a real Envoy
+// ---------------------------------------------------------------------------
+
+/// A minimal bootstrap whose HTTP filters are `filter` and the router.
+fn bootstrap_with_http_filter(filter: &Value) -> String {
+    let mut bootstrap: Value = serde_yaml::from_str(
+        r#"
+admin:
+  address:
+    socket_address: { address: 127.0.0.1, port_value: 0 }
+static_resources:
+  listeners:
+    - name: validate
+      address:
+        socket_address: { address: 127.0.0.1, port_value: 0 }
+      filter_chains:
+        - filters:
+            - name: envoy.filters.network.http_connection_manager
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+                stat_prefix: validate
+                route_config:
+                  name: local
+                  virtual_hosts:
+                    - name: all
+                      domains: ["*"]
+                      routes:
+                        - match: { prefix: "/" }
+                          direct_response: { status: 200 }
+                http_filters:
+                  - name: envoy.filters.http.router
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"#,
+    )
+    .expect("bootstrap template");
+    at_mut(
+        &mut bootstrap,
+        "static_resources.listeners.0.filter_chains.0.filters.0.typed_config.http_filters",
+    )
+    .as_sequence_mut()
+    .expect("http_filters is a list")
+    .insert(0, filter.clone());
+    serde_yaml::to_string(&bootstrap).expect("serialize bootstrap")
+}
+
+/// `envoy --mode validate` on `yaml`: whether Envoy accepted it, and its output.
+fn envoy_validate(
+    dir: &crate::support::TestDir,
+    name: &str,
+    yaml: &str,
+) -> (bool, PathBuf, String) {
+    let path = dir.path().join(name);
+    std::fs::write(&path, yaml).expect("write bootstrap");
+    let out = Command::new(crate::support::envoy_bin())
+        .args([
+            "--mode",
+            "validate",
+            "--disable-hot-restart",
+            "-l",
+            "warning",
+            "-c",
+        ])
+        .arg(&path)
+        .output()
+        .expect("run envoy --mode validate");
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), path, log)
+}
+
+#[test]
+fn envoyfilter_http_filter_is_accepted_by_real_envoy() {
+    let patch = envoyfilter_patch(&istio_docs());
+    let filter = at(&patch, "patch.value");
+    let yaml = bootstrap_with_http_filter(filter);
+    let dir = crate::support::TestDir::new("istio-envoyfilter");
+    let path = dir.path().join("envoyfilter-bootstrap.yaml");
+    std::fs::write(&path, &yaml).expect("write bootstrap");
+    crate::support::validate_envoy_config(&path);
+
+    // The check has teeth: Envoy validates the filter's typed_config, so a
+    // misspelt field in the payload would fail it.
+    let mut broken = filter.clone();
+    at_mut(&mut broken, "typed_config")
+        .as_mapping_mut()
+        .expect("typed_config is a mapping")
+        .insert("response_rulez".into(), Value::Sequence(vec![]));
+    let (accepted, path, log) = envoy_validate(
+        &dir,
+        "broken-bootstrap.yaml",
+        &bootstrap_with_http_filter(&broken),
+    );
+    assert!(
+        !accepted,
+        "envoy accepted an unknown field in {}:\n{log}",
+        path.display()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// The policy on keymeter itself
+// ---------------------------------------------------------------------------
+
+/// Fields of Istio's `security.istio.io/v1` AuthorizationPolicy (istio/api
+/// security/v1beta1/authorization.proto), by message.
+const AUTHZ_FIELDS: [(&str, &[&str]); 5] = [
+    (
+        "spec",
+        &[
+            "selector",
+            "targetRef",
+            "targetRefs",
+            "rules",
+            "action",
+            "provider",
+        ],
+    ),
+    ("rule", &["from", "to", "when"]),
+    (
+        "source",
+        &[
+            "principals",
+            "notPrincipals",
+            "requestPrincipals",
+            "notRequestPrincipals",
+            "namespaces",
+            "notNamespaces",
+            "ipBlocks",
+            "notIpBlocks",
+            "remoteIpBlocks",
+            "notRemoteIpBlocks",
+            "serviceAccounts",
+            "notServiceAccounts",
+        ],
+    ),
+    (
+        "operation",
+        &[
+            "hosts",
+            "notHosts",
+            "ports",
+            "notPorts",
+            "methods",
+            "notMethods",
+            "paths",
+            "notPaths",
+        ],
+    ),
+    ("from/to", &["source", "operation"]),
+];
+
+fn assert_authz_fields(value: &Value, message: &str) {
+    let allowed = AUTHZ_FIELDS
+        .iter()
+        .find(|(m, _)| *m == message)
+        .map(|(_, f)| *f)
+        .unwrap();
+    assert_only_fields(value, allowed, &format!("AuthorizationPolicy {message}"));
+}
+
+/// The keymeter pods' labels and container ports in deploy/kubernetes (both
+/// workloads have the same pod template; tests/deploy_kubernetes.rs checks that).
+fn keymeter_pod() -> (Value, Vec<(String, u64)>) {
+    let docs = parse_documents(&repo_path("deploy/kubernetes/statefulset.yaml"));
+    let template = at(&docs[0], "spec.template");
+    let labels = at(template, "metadata.labels").clone();
+    let container = seq_at(template, "spec.containers")
+        .iter()
+        .find(|c| str_at(c, "name") == "keymeter")
+        .expect("the keymeter container");
+    let ports = seq_at(container, "ports")
+        .iter()
+        .map(|p| {
+            (
+                str_at(p, "name").to_owned(),
+                at(p, "containerPort").as_u64().unwrap(),
+            )
+        })
+        .collect();
+    (labels, ports)
+}
+
+/// What one ALLOW rule lets through: principals, ports, methods, paths.
+#[derive(Debug, Default)]
+struct Allowed {
+    principals: BTreeSet<String>,
+    ports: BTreeSet<u64>,
+    methods: BTreeSet<String>,
+    paths: BTreeSet<String>,
+}
+
+/// Whether Istio's path match (exact, `prefix*` or `*suffix`) takes `path`.
+fn path_matches(pattern: &str, path: &str) -> bool {
+    match (pattern.strip_suffix('*'), pattern.strip_prefix('*')) {
+        (Some(prefix), _) => path.starts_with(prefix),
+        (_, Some(suffix)) => path.ends_with(suffix),
+        _ => pattern == path,
+    }
+}
+
+/// keymeter's own AuthorizationPolicy (action ALLOW) lets only the paid API's
+/// sidecars (and the gateway) call the Check and the access-log stream, only the
+/// billing jobs call the Report API, and nobody else anything on the gRPC port; the
+/// admin port serves GETs of its routes. It selects keymeter's pods as labelled in
+/// deploy/kubernetes, in the namespace of the providers' host, on keymeter's ports,
+/// with the gRPC paths of the services keymeter implements.
+#[test]
+fn keymeter_lets_in_only_the_paid_apis_sidecars_and_report_jobs() {
+    use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server;
+    use envoy_types::pb::envoy::service::auth::v3::authorization_server;
+    use keymeter::proto::v1::usage_server;
+
+    let docs = istio_docs();
+    let doc = policy_with_action(&docs, "ALLOW");
+    let policy = &doc.value;
+    assert_eq!(str_at(policy, "apiVersion"), "security.istio.io/v1");
+    let spec = at(policy, "spec");
+    assert_authz_fields(spec, "spec");
+
+    // Where: keymeter's namespace (the providers' host) and pods (deploy/kubernetes).
+    let mesh = mesh_config(&docs);
+    let (_, grpc_provider) = provider(&mesh, EXT_AUTHZ_PROVIDER);
+    let host = str_at(&grpc_provider, "service");
+    let namespace = host
+        .split('.')
+        .nth(1)
+        .expect("<service>.<namespace>.svc...");
+    assert_eq!(str_at(policy, "metadata.namespace"), namespace);
+    let (pod_labels, container_ports) = keymeter_pod();
+    let selector = at(spec, "selector.matchLabels").as_mapping().unwrap();
+    assert!(!selector.is_empty());
+    for (key, value) in selector {
+        assert_eq!(
+            pod_labels.get(key),
+            Some(value),
+            "the selector {key:?} matches deploy/kubernetes' keymeter pods"
+        );
+    }
+    let port = |name: &str| {
+        container_ports
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| *p)
+            .unwrap()
+    };
+    let (grpc, admin) = (port("grpc"), port("admin"));
+    assert_eq!(grpc, KEYMETER_GRPC_PORT);
+    assert_eq!(at(&grpc_provider, "port").as_u64(), Some(grpc));
+
+    // What: each rule, flattened.
+    let mut rules = Vec::new();
+    for rule in seq_at(spec, "rules") {
+        assert_authz_fields(rule, "rule");
+        assert!(rule.get("when").is_none(), "no conditions");
+        let mut allowed = Allowed::default();
+        if let Some(from) = rule.get("from") {
+            for f in from.as_sequence().unwrap() {
+                assert_authz_fields(f, "from/to");
+                let source = at(f, "source");
+                assert_authz_fields(source, "source");
+                assert_eq!(
+                    keys(source),
+                    ["principals"],
+                    "callers are named by mTLS identity"
+                );
+                allowed.principals.extend(strings_at(source, "principals"));
+            }
+        }
+        for t in seq_at(rule, "to") {
+            assert_authz_fields(t, "from/to");
+            let operation = at(t, "operation");
+            assert_authz_fields(operation, "operation");
+            let ports = strings_at(operation, "ports");
+            allowed
+                .ports
+                .extend(ports.iter().map(|p| p.parse::<u64>().unwrap()));
+            allowed.methods.extend(strings_at(operation, "methods"));
+            allowed.paths.extend(strings_at(operation, "paths"));
+        }
+        assert!(!allowed.ports.is_empty(), "every rule names its port");
+        rules.push(allowed);
+    }
+
+    let check = format!("/{}/Check", authorization_server::SERVICE_NAME);
+    let access_log = format!(
+        "/{}/StreamAccessLogs",
+        access_log_service_server::SERVICE_NAME
+    );
+    let report = format!("/{}/Report", usage_server::SERVICE_NAME);
+    let takes = |rule: &Allowed, path: &str| rule.paths.iter().any(|p| path_matches(p, path));
+    let custom = &policy_with_action(&docs, "CUSTOM").value;
+    let paid_api_namespace = str_at(custom, "metadata.namespace");
+    for rule in &rules {
+        if rule.ports.contains(&grpc) {
+            assert!(
+                !rule.principals.is_empty(),
+                "the gRPC port only for named identities: {rule:?}"
+            );
+            assert_eq!(rule.methods, ["POST".to_string()].into(), "gRPC is POST");
+            assert!(!rule.paths.is_empty(), "gRPC rules name their methods");
+            assert!(
+                !(takes(rule, &report) && (takes(rule, &check) || takes(rule, &access_log))),
+                "one rule for Envoy, another for the Report API: {rule:?}"
+            );
+        } else {
+            assert_eq!(rule.ports, [admin].into(), "only the gRPC and admin ports");
+            assert_eq!(rule.methods, ["GET".to_string()].into());
+        }
+    }
+    let envoy: Vec<&Allowed> = rules.iter().filter(|r| takes(r, &check)).collect();
+    assert_eq!(envoy.len(), 1, "one rule admits the Check");
+    assert!(
+        takes(envoy[0], &access_log),
+        "the same callers stream the access log"
+    );
+    assert_eq!(envoy[0].paths, [check.clone(), access_log.clone()].into());
+    assert!(
+        envoy[0]
+            .principals
+            .iter()
+            .any(|p| p.starts_with(&format!("cluster.local/ns/{paid_api_namespace}/sa/"))),
+        "the paid API's sidecars ({paid_api_namespace}, authorization-policy.yaml) may Check: {:?}",
+        envoy[0].principals
+    );
+    let jobs: Vec<&Allowed> = rules.iter().filter(|r| takes(r, &report)).collect();
+    assert_eq!(jobs.len(), 1, "one rule admits the Report API");
+    assert_eq!(
+        jobs[0].paths,
+        [format!("/{}/*", usage_server::SERVICE_NAME)].into(),
+        "the Report API's service and nothing else"
+    );
+    assert!(
+        jobs[0].principals.is_disjoint(&envoy[0].principals),
+        "Envoy's identities do not get the Report API"
+    );
+
+    // The admin routes are the probes' and the scrape's paths.
+    let admin_rules: Vec<&Allowed> = rules.iter().filter(|r| r.ports.contains(&admin)).collect();
+    assert_eq!(admin_rules.len(), 1);
+    let statefulset = parse_documents(&repo_path("deploy/kubernetes/statefulset.yaml"));
+    let template = at(&statefulset[0], "spec.template");
+    let container = &seq_at(template, "spec.containers")[0];
+    let mut routes: BTreeSet<String> = ["livenessProbe", "readinessProbe", "startupProbe"]
+        .iter()
+        .filter_map(|p| container.get(*p))
+        .map(|p| str_at(p, "httpGet.path").to_owned())
+        .collect();
+    let scrape = at(template, "metadata.annotations")
+        .get("prometheus.io/path")
+        .and_then(Value::as_str)
+        .expect("the prometheus.io/path annotation");
+    routes.insert(scrape.to_owned());
+    assert_eq!(admin_rules[0].paths, routes);
+    let readme = std::fs::read_to_string(repo_path("deploy/istio/README.md")).unwrap();
+    assert!(readme.contains(&doc.file), "README.md lists {}", doc.file);
+}

@@ -1,0 +1,1364 @@
+//! deploy/kubernetes/ and the Dockerfile checked without a cluster or Docker: every
+//! YAML document is parsed, the ConfigMap's keymeter.toml is loaded by keymeter's own
+//! config parser (with the workload's environment overrides), and what must agree
+//! across files is compared: ports, probe paths, mount paths, Secret keys, label
+//! selectors, the image's user and ports. The probe paths are requested from a real
+//! keymeter started in-process, so a renamed admin route fails here, not in a cluster.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use keymeter::config::{Config, LogFormat};
+use serde::Deserialize;
+use serde_yaml::Value;
+
+const DIR: &str = "deploy/kubernetes";
+/// The container, as named in both workloads.
+const CONTAINER: &str = "keymeter";
+/// distroless' `nonroot` user, the Dockerfile's USER and the pods' runAsUser.
+const NONROOT_UID: u64 = 65532;
+/// Example values for the downward API when expanding the workload's environment.
+const POD_NAME: &str = "keymeter-0";
+const POD_NAMESPACE: &str = "billing";
+
+struct Doc {
+    file: String,
+    value: Value,
+}
+
+impl Doc {
+    fn kind(&self) -> &str {
+        str_at(&self.value, "kind")
+    }
+
+    fn name(&self) -> &str {
+        str_at(&self.value, "metadata.name")
+    }
+}
+
+fn repo_path(relative: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+fn read(relative: &str) -> String {
+    let path = repo_path(relative);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
+/// The `*.yaml`/`*.yml` files of deploy/kubernetes/, by file name, sorted.
+fn yaml_files() -> Vec<String> {
+    let dir = repo_path(DIR);
+    let mut files: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
+        .map(|entry| entry.expect("read dir entry").path())
+        .filter(|path| path.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .map(|path| path.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no YAML files in {DIR}");
+    files
+}
+
+/// Every document of every YAML file in deploy/kubernetes/ (multi-document aware).
+fn docs() -> Vec<Doc> {
+    let mut docs = Vec::new();
+    for file in yaml_files() {
+        let text = read(&format!("{DIR}/{file}"));
+        for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
+            let value = Value::deserialize(doc)
+                .unwrap_or_else(|e| panic!("{DIR}/{file}: document {i} is not valid YAML: {e}"));
+            // A leading or trailing `---` yields an empty document.
+            if !value.is_null() {
+                docs.push(Doc {
+                    file: file.clone(),
+                    value,
+                });
+            }
+        }
+    }
+    docs
+}
+
+fn try_at<'a>(value: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.')
+        .try_fold(value, |v, segment| match segment.parse::<usize>() {
+            Ok(i) if v.is_sequence() => v.get(i),
+            _ => v.get(segment),
+        })
+}
+
+fn at<'a>(value: &'a Value, path: &str) -> &'a Value {
+    try_at(value, path).unwrap_or_else(|| panic!("`{path}` missing in {value:?}"))
+}
+
+fn str_at<'a>(value: &'a Value, path: &str) -> &'a str {
+    at(value, path)
+        .as_str()
+        .unwrap_or_else(|| panic!("`{path}` is not a string"))
+}
+
+fn u64_at(value: &Value, path: &str) -> u64 {
+    at(value, path)
+        .as_u64()
+        .unwrap_or_else(|| panic!("`{path}` is not a non-negative integer"))
+}
+
+fn bool_at(value: &Value, path: &str) -> Option<bool> {
+    try_at(value, path).and_then(Value::as_bool)
+}
+
+fn seq_at<'a>(value: &'a Value, path: &str) -> &'a [Value] {
+    try_at(value, path)
+        .and_then(Value::as_sequence)
+        .map_or(&[], Vec::as_slice)
+}
+
+/// A mapping of strings (labels, selectors, annotations, Secret data) as a map.
+fn string_map(value: &Value, path: &str) -> BTreeMap<String, String> {
+    let Some(mapping) = try_at(value, path).and_then(Value::as_mapping) else {
+        return BTreeMap::new();
+    };
+    mapping
+        .iter()
+        .map(|(k, v)| {
+            let k = k.as_str().expect("string key").to_string();
+            let v = match v {
+                Value::String(s) => s.clone(),
+                other => panic!("`{path}.{k}` is not a string: {other:?}"),
+            };
+            (k, v)
+        })
+        .collect()
+}
+
+fn named<'a>(items: &'a [Value], name: &str, what: &str) -> &'a Value {
+    items
+        .iter()
+        .find(|item| item.get("name").and_then(Value::as_str) == Some(name))
+        .unwrap_or_else(|| panic!("no {what} named `{name}`"))
+}
+
+fn only<'a>(docs: &'a [Doc], kind: &str, name: &str) -> &'a Doc {
+    let found: Vec<&Doc> = docs
+        .iter()
+        .filter(|d| d.kind() == kind && d.name() == name)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected exactly one {kind} `{name}` in {DIR}"
+    );
+    found[0]
+}
+
+/// A Kubernetes quantity in bytes: `2Gi`, `512Mi`, `1G`, `1000`.
+fn quantity_bytes(text: &str) -> u64 {
+    const SUFFIXES: [(&str, u64); 8] = [
+        ("Ki", 1 << 10),
+        ("Mi", 1 << 20),
+        ("Gi", 1 << 30),
+        ("Ti", 1 << 40),
+        ("k", 1_000),
+        ("M", 1_000_000),
+        ("G", 1_000_000_000),
+        ("T", 1_000_000_000_000),
+    ];
+    let (number, factor) = SUFFIXES
+        .iter()
+        .find_map(|(s, f)| text.strip_suffix(s).map(|n| (n, *f)))
+        .unwrap_or((text, 1));
+    number
+        .parse::<u64>()
+        .unwrap_or_else(|_| panic!("`{text}` is not a whole-number quantity"))
+        * factor
+}
+
+/// A StatefulSet or Deployment running keymeter.
+struct Workload<'a> {
+    doc: &'a Doc,
+}
+
+impl<'a> Workload<'a> {
+    fn all(docs: &'a [Doc]) -> Vec<Workload<'a>> {
+        docs.iter()
+            .filter(|d| matches!(d.kind(), "StatefulSet" | "Deployment"))
+            .map(|doc| Workload { doc })
+            .collect()
+    }
+
+    fn what(&self) -> String {
+        format!("{} in {}", self.doc.kind(), self.doc.file)
+    }
+
+    fn template(&self) -> &'a Value {
+        at(&self.doc.value, "spec.template")
+    }
+
+    fn pod(&self) -> &'a Value {
+        at(&self.doc.value, "spec.template.spec")
+    }
+
+    fn pod_labels(&self) -> BTreeMap<String, String> {
+        string_map(self.template(), "metadata.labels")
+    }
+
+    fn container(&self) -> &'a Value {
+        named(seq_at(self.pod(), "containers"), CONTAINER, "container")
+    }
+
+    fn container_port(&self, name: &str) -> u64 {
+        let port = named(seq_at(self.container(), "ports"), name, "container port");
+        u64_at(port, "containerPort")
+    }
+
+    /// A `port` of a probe or Service: a container port name or a number.
+    fn resolve_port(&self, port: &Value) -> u64 {
+        match port {
+            Value::String(name) => self.container_port(name),
+            Value::Number(n) => n.as_u64().expect("port number"),
+            other => panic!("{}: not a port: {other:?}", self.what()),
+        }
+    }
+
+    fn args(&self) -> Vec<String> {
+        seq_at(self.container(), "args")
+            .iter()
+            .map(|a| a.as_str().expect("string arg").to_string())
+            .collect()
+    }
+
+    /// The value after `--config` in the container's args.
+    fn config_arg(&self) -> String {
+        let args = self.args();
+        let i = args
+            .iter()
+            .position(|a| a == "--config")
+            .unwrap_or_else(|| panic!("{}: no `--config` in args {args:?}", self.what()));
+        args.get(i + 1)
+            .unwrap_or_else(|| panic!("{}: `--config` without a path", self.what()))
+            .clone()
+    }
+
+    fn mount_at(&self, path: &str) -> &'a Value {
+        seq_at(self.container(), "volumeMounts")
+            .iter()
+            .find(|m| str_at(m, "mountPath") == path)
+            .unwrap_or_else(|| panic!("{}: nothing is mounted at {path}", self.what()))
+    }
+
+    /// The mount whose path contains `file` (the deepest one).
+    fn mount_containing(&self, file: &Path) -> &'a Value {
+        seq_at(self.container(), "volumeMounts")
+            .iter()
+            .filter(|m| file.starts_with(str_at(m, "mountPath")))
+            .max_by_key(|m| str_at(m, "mountPath").len())
+            .unwrap_or_else(|| {
+                panic!(
+                    "{}: no volume mount contains {}",
+                    self.what(),
+                    file.display()
+                )
+            })
+    }
+
+    /// The pod volume named `name`, or the StatefulSet's volumeClaimTemplate of that name.
+    fn volume(&self, name: &str) -> &'a Value {
+        seq_at(self.pod(), "volumes")
+            .iter()
+            .chain(seq_at(&self.doc.value, "spec.volumeClaimTemplates"))
+            .find(|v| {
+                v.get("name").or_else(|| try_at(v, "metadata.name")) == Some(&Value::from(name))
+            })
+            .unwrap_or_else(|| panic!("{}: no volume `{name}`", self.what()))
+    }
+
+    fn probe(&self, kind: &str) -> Option<&'a Value> {
+        try_at(self.container(), kind)
+    }
+
+    /// The container's environment as keymeter would see it: literal values with
+    /// `$(VAR)` references expanded like the kubelet does, the downward API filled in
+    /// with `pod_name`/`namespace`, and Secret references with a placeholder.
+    fn env(&self, pod_name: &str, namespace: &str) -> BTreeMap<String, String> {
+        let mut env: BTreeMap<String, String> = BTreeMap::new();
+        for var in seq_at(self.container(), "env") {
+            let name = str_at(var, "name").to_string();
+            let value = if let Some(literal) = var.get("value") {
+                let mut text = literal.as_str().expect("env value is a string").to_string();
+                for (k, v) in &env {
+                    text = text.replace(&format!("$({k})"), v.as_str());
+                }
+                text
+            } else if let Some(field) = try_at(var, "valueFrom.fieldRef.fieldPath") {
+                match field.as_str() {
+                    Some("metadata.name") => pod_name.to_string(),
+                    Some("metadata.namespace") => namespace.to_string(),
+                    other => panic!("{}: unexpected fieldRef {other:?}", self.what()),
+                }
+            } else if try_at(var, "valueFrom.secretKeyRef").is_some() {
+                format!("from-secret-{name}")
+            } else {
+                panic!("{}: env `{name}` has no value I understand", self.what());
+            };
+            env.insert(name, value);
+        }
+        env
+    }
+
+    /// (Secret name, key) of every `secretKeyRef` in the container's environment.
+    fn secret_key_refs(&self) -> Vec<(String, String)> {
+        seq_at(self.container(), "env")
+            .iter()
+            .filter_map(|var| try_at(var, "valueFrom.secretKeyRef"))
+            .map(|r| (str_at(r, "name").to_string(), str_at(r, "key").to_string()))
+            .collect()
+    }
+}
+
+/// The ConfigMap's keymeter.toml, parsed by keymeter with the workload's environment.
+/// A `mqtt.tls.ca_file` (which exists only in a pod) is checked to be mounted from a
+/// Secret and then pointed at an empty file here, as `Config::parse` only checks
+/// that it is a file.
+fn workload_config(docs: &[Doc], workload: &Workload, pod_name: &str, ns: &str) -> Config {
+    let config_path = workload.config_arg();
+    let text = config_text(docs, workload, &config_path);
+    let raw: toml::Table = toml::from_str(&text).expect("keymeter.toml is TOML");
+    let ca_file = raw
+        .get("mqtt")
+        .and_then(|m| m.get("tls"))
+        .and_then(|t| t.get("ca_file"))
+        .and_then(|c| c.as_str())
+        .map(str::to_string);
+    let scratch = tempfile::tempdir().unwrap();
+    let text = match &ca_file {
+        Some(ca) => {
+            let mount = workload.mount_containing(Path::new(ca));
+            let volume = workload.volume(str_at(mount, "name"));
+            let secret = try_at(volume, "secret.secretName").unwrap_or_else(|| {
+                panic!(
+                    "{}: mqtt.tls.ca_file {ca} must come from a Secret volume",
+                    workload.what()
+                )
+            });
+            // A Secret volume with `items` only has the listed files.
+            let file_name = Path::new(ca)
+                .strip_prefix(str_at(mount, "mountPath"))
+                .unwrap();
+            let items = seq_at(volume, "secret.items");
+            assert!(
+                items.is_empty()
+                    || items
+                        .iter()
+                        .any(|i| Path::new(str_at(i, "path")) == file_name),
+                "{}: Secret {secret:?} volume does not project {}",
+                workload.what(),
+                file_name.display()
+            );
+            let local = scratch.path().join("ca.crt");
+            std::fs::write(&local, "").unwrap();
+            text.replace(ca.as_str(), &local.to_string_lossy())
+        }
+        None => text,
+    };
+    let env = workload.env(pod_name, ns);
+    Config::parse(&text, Path::new(&config_path), |var| env.get(var).cloned()).unwrap_or_else(|e| {
+        panic!(
+            "the ConfigMap's keymeter.toml with the environment of the {} is rejected: {e}",
+            workload.what()
+        )
+    })
+}
+
+/// The configuration text that the workload mounts at `config_path`.
+fn config_text(docs: &[Doc], workload: &Workload, config_path: &str) -> String {
+    let mount = workload.mount_at(config_path);
+    let volume = workload.volume(str_at(mount, "name"));
+    let config_map = str_at(volume, "configMap.name");
+    let key = try_at(mount, "subPath")
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| {
+            panic!(
+                "{}: mount the config file with `subPath` (a directory mount would hide {})",
+                workload.what(),
+                Path::new(config_path).parent().unwrap().display()
+            )
+        });
+    let data = string_map(&only(docs, "ConfigMap", config_map).value, "data");
+    data.get(key)
+        .unwrap_or_else(|| panic!("ConfigMap {config_map} has no key {key}"))
+        .clone()
+}
+
+/// The workload file that kustomization.yaml applies.
+fn default_workload<'a>(docs: &'a [Doc]) -> Workload<'a> {
+    let resources = kustomization_resources(docs);
+    let mut listed: Vec<Workload> = Workload::all(docs)
+        .into_iter()
+        .filter(|w| resources.contains(&w.doc.file))
+        .collect();
+    assert_eq!(
+        listed.len(),
+        1,
+        "kustomization.yaml must apply exactly one keymeter workload"
+    );
+    listed.remove(0)
+}
+
+fn kustomization_resources(docs: &[Doc]) -> Vec<String> {
+    let k = docs
+        .iter()
+        .find(|d| d.kind() == "Kustomization")
+        .expect("a kustomization.yaml");
+    seq_at(&k.value, "resources")
+        .iter()
+        .map(|r| r.as_str().expect("resource path").to_string())
+        .collect()
+}
+
+fn is_subset(small: &BTreeMap<String, String>, big: &BTreeMap<String, String>) -> bool {
+    !small.is_empty() && small.iter().all(|(k, v)| big.get(k) == Some(v))
+}
+
+#[test]
+fn every_file_parses_into_the_expected_kinds() {
+    let docs = docs();
+    let kinds: BTreeSet<&str> = docs.iter().map(Doc::kind).collect();
+    for kind in [
+        "Service",
+        "ConfigMap",
+        "Secret",
+        "PodDisruptionBudget",
+        "Kustomization",
+    ] {
+        assert!(kinds.contains(kind), "no {kind} in {DIR} (found {kinds:?})");
+    }
+    assert!(
+        kinds.contains("StatefulSet") || kinds.contains("Deployment"),
+        "no StatefulSet or Deployment in {DIR}"
+    );
+    for doc in &docs {
+        assert!(
+            try_at(&doc.value, "apiVersion").is_some(),
+            "{}: {} without apiVersion",
+            doc.file,
+            doc.kind()
+        );
+        if doc.kind() != "Kustomization" {
+            assert!(
+                !doc.name().is_empty(),
+                "{}: a {} without a name",
+                doc.file,
+                doc.kind()
+            );
+            assert!(
+                try_at(&doc.value, "metadata.namespace").is_none(),
+                "{}: {} sets a namespace; the manifests are namespace-agnostic",
+                doc.file,
+                doc.kind()
+            );
+        }
+    }
+}
+
+#[test]
+fn kustomization_applies_existing_files_and_leaves_out_only_the_secret_and_the_alternative() {
+    let docs = docs();
+    let resources = kustomization_resources(&docs);
+    let files = yaml_files();
+    for r in &resources {
+        assert!(
+            files.contains(r),
+            "kustomization.yaml lists {r}, which is not in {DIR}"
+        );
+    }
+    let default = default_workload(&docs);
+    for file in files
+        .iter()
+        .filter(|f| *f != "kustomization.yaml" && !resources.contains(f))
+    {
+        for doc in docs.iter().filter(|d| &d.file == file) {
+            // The placeholder Secret must not overwrite the real one on every apply; the
+            // other workload is the documented alternative.
+            let alternative = matches!(doc.kind(), "StatefulSet" | "Deployment")
+                && doc.kind() != default.doc.kind();
+            assert!(
+                doc.kind() == "Secret" || alternative,
+                "{file} ({}) is not applied by kustomization.yaml",
+                doc.kind()
+            );
+        }
+    }
+    // kustomize rewrites the image by name: the name must be the container's.
+    let k = docs.iter().find(|d| d.kind() == "Kustomization").unwrap();
+    let image = str_at(default.container(), "image");
+    let image_name = image.split(':').next().unwrap();
+    assert!(
+        seq_at(&k.value, "images")
+            .iter()
+            .all(|i| str_at(i, "name") == image_name),
+        "kustomization.yaml `images` must name the container image `{image_name}`"
+    );
+}
+
+#[test]
+fn both_workloads_have_the_same_pod_apart_from_the_data_volume() {
+    let docs = docs();
+    let workloads = Workload::all(&docs);
+    assert_eq!(
+        workloads.len(),
+        2,
+        "{DIR} holds the default workload and its alternative (StatefulSet and Deployment)"
+    );
+    let without_data = |w: &Workload| {
+        let mut template = w.template().clone();
+        if let Some(Value::Sequence(volumes)) =
+            template.get_mut("spec").and_then(|s| s.get_mut("volumes"))
+        {
+            volumes.retain(|v| v.get("name") != Some(&Value::from("data")));
+        }
+        template
+    };
+    assert!(
+        without_data(&workloads[0]) == without_data(&workloads[1]),
+        "the pod templates of {} and {} differ (apart from the `data` volume): keep them in step",
+        workloads[0].what(),
+        workloads[1].what()
+    );
+}
+
+#[test]
+fn the_configmap_is_a_valid_keymeter_config_matching_ports_and_volumes() {
+    let docs = docs();
+    for workload in Workload::all(&docs) {
+        let what = workload.what();
+        let config = workload_config(&docs, &workload, POD_NAME, POD_NAMESPACE);
+
+        // Listen on every interface: kubelet probes and Services reach the pod IP.
+        for (name, addr) in [("grpc", config.listen.grpc), ("admin", config.listen.admin)] {
+            assert!(
+                addr.ip().is_unspecified(),
+                "listen.{name} = {addr}: must listen on 0.0.0.0 in a pod"
+            );
+            assert_eq!(
+                u64::from(addr.port()),
+                workload.container_port(name),
+                "{what}: container port `{name}` differs from listen.{name}"
+            );
+        }
+        assert_eq!(config.listen.grpc.port(), 9191);
+        assert_eq!(config.listen.admin.port(), 9192);
+
+        assert!(config.mqtt.tls.enabled, "TLS to the broker is on");
+        assert!(!config.mqtt.tls.insecure_skip_verify);
+        assert_eq!(config.log.format, LogFormat::Json, "log.format = json");
+        assert!(
+            config.mqtt.password.expose().starts_with("from-secret-"),
+            "the MQTT password comes from the Secret"
+        );
+
+        // Where keymeter writes must be a volume (the root filesystem is read-only).
+        let snapshot = config
+            .keys
+            .snapshot
+            .as_ref()
+            .unwrap_or_else(|| panic!("keys.snapshot is set (fail-static restarts)"));
+        let data_mount = workload.mount_containing(&config.outbox.dir);
+        assert_eq!(
+            str_at(data_mount, "mountPath"),
+            "/var/lib/keymeter",
+            "{what}: outbox.dir {} is on the /var/lib/keymeter volume",
+            config.outbox.dir.display()
+        );
+        assert!(
+            snapshot.starts_with(str_at(data_mount, "mountPath")),
+            "{what}: keys.snapshot {} is on the same volume as the outbox",
+            snapshot.display()
+        );
+        assert!(
+            !bool_at(data_mount, "readOnly").unwrap_or(false),
+            "{what}: the data volume is writable"
+        );
+        // And large enough for the outbox budget.
+        let volume = workload.volume(str_at(data_mount, "name"));
+        let size = try_at(volume, "spec.resources.requests.storage")
+            .or_else(|| try_at(volume, "emptyDir.sizeLimit"))
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("{what}: the data volume has no size"));
+        assert!(
+            quantity_bytes(size) > config.outbox.max_bytes,
+            "{what}: the data volume ({size}) must exceed outbox.max_bytes ({})",
+            config.outbox.max_bytes
+        );
+
+        // A key update is parsed in memory: measured, resident memory levels off near
+        // 150 MB with repeated 8 MiB updates and near 250 MB with 16 MiB ones. An update
+        // that does not fit would OOM-kill every replica at once.
+        let limit = quantity_bytes(str_at(workload.container(), "resources.limits.memory"));
+        let needed = 20 * config.keys.max_update_bytes as u64 + (64 << 20);
+        assert!(
+            limit >= needed,
+            "{what}: memory limit {limit} B is too small for keys.max_update_bytes {}: \
+             needs at least 20 x max_update_bytes + 64Mi = {needed} B",
+            config.keys.max_update_bytes
+        );
+    }
+}
+
+#[test]
+fn the_client_id_is_unique_per_pod_and_fits_keymeters_limit() {
+    let docs = docs();
+    for workload in Workload::all(&docs) {
+        let env = workload.env(POD_NAME, POD_NAMESPACE);
+        for name in env.keys().filter(|n| n.starts_with("KEYMETER_")) {
+            assert!(
+                keymeter::config::env_override_names().any(|known| known == name),
+                "{}: {name} is not one of keymeter's environment overrides",
+                workload.what()
+            );
+        }
+        let config = workload_config(&docs, &workload, POD_NAME, POD_NAMESPACE);
+        assert!(
+            config.mqtt.client_id.contains(POD_NAME),
+            "{}: KEYMETER_MQTT_CLIENT_ID must contain the pod name, got {:?}",
+            workload.what(),
+            config.mqtt.client_id
+        );
+        // The longest names Kubernetes allows (DNS labels) still make a valid id.
+        let long = workload_config(&docs, &workload, &"p".repeat(63), &"n".repeat(63));
+        assert!(long.mqtt.client_id.len() <= 128);
+    }
+}
+
+#[test]
+fn the_config_file_is_mounted_where_the_args_point() {
+    let docs = docs();
+    let image_cmd = dockerfile_json_instruction("CMD");
+    for workload in Workload::all(&docs) {
+        let path = workload.config_arg();
+        let mount = workload.mount_at(&path);
+        assert_eq!(
+            bool_at(mount, "readOnly"),
+            Some(true),
+            "config is mounted read-only"
+        );
+        assert!(!config_text(&docs, &workload, &path).is_empty());
+        assert_eq!(
+            workload.args(),
+            image_cmd,
+            "{}: args equal the image's CMD, so running the image bare behaves the same",
+            workload.what()
+        );
+    }
+}
+
+#[test]
+fn pods_run_non_root_read_only_without_privileges() {
+    let docs = docs();
+    for workload in Workload::all(&docs) {
+        let what = workload.what();
+        let pod = workload.pod();
+        let c = workload.container();
+        for (scope, sc) in [
+            ("pod", at(pod, "securityContext")),
+            ("container", at(c, "securityContext")),
+        ] {
+            assert_eq!(
+                bool_at(sc, "runAsNonRoot"),
+                Some(true),
+                "{what}: {scope} runAsNonRoot"
+            );
+            assert_eq!(
+                u64_at(sc, "runAsUser"),
+                NONROOT_UID,
+                "{what}: {scope} runAsUser"
+            );
+            assert_eq!(
+                str_at(sc, "seccompProfile.type"),
+                "RuntimeDefault",
+                "{what}: {scope} seccompProfile"
+            );
+        }
+        let sc = at(c, "securityContext");
+        assert_eq!(
+            bool_at(sc, "readOnlyRootFilesystem"),
+            Some(true),
+            "{what}: readOnlyRootFilesystem"
+        );
+        assert_eq!(
+            bool_at(sc, "allowPrivilegeEscalation"),
+            Some(false),
+            "{what}: allowPrivilegeEscalation"
+        );
+        assert!(
+            seq_at(sc, "capabilities.drop").contains(&Value::from("ALL")),
+            "{what}: capabilities drop ALL"
+        );
+        assert_eq!(
+            bool_at(pod, "automountServiceAccountToken"),
+            Some(false),
+            "{what}: no API token"
+        );
+        // Service links would inject KEYMETER_* variables for Services named keymeter-*.
+        assert_eq!(
+            bool_at(pod, "enableServiceLinks"),
+            Some(false),
+            "{what}: enableServiceLinks"
+        );
+        for resource in [
+            "requests.cpu",
+            "requests.memory",
+            "limits.cpu",
+            "limits.memory",
+        ] {
+            assert!(
+                try_at(c, &format!("resources.{resource}")).is_some(),
+                "{what}: resources.{resource} is set"
+            );
+        }
+    }
+}
+
+#[test]
+fn replicas_spread_across_nodes_and_survive_rollouts_and_drains() {
+    let docs = docs();
+    let pdb = docs
+        .iter()
+        .find(|d| d.kind() == "PodDisruptionBudget")
+        .expect("a PodDisruptionBudget");
+    for workload in Workload::all(&docs) {
+        let what = workload.what();
+        let spec = at(&workload.doc.value, "spec");
+        let replicas = u64_at(spec, "replicas");
+        assert!(
+            replicas >= 2,
+            "{what}: replicas {replicas}: at least 2 (Envoy fails closed without keymeter)"
+        );
+        let labels = workload.pod_labels();
+        assert!(
+            is_subset(&string_map(spec, "selector.matchLabels"), &labels),
+            "{what}: selector matches the pod labels"
+        );
+
+        match workload.doc.kind() {
+            "Deployment" => {
+                assert_eq!(str_at(spec, "strategy.type"), "RollingUpdate");
+                assert_eq!(
+                    u64_at(spec, "strategy.rollingUpdate.maxUnavailable"),
+                    0,
+                    "{what}: a rollout never takes a ready replica away first"
+                );
+            }
+            "StatefulSet" => {
+                assert_eq!(str_at(spec, "updateStrategy.type"), "RollingUpdate");
+                let service = only(&docs, "Service", str_at(spec, "serviceName"));
+                assert_eq!(
+                    str_at(&service.value, "spec.clusterIP"),
+                    "None",
+                    "{what}: serviceName is a headless Service"
+                );
+            }
+            other => unreachable!("{other}"),
+        }
+
+        let pod = workload.pod();
+        let spreads_nodes = seq_at(pod, "topologySpreadConstraints").iter().any(|t| {
+            str_at(t, "topologyKey") == "kubernetes.io/hostname"
+                && str_at(t, "whenUnsatisfiable") == "DoNotSchedule"
+                && is_subset(&string_map(t, "labelSelector.matchLabels"), &labels)
+        });
+        assert!(
+            spreads_nodes,
+            "{what}: replicas are spread across nodes (kubernetes.io/hostname)"
+        );
+
+        // Long enough for the preStop pause plus a graceful stop.
+        let grace = u64_at(pod, "terminationGracePeriodSeconds");
+        let pre_stop = try_at(workload.container(), "lifecycle.preStop.sleep.seconds")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        assert!(
+            grace >= pre_stop + 10,
+            "{what}: terminationGracePeriodSeconds {grace} leaves under 10 s after the {pre_stop} s preStop"
+        );
+
+        assert!(
+            is_subset(
+                &string_map(&pdb.value, "spec.selector.matchLabels"),
+                &labels
+            ),
+            "the PodDisruptionBudget selects the {what} pods"
+        );
+        let min_available = u64_at(&pdb.value, "spec.minAvailable");
+        assert!(
+            min_available >= 1 && min_available < replicas,
+            "{what}: PDB minAvailable {min_available} keeps one up yet allows a drain"
+        );
+    }
+}
+
+#[test]
+fn services_select_the_pods_and_speak_grpc() {
+    let docs = docs();
+    let workload = default_workload(&docs);
+    let labels = workload.pod_labels();
+    let config = workload_config(&docs, &workload, POD_NAME, POD_NAMESPACE);
+    let services: Vec<&Doc> = docs.iter().filter(|d| d.kind() == "Service").collect();
+    assert!(
+        services.iter().any(|s| s.name() == "keymeter"),
+        "a Service `keymeter`"
+    );
+    for service in services {
+        let name = service.name();
+        let spec = at(&service.value, "spec");
+        assert!(
+            is_subset(&string_map(spec, "selector"), &labels),
+            "Service {name} selects the keymeter pods"
+        );
+        let ports = seq_at(spec, "ports");
+        let grpc = named(ports, "grpc", "Service port");
+        assert_eq!(
+            str_at(grpc, "appProtocol"),
+            "grpc",
+            "Service {name}: grpc port appProtocol"
+        );
+        assert_eq!(u64_at(grpc, "port"), 9191, "Service {name}: gRPC on 9191");
+        for port in ports {
+            let port_name = str_at(port, "name");
+            let target = workload.resolve_port(at(port, "targetPort"));
+            let listen: SocketAddr = match port_name {
+                "grpc" => config.listen.grpc,
+                "admin" => config.listen.admin,
+                other => panic!("Service {name}: unexpected port {other}"),
+            };
+            assert_eq!(
+                target,
+                u64::from(listen.port()),
+                "Service {name}: port {port_name} targets keymeter's listen.{port_name}"
+            );
+        }
+        if name == "keymeter" {
+            let admin = named(ports, "admin", "Service port");
+            assert_eq!(str_at(admin, "appProtocol"), "http");
+        }
+    }
+}
+
+#[test]
+fn secret_references_resolve_and_the_secret_is_a_placeholder() {
+    let docs = docs();
+    let readme = read(&format!("{DIR}/README.md"));
+    for workload in Workload::all(&docs) {
+        let refs = workload.secret_key_refs();
+        let env = workload.env(POD_NAME, POD_NAMESPACE);
+        assert!(
+            env.contains_key("KEYMETER_MQTT_PASSWORD"),
+            "the password comes from the Secret"
+        );
+        for (secret, key) in refs {
+            let doc = only(&docs, "Secret", &secret);
+            let mut keys = string_map(&doc.value, "stringData");
+            keys.extend(string_map(&doc.value, "data"));
+            assert!(
+                keys.contains_key(&key),
+                "{}: Secret {secret} has no key {key}",
+                workload.what()
+            );
+        }
+        // Secrets mounted as volumes but not shipped (e.g. the broker CA) are explained.
+        for volume in seq_at(workload.pod(), "volumes") {
+            if let Some(secret) = try_at(volume, "secret.secretName").and_then(Value::as_str)
+                && !docs
+                    .iter()
+                    .any(|d| d.kind() == "Secret" && d.name() == secret)
+            {
+                assert!(
+                    readme.contains(secret),
+                    "Secret {secret} is mounted but neither shipped nor explained in README.md"
+                );
+            }
+        }
+    }
+    for secret in docs.iter().filter(|d| d.kind() == "Secret") {
+        for (key, value) in string_map(&secret.value, "stringData") {
+            assert!(
+                value.contains("REPLACE"),
+                "Secret {}: `{key}` must be an obvious placeholder",
+                secret.name()
+            );
+        }
+        assert!(
+            string_map(&secret.value, "data").is_empty(),
+            "Secret {}: placeholders go in stringData",
+            secret.name()
+        );
+    }
+}
+
+#[test]
+fn readme_explains_every_file() {
+    let readme = read(&format!("{DIR}/README.md"));
+    for file in yaml_files() {
+        assert!(
+            readme.contains(&file),
+            "{DIR}/README.md does not mention {file}"
+        );
+    }
+    for link in ["../istio", "../envoy", "docker build -t keymeter ."] {
+        assert!(readme.contains(link), "{DIR}/README.md mentions {link}");
+    }
+}
+
+/// The probes' paths are keymeter's real admin routes: with no broker and no keys,
+/// liveness and startup answer 200 (they must not depend on the broker) and readiness
+/// 503 (no key list yet). The Prometheus annotation's path serves metrics.
+#[tokio::test(flavor = "multi_thread")]
+async fn probe_paths_are_served_by_keymeter_on_the_admin_port() {
+    let docs = docs();
+    let workload = default_workload(&docs);
+    let config = workload_config(&docs, &workload, POD_NAME, POD_NAMESPACE);
+    let admin_port = u64::from(config.listen.admin.port());
+
+    let mut expect: Vec<(&str, String, u16)> = Vec::new();
+    for (probe, status) in [
+        ("livenessProbe", 200),
+        ("startupProbe", 200),
+        ("readinessProbe", 503),
+    ] {
+        let Some(p) = workload.probe(probe) else {
+            assert_ne!(probe, "livenessProbe", "a liveness probe is set");
+            assert_ne!(probe, "readinessProbe", "a readiness probe is set");
+            continue;
+        };
+        assert_eq!(
+            workload.resolve_port(at(p, "httpGet.port")),
+            admin_port,
+            "{probe} is on the admin port"
+        );
+        expect.push((probe, str_at(p, "httpGet.path").to_string(), status));
+    }
+    let paths: BTreeMap<&str, &str> = expect
+        .iter()
+        .map(|(p, path, _)| (*p, path.as_str()))
+        .collect();
+    assert_eq!(
+        paths["livenessProbe"], "/healthz",
+        "liveness: process up, whatever the broker does"
+    );
+    assert_eq!(
+        paths["readinessProbe"], "/readyz",
+        "readiness: a key list is loaded"
+    );
+
+    let annotations = string_map(workload.template(), "metadata.annotations");
+    if annotations.get("prometheus.io/scrape").map(String::as_str) == Some("true") {
+        assert_eq!(annotations["prometheus.io/port"], admin_port.to_string());
+        expect.push((
+            "prometheus.io/path",
+            annotations["prometheus.io/path"].clone(),
+            200,
+        ));
+    }
+
+    // A broker port nothing listens on: keymeter runs, but gets no key list.
+    let keymeter = crate::support::keymeter::Keymeter::start(Config::for_local_broker(
+        "127.0.0.1",
+        crate::support::free_port(),
+    ))
+    .await;
+    crate::support::wait_until(
+        "keymeter's admin server answers",
+        crate::support::STARTUP_TIMEOUT,
+        || async { keymeter.admin_get("/healthz").await.0 != 0 },
+    )
+    .await;
+    for (what, path, status) in expect {
+        let (got, body) = keymeter.admin_get(&path).await;
+        assert_eq!(got, status, "{what} GET {path}: {body}");
+    }
+    keymeter.stop().await;
+}
+
+/// The Dockerfile's instruction lines, continuation lines joined, comments dropped.
+fn dockerfile_instructions() -> Vec<(String, String)> {
+    let text = read("Dockerfile");
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('#') || (trimmed.is_empty() && current.is_empty()) {
+            continue;
+        }
+        match trimmed.strip_suffix('\\') {
+            Some(part) => {
+                current.push_str(part);
+                current.push(' ');
+            }
+            None => {
+                current.push_str(trimmed);
+                let (word, rest) = current
+                    .split_once(char::is_whitespace)
+                    .unwrap_or((current.as_str(), ""));
+                out.push((word.to_ascii_uppercase(), rest.trim().to_string()));
+                current.clear();
+            }
+        }
+    }
+    out
+}
+
+/// The instructions of the final (runtime) stage.
+fn runtime_stage() -> Vec<(String, String)> {
+    let all = dockerfile_instructions();
+    let last_from = all.iter().rposition(|(i, _)| i == "FROM").expect("a FROM");
+    all[last_from..].to_vec()
+}
+
+fn dockerfile_json_instruction(instruction: &str) -> Vec<String> {
+    let (_, args) = runtime_stage()
+        .into_iter()
+        .rfind(|(i, _)| i == instruction)
+        .unwrap_or_else(|| panic!("the Dockerfile's runtime stage has no {instruction}"));
+    serde_json::from_str(&args)
+        .unwrap_or_else(|e| panic!("Dockerfile {instruction} is not an exec-form JSON array: {e}"))
+}
+
+#[test]
+fn the_image_runs_as_the_pods_user_and_exposes_their_ports() {
+    let docs = docs();
+    let workload = default_workload(&docs);
+    let stage = runtime_stage();
+
+    let exposed: BTreeSet<u64> = stage
+        .iter()
+        .filter(|(i, _)| i == "EXPOSE")
+        .flat_map(|(_, ports)| {
+            ports
+                .split_whitespace()
+                .map(|p| {
+                    p.trim_end_matches("/tcp")
+                        .parse::<u64>()
+                        .expect("EXPOSE port")
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let container_ports: BTreeSet<u64> = ["grpc", "admin"]
+        .iter()
+        .map(|n| workload.container_port(n))
+        .collect();
+    assert_eq!(
+        exposed, container_ports,
+        "Dockerfile EXPOSE equals the container ports"
+    );
+
+    let (_, user) = stage
+        .iter()
+        .rfind(|(i, _)| i == "USER")
+        .expect("the runtime stage sets USER");
+    let uid = user.split(':').next().unwrap();
+    assert_eq!(
+        uid.parse::<u64>().ok(),
+        Some(NONROOT_UID),
+        "USER {user}: numeric and non-root, so runAsNonRoot can verify it"
+    );
+
+    let entrypoint = dockerfile_json_instruction("ENTRYPOINT");
+    assert_eq!(entrypoint, ["/usr/local/bin/keymeter"]);
+    assert!(
+        stage
+            .iter()
+            .any(|(i, s)| i == "STOPSIGNAL" && s == "SIGTERM"),
+        "STOPSIGNAL SIGTERM (graceful stop)"
+    );
+    let (_, base) = &stage[0];
+    assert!(
+        base.contains("distroless") && base.contains("nonroot"),
+        "runtime base {base}"
+    );
+
+    // The builder's toolchain is at least the crate's rust-version.
+    let manifest: toml::Table = toml::from_str(&read("Cargo.toml")).unwrap();
+    let msrv = manifest["package"]["rust-version"].as_str().unwrap();
+    let (_, arg) = dockerfile_instructions()
+        .into_iter()
+        .find(|(i, a)| i == "ARG" && a.starts_with("RUST_VERSION="))
+        .expect("ARG RUST_VERSION=…");
+    let version = |v: &str| -> Vec<u64> { v.split('.').map(|n| n.parse().unwrap()).collect() };
+    let builder = arg.trim_start_matches("RUST_VERSION=");
+    assert!(
+        version(builder) >= version(msrv),
+        "builder Rust {builder} is older than the crate's rust-version {msrv}"
+    );
+    assert!(
+        dockerfile_instructions()
+            .iter()
+            .any(|(i, a)| i == "RUN" && a.contains("cargo build --release --locked --bin keymeter")),
+        "the image is built with `cargo build --release --locked --bin keymeter`"
+    );
+
+    let ignore = read(".dockerignore");
+    let lines: Vec<&str> = ignore.lines().map(str::trim).collect();
+    assert!(
+        lines.contains(&"*") || (lines.contains(&"target/") && lines.contains(&".git/")),
+        ".dockerignore keeps target/ and .git out of the build context"
+    );
+}
+
+/// The fields of `networking.k8s.io/v1` NetworkPolicy objects (the Kubernetes API
+/// reference), by object: an unknown field is rejected by a strict apply, or ignored by
+/// a lenient one, which for a policy can mean open where it was meant to be shut.
+const NETWORK_POLICY_FIELDS: [(&str, &[&str]); 7] = [
+    ("spec", &["podSelector", "policyTypes", "ingress", "egress"]),
+    ("ingress rule", &["from", "ports"]),
+    ("egress rule", &["to", "ports"]),
+    ("peer", &["podSelector", "namespaceSelector", "ipBlock"]),
+    ("port", &["port", "protocol", "endPort"]),
+    ("selector", &["matchLabels", "matchExpressions"]),
+    ("requirement", &["key", "operator", "values"]),
+];
+
+fn assert_fields(value: &Value, object: &str) {
+    let allowed = NETWORK_POLICY_FIELDS
+        .iter()
+        .find(|(o, _)| *o == object)
+        .map(|(_, f)| *f)
+        .unwrap();
+    let map = value
+        .as_mapping()
+        .unwrap_or_else(|| panic!("NetworkPolicy {object} is not a mapping: {value:?}"));
+    for key in map.keys() {
+        let key = key.as_str().unwrap();
+        assert!(
+            allowed.contains(&key),
+            "NetworkPolicy {object} has no field `{key}` (fields: {allowed:?})"
+        );
+    }
+}
+
+fn assert_selector_fields(selector: &Value) {
+    assert_fields(selector, "selector");
+    for requirement in seq_at(selector, "matchExpressions") {
+        assert_fields(requirement, "requirement");
+        let operator = str_at(requirement, "operator");
+        assert!(
+            ["In", "NotIn", "Exists", "DoesNotExist"].contains(&operator),
+            "selector operator {operator}"
+        );
+    }
+}
+
+/// A label selector as text: empty when it selects everything.
+fn selector_text(selector: Option<&Value>) -> String {
+    let Some(selector) = selector else {
+        return String::new();
+    };
+    let labels = string_map(selector, "matchLabels");
+    let expressions: Vec<String> = seq_at(selector, "matchExpressions")
+        .iter()
+        .map(|e| {
+            let values: Vec<&str> = seq_at(e, "values")
+                .iter()
+                .map(|v| v.as_str().unwrap())
+                .collect();
+            format!(
+                "{} {} ({})",
+                str_at(e, "key"),
+                str_at(e, "operator"),
+                values.join(",")
+            )
+        })
+        .collect();
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .chain(expressions)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// `(namespace, pods)` a peer admits, as text for comparison (an empty `pods`: every
+/// pod); checks its fields.
+fn peer(p: &Value) -> (String, String) {
+    assert_fields(p, "peer");
+    assert!(
+        try_at(p, "ipBlock").is_none(),
+        "no ipBlock: peers are named by selectors"
+    );
+    for selector in ["podSelector", "namespaceSelector"] {
+        if let Some(s) = try_at(p, selector) {
+            assert_selector_fields(s);
+        }
+    }
+    let namespace = match try_at(p, "namespaceSelector") {
+        None => "<own namespace>".to_string(),
+        Some(ns) => {
+            let labels = string_map(ns, "matchLabels");
+            match labels.get("kubernetes.io/metadata.name") {
+                Some(name) if labels.len() == 1 => name.clone(),
+                _ => match selector_text(Some(ns)) {
+                    any if any.is_empty() => "<any>".to_string(),
+                    text => text,
+                },
+            }
+        }
+    };
+    (namespace, selector_text(try_at(p, "podSelector")))
+}
+
+/// The ports of a rule, resolved against the container ports; checks their fields.
+fn rule_ports(workload: &Workload, rule: &Value) -> BTreeSet<(u64, String)> {
+    let ports = seq_at(rule, "ports");
+    assert!(!ports.is_empty(), "a rule without ports allows every port");
+    ports
+        .iter()
+        .map(|p| {
+            assert_fields(p, "port");
+            assert!(try_at(p, "endPort").is_none(), "single ports only");
+            (
+                workload.resolve_port(at(p, "port")),
+                str_at(p, "protocol").to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The NetworkPolicy admits the gRPC port only from Envoy (Istio gateways and
+/// sidecars, pods labelled `keymeter.io/client`), the admin port only from the
+/// `monitoring` namespace, and lets keymeter reach only DNS, the broker that the
+/// ConfigMap names (its namespace and port) and istiod. Every field exists in
+/// `networking.k8s.io/v1`, and it selects the keymeter pods of both workloads.
+#[test]
+fn network_policy_admits_envoy_and_monitoring_and_reaches_only_dns_and_the_broker() {
+    let docs = docs();
+    let policies: Vec<&Doc> = docs
+        .iter()
+        .filter(|d| d.kind() == "NetworkPolicy")
+        .collect();
+    assert_eq!(policies.len(), 1, "one NetworkPolicy in {DIR}");
+    let policy = &policies[0].value;
+    assert_eq!(str_at(policy, "apiVersion"), "networking.k8s.io/v1");
+    assert!(
+        kustomization_resources(&docs).contains(&policies[0].file),
+        "kustomization.yaml applies the NetworkPolicy"
+    );
+    let spec = at(policy, "spec");
+    assert_fields(spec, "spec");
+    assert_selector_fields(at(spec, "podSelector"));
+    let types: Vec<&str> = seq_at(spec, "policyTypes")
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        ["Ingress", "Egress"],
+        "both directions are restricted"
+    );
+    for workload in Workload::all(&docs) {
+        assert!(
+            is_subset(
+                &string_map(spec, "podSelector.matchLabels"),
+                &workload.pod_labels()
+            ),
+            "the NetworkPolicy selects the pods of the {}",
+            workload.what()
+        );
+    }
+
+    let workload = default_workload(&docs);
+    let config = workload_config(&docs, &workload, POD_NAME, POD_NAMESPACE);
+    let grpc = (u64::from(config.listen.grpc.port()), "TCP".to_string());
+    let admin = (u64::from(config.listen.admin.port()), "TCP".to_string());
+    let mut ingress: BTreeMap<(u64, String), Vec<(String, String)>> = BTreeMap::new();
+    for rule in seq_at(spec, "ingress") {
+        assert_fields(rule, "ingress rule");
+        let from = seq_at(rule, "from");
+        assert!(
+            !from.is_empty(),
+            "an ingress rule without `from` admits everyone"
+        );
+        for port in rule_ports(&workload, rule) {
+            ingress
+                .entry(port)
+                .or_default()
+                .extend(from.iter().map(peer));
+        }
+    }
+    assert_eq!(
+        ingress.keys().cloned().collect::<Vec<_>>(),
+        [grpc.clone(), admin.clone()],
+        "only keymeter's gRPC and admin ports are open"
+    );
+    let envoy_label = "keymeter.io/client";
+    let grpc_peers = &ingress[&grpc];
+    for (namespace, pods) in grpc_peers {
+        assert_ne!(
+            (namespace.as_str(), pods.is_empty()),
+            ("<any>", true),
+            "gRPC open to every pod"
+        );
+    }
+    assert!(
+        grpc_peers.iter().any(|(ns, _)| ns == "istio-system"),
+        "Istio gateways"
+    );
+    assert!(
+        grpc_peers
+            .iter()
+            .any(|(ns, _)| ns == "istio-injection=enabled"),
+        "namespaces with sidecars"
+    );
+    assert!(
+        grpc_peers
+            .iter()
+            .any(|(ns, pods)| ns == "<any>" && *pods == format!("{envoy_label} In (envoy,report)")),
+        "pods labelled {envoy_label}: envoy, in any namespace: {grpc_peers:?}"
+    );
+    assert_eq!(
+        ingress[&admin],
+        [("monitoring".to_string(), String::new())],
+        "the admin port only from the monitoring namespace"
+    );
+    let readme = read(&format!("{DIR}/README.md"));
+    assert!(readme.contains(envoy_label), "README.md names the label");
+
+    // Egress: DNS, the broker of the ConfigMap, istiod.
+    let broker_namespace = config
+        .mqtt
+        .host
+        .strip_suffix(".svc.cluster.local")
+        .and_then(|h| h.split('.').nth(1))
+        .unwrap_or_else(|| panic!("mqtt.host {} is no in-cluster Service", config.mqtt.host))
+        .to_string();
+    let mut egress: BTreeMap<String, BTreeSet<(u64, String)>> = BTreeMap::new();
+    for rule in seq_at(spec, "egress") {
+        assert_fields(rule, "egress rule");
+        let to = seq_at(rule, "to");
+        assert!(
+            !to.is_empty(),
+            "an egress rule without `to` reaches everything"
+        );
+        for p in to {
+            let (namespace, pods) = peer(p);
+            assert!(!pods.is_empty(), "egress to {namespace}: name the pods");
+            egress
+                .entry(namespace)
+                .or_default()
+                .extend(rule_ports(&workload, rule));
+        }
+    }
+    let tcp = |port: u64| (port, "TCP".to_string());
+    let expected: BTreeMap<String, BTreeSet<(u64, String)>> = [
+        (
+            "kube-system".to_string(),
+            [tcp(53), (53, "UDP".to_string())].into(),
+        ),
+        (broker_namespace, [tcp(u64::from(config.mqtt.port))].into()),
+        ("istio-system".to_string(), [tcp(15012)].into()),
+    ]
+    .into();
+    assert_eq!(
+        egress, expected,
+        "egress: DNS, the broker, istiod, nothing else"
+    );
+}
