@@ -131,7 +131,8 @@ mod tests {
     use crate::keys::{KeyEntry, KeyStore};
     use std::collections::HashMap;
 
-    fn store() -> KeyStore {
+    /// One valid and one blocked key (also for the service's tests).
+    pub(super) fn store() -> KeyStore {
         let s = KeyStore::new();
         s.apply_billing_update(&[
             KeyEntry::ok("app-1", "sk-good"),
@@ -140,7 +141,7 @@ mod tests {
         s
     }
 
-    fn headers(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pub(super) fn headers(pairs: &[(&str, &str)]) -> HashMap<String, String> {
         pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))

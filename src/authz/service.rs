@@ -195,26 +195,9 @@ mod tests {
     };
     use super::super::{METADATA_APP_ID, METADATA_KEY_FINGERPRINT};
     use super::*;
-    use crate::keys::KeyEntry;
+    use crate::authz::tests::{headers, store};
     use envoy_types::ext_authz::v3::pb::{DeniedHttpResponse, HeaderValueOption, HttpResponse};
     use envoy_types::pb::google::protobuf::value::Kind;
-    use std::collections::HashMap;
-
-    fn store() -> KeyStore {
-        let s = KeyStore::new();
-        s.apply_billing_update(&[
-            KeyEntry::ok("app-1", "sk-good"),
-            KeyEntry::blocked("app-2", "sk-blocked", "balance"),
-        ]);
-        s
-    }
-
-    fn headers(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
 
     fn request(pairs: &[(&str, &str)]) -> CheckRequest {
         use envoy_types::pb::envoy::service::auth::v3::{
