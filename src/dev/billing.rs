@@ -1,9 +1,10 @@
 //! A stand-in for the billing system, for the dev mode and the tests.
 //!
 //! It is an ordinary MQTT client of whatever broker it is pointed at, and speaks the
-//! billing system's side of the wire contract (DESIGN.md): it answers every
-//! `billing/keys/request` with the full key list on `billing/keys/update`, and records
-//! what arrives on `billing/report` and `billing/heartbeat`.
+//! billing system's side of the wire contract (README, "For the billing system"): it
+//! answers every `billing/keys/request` with the full key list on
+//! `billing/keys/update`, and records what arrives on `billing/report` and
+//! `billing/heartbeat`.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

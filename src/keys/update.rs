@@ -1,8 +1,8 @@
 //! `billing/keys/update` as the billing system really sends it, read entry by entry.
 //!
 //! The billing server was built and tested against the SDK, which validates nothing
-//! (DESIGN.md, "How the SDK applies a billing/keys/update"): its messages are only as
-//! clean as that code requires. So a message is read the way the SDK reads it, with
+//! (README, "What a `billing/keys/update` may hold"): its messages are only as clean as
+//! that code requires. So a message is read the way the SDK reads it, with
 //! `dict.get`: every field of an entry may be missing, `null` or of another JSON type,
 //! unknown fields are ignored, `timestamp` orders nothing and may be anything. Each
 //! entry is then judged on its own: a usable one applies, an unusable one is skipped
