@@ -1,5 +1,6 @@
 //! The dev-mode stand-ins: the embedded broker and the billing stand-in speak the
-//! billing system's wire contract (README, "For the billing system") to an ordinary MQTT client.
+//! billing system's wire contract (README, "For the billing system") to an ordinary
+//! MQTT client.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -7,7 +7,8 @@
 //! and key store (`apply_billing_message`). After every message each key is compared
 //! with two small models written here:
 //!
-//! - `sdk`: the SDK's rules as its source applies them (README, "What a `billing/keys/update` may hold");
+//! - `sdk`: the SDK's rules as its source applies them (README, "What a
+//!   `billing/keys/update` may hold");
 //! - `expected`: the same rules with keymeter's documented stricter cases.
 //!
 //! keymeter must equal `expected` on every key (validity, app id, reason), and
