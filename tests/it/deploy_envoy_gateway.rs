@@ -13,8 +13,8 @@ use keymeter::config::{CheckConfig, InvalidKeyLimit, UsageConfig, UsageHeaders};
 use serde_yaml::Value;
 
 const DIR: &str = "deploy/envoy-gateway";
-/// Where deploy/kubernetes installs keymeter (its README: `kubectl apply -k
-/// deploy/kubernetes -n billing`) and its ClusterIP Service.
+/// Where deploy/kubernetes installs keymeter (its kustomization's `namespace:`)
+/// and its ClusterIP Service.
 const KEYMETER_NAMESPACE: &str = "billing";
 const KEYMETER_SERVICE_FILE: &str = "deploy/kubernetes/service.yaml";
 const HEADER_TO_METADATA: &str = "envoy.filters.http.header_to_metadata";
@@ -690,14 +690,14 @@ fn keymeter_service() -> (String, u64) {
 fn references_to_keymeter_resolve_to_its_service_and_are_granted() {
     let manifests = manifests();
     let (service, port) = keymeter_service();
-    // The namespace deploy/kubernetes installs keymeter in.
-    let k8s_readme = std::fs::read_to_string(yaml::repo_file("deploy/kubernetes/README.md"))
-        .expect("read deploy/kubernetes/README.md");
-    assert!(
-        k8s_readme.contains(&format!(
-            "kubectl apply -k deploy/kubernetes -n {KEYMETER_NAMESPACE}"
-        )),
-        "deploy/kubernetes installs keymeter in `{KEYMETER_NAMESPACE}`: update KEYMETER_NAMESPACE and {DIR}"
+    // The namespace deploy/kubernetes installs keymeter in (its kustomization's
+    // `namespace:`; tests/it/deploy_namespaces.rs holds every folder to it).
+    let kustomization =
+        &yaml::load_documents(&yaml::repo_file("deploy/kubernetes/kustomization.yaml"))[0];
+    assert_eq!(
+        yaml::text(kustomization, "namespace"),
+        KEYMETER_NAMESPACE,
+        "deploy/kubernetes installs keymeter in another namespace: update KEYMETER_NAMESPACE and {DIR}"
     );
 
     let policy = the(&manifests, "SecurityPolicy");

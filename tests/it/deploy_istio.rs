@@ -131,6 +131,23 @@ fn one_of_kind<'a>(docs: &'a [Doc], kind: &str) -> &'a Doc {
     found[0]
 }
 
+/// The EnvoyFilter named `name`.
+fn envoy_filter<'a>(docs: &'a [Doc], name: &str) -> &'a Doc {
+    let found: Vec<&Doc> = docs
+        .iter()
+        .filter(|d| d.kind() == "EnvoyFilter" && str_at(&d.value, "metadata.name") == name)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one EnvoyFilter {name} in deploy/istio"
+    );
+    found[0]
+}
+
+const USAGE_HEADERS_FILTER: &str = "keymeter-usage-headers";
+const GATEWAY_EDGE_FILTER: &str = "keymeter-gateway-edge";
+
 /// `value` at a dotted path (`spec.selector.matchLabels`, `rules.0.to`).
 fn at<'a>(value: &'a Value, path: &str) -> &'a Value {
     path.split('.').fold(value, |current, key| {
@@ -328,8 +345,14 @@ fn every_document_is_one_of_the_expected_istio_resources() {
     }
     for (kind, _) in expected {
         let count = docs.iter().filter(|d| d.kind() == kind).count();
-        // The CUSTOM policy on the paid API, and the ALLOW policy on keymeter.
-        let want = if kind == "AuthorizationPolicy" { 2 } else { 1 };
+        // The CUSTOM policy on the paid API, and the ALLOW policy on keymeter; the
+        // usage-header filter on the paid API's sidecars, and the edge settings of
+        // the ingress gateway.
+        let want = if matches!(kind, "AuthorizationPolicy" | "EnvoyFilter") {
+            2
+        } else {
+            1
+        };
         assert_eq!(count, want, "{kind}s in deploy/istio");
     }
 }
@@ -499,6 +522,7 @@ fn policy_telemetry_and_envoyfilter_select_the_same_workloads() {
     .map(|(kind, labels)| {
         let doc = match kind {
             "AuthorizationPolicy" => &policy_with_action(&docs, "CUSTOM").value,
+            "EnvoyFilter" => &envoy_filter(&docs, USAGE_HEADERS_FILTER).value,
             _ => &one_of_kind(&docs, kind).value,
         };
         (kind, str_at(doc, "metadata.namespace"), at(doc, labels))
@@ -515,7 +539,7 @@ fn policy_telemetry_and_envoyfilter_select_the_same_workloads() {
 
 /// The EnvoyFilter's configPatch and the HTTP filter it inserts.
 fn envoyfilter_patch(docs: &[Doc]) -> Value {
-    let filter = &one_of_kind(docs, "EnvoyFilter").value;
+    let filter = &envoy_filter(docs, USAGE_HEADERS_FILTER).value;
     let patches = seq_at(filter, "spec.configPatches");
     assert_eq!(patches.len(), 1, "one patch: the header_to_metadata filter");
     patches[0].clone()
@@ -746,7 +770,7 @@ fn assert_authz_fields(value: &Value, message: &str) {
 }
 
 /// The keymeter pods' labels and container ports in deploy/kubernetes (both
-/// workloads have the same pod template; tests/deploy_kubernetes.rs checks that).
+/// workloads have the same pod template; tests/it/deploy_kubernetes.rs checks that).
 fn keymeter_pod() -> (Value, Vec<(String, u64)>) {
     let docs = parse_documents(&repo_path("deploy/kubernetes/statefulset.yaml"));
     let template = at(&docs[0], "spec.template");
@@ -940,4 +964,335 @@ fn keymeter_lets_in_only_the_paid_apis_sidecars_and_report_jobs() {
     assert_eq!(admin_rules[0].paths, routes);
     let readme = std::fs::read_to_string(repo_path("deploy/istio/README.md")).unwrap();
     assert!(readme.contains(&doc.file), "README.md lists {}", doc.file);
+}
+
+// ---------------------------------------------------------------------------
+// The ingress gateway as the edge
+// ---------------------------------------------------------------------------
+
+/// Fields of Istio's `networking.istio.io/v1alpha3` EnvoyFilter (istio/api
+/// networking/v1alpha3/envoy_filter.proto), by message. An EnvoyFilter with a
+/// misplaced field is accepted and the field ignored.
+const ENVOY_FILTER_FIELDS: [(&str, &[&str]); 9] = [
+    (
+        "spec",
+        &[
+            "workloadSelector",
+            "targetRefs",
+            "configPatches",
+            "priority",
+        ],
+    ),
+    ("workloadSelector", &["labels"]),
+    ("configPatch", &["applyTo", "match", "patch"]),
+    (
+        "match",
+        &[
+            "context",
+            "proxy",
+            "listener",
+            "routeConfiguration",
+            "cluster",
+        ],
+    ),
+    (
+        "listener",
+        &[
+            "portNumber",
+            "portName",
+            "filterChain",
+            "listenerFilter",
+            "name",
+        ],
+    ),
+    (
+        "filterChain",
+        &[
+            "name",
+            "sni",
+            "transportProtocol",
+            "applicationProtocols",
+            "filter",
+            "destinationPort",
+        ],
+    ),
+    ("filter", &["name", "subFilter"]),
+    ("subFilter", &["name"]),
+    ("patch", &["operation", "value", "filterClass"]),
+];
+
+/// Every field of an EnvoyFilter's spec down to the patch value that Istio's API
+/// does not have.
+fn envoy_filter_problems(filter: &Value) -> Vec<String> {
+    fn check(value: &Value, message: &str, at: &str, problems: &mut Vec<String>) {
+        let allowed = ENVOY_FILTER_FIELDS
+            .iter()
+            .find(|(m, _)| *m == message)
+            .map(|(_, f)| *f)
+            .unwrap();
+        for key in keys(value) {
+            if !allowed.contains(&key.as_str()) {
+                problems.push(format!("{at}.{key}"));
+            }
+        }
+    }
+    let mut problems = Vec::new();
+    let spec = at(filter, "spec");
+    check(spec, "spec", "spec", &mut problems);
+    if let Some(selector) = spec.get("workloadSelector") {
+        check(
+            selector,
+            "workloadSelector",
+            "spec.workloadSelector",
+            &mut problems,
+        );
+    }
+    for (i, patch) in seq_at(spec, "configPatches").iter().enumerate() {
+        let base = format!("spec.configPatches.{i}");
+        check(patch, "configPatch", &base, &mut problems);
+        if let Some(m) = patch.get("match") {
+            check(m, "match", &format!("{base}.match"), &mut problems);
+            if let Some(listener) = m.get("listener") {
+                let here = format!("{base}.match.listener");
+                check(listener, "listener", &here, &mut problems);
+                if let Some(chain) = listener.get("filterChain") {
+                    check(
+                        chain,
+                        "filterChain",
+                        &format!("{here}.filterChain"),
+                        &mut problems,
+                    );
+                    if let Some(f) = chain.get("filter") {
+                        let here = format!("{here}.filterChain.filter");
+                        check(f, "filter", &here, &mut problems);
+                        if let Some(sub) = f.get("subFilter") {
+                            check(
+                                sub,
+                                "subFilter",
+                                &format!("{here}.subFilter"),
+                                &mut problems,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        check(
+            at(patch, "patch"),
+            "patch",
+            &format!("{base}.patch"),
+            &mut problems,
+        );
+    }
+    problems
+}
+
+#[test]
+fn every_envoy_filter_field_exists_in_istios_api() {
+    let docs = istio_docs();
+    for doc in docs.iter().filter(|d| d.kind() == "EnvoyFilter") {
+        let problems = envoy_filter_problems(&doc.value);
+        assert!(
+            problems.is_empty(),
+            "{}: Istio has no field {problems:?}",
+            doc.file
+        );
+    }
+    // The check has teeth.
+    let mut broken = envoy_filter(&docs, GATEWAY_EDGE_FILTER).value.clone();
+    at_mut(&mut broken, "spec.configPatches.0.match")
+        .as_mapping_mut()
+        .unwrap()
+        .insert("gateway".into(), Value::Bool(true));
+    assert_eq!(
+        envoy_filter_problems(&broken),
+        ["spec.configPatches.0.match.gateway".to_string()]
+    );
+}
+
+/// The HTTP connection manager of deploy/envoy/envoy.yaml.
+fn envoy_deploy_hcm() -> Value {
+    at(
+        &envoy_deploy_named("envoy.filters.network.http_connection_manager"),
+        "typed_config",
+    )
+    .clone()
+}
+
+/// The gateway EnvoyFilter's one patch.
+fn gateway_edge_patch(docs: &[Doc]) -> Value {
+    let filter = &envoy_filter(docs, GATEWAY_EDGE_FILTER).value;
+    let patches = seq_at(filter, "spec.configPatches");
+    assert_eq!(patches.len(), 1, "one patch: the gateway's HCM");
+    patches[0].clone()
+}
+
+/// The ingress gateway is configured as the edge that deploy/envoy/envoy.yaml is:
+/// the same use_remote_address, internal_address_config and
+/// headers_with_underscores_action, merged into the gateway's HTTP connection
+/// manager; the trusted X-Forwarded-For hops come from the mesh config's
+/// gatewayTopology (Istio writes xff_num_trusted_hops from it, so the patch must
+/// not); and the gateway keeps x-envoy-external-address, which keymeter's guard
+/// counts one hop later.
+#[test]
+fn the_ingress_gateway_is_the_edge_that_the_envoy_config_is() {
+    let docs = istio_docs();
+    let filter = envoy_filter(&docs, GATEWAY_EDGE_FILTER);
+    let patch = gateway_edge_patch(&docs);
+    assert_eq!(str_at(&patch, "applyTo"), "NETWORK_FILTER");
+    assert_eq!(str_at(&patch, "match.context"), "GATEWAY");
+    assert_eq!(
+        str_at(&patch, "match.listener.filterChain.filter.name"),
+        "envoy.filters.network.http_connection_manager"
+    );
+    assert_eq!(str_at(&patch, "patch.operation"), "MERGE");
+    let typed = at(&patch, "patch.value.typed_config");
+    let hcm = envoy_deploy_hcm();
+    assert_eq!(str_at(typed, "@type"), str_at(&hcm, "@type"));
+    for field in [
+        "use_remote_address",
+        "internal_address_config",
+        "common_http_protocol_options",
+    ] {
+        let ours = at(typed, field);
+        let theirs = at(&hcm, field);
+        if field == "common_http_protocol_options" {
+            assert_eq!(
+                at(ours, "headers_with_underscores_action"),
+                at(theirs, "headers_with_underscores_action"),
+                "headers_with_underscores_action as in envoy.yaml"
+            );
+        } else {
+            assert_eq!(ours, theirs, "{field} as in envoy.yaml");
+        }
+    }
+    assert_eq!(
+        str_at(
+            typed,
+            "common_http_protocol_options.headers_with_underscores_action"
+        ),
+        "REJECT_REQUEST"
+    );
+    assert_eq!(at(typed, "use_remote_address").as_bool(), Some(true));
+    assert!(
+        typed.get("xff_num_trusted_hops").is_none(),
+        "Istio sets xff_num_trusted_hops from gatewayTopology.numTrustedProxies"
+    );
+    assert!(
+        typed.get("http_filters").is_none() && typed.get("route_config").is_none(),
+        "the patch touches the connection manager's edge settings only"
+    );
+    let mesh = mesh_config(&docs);
+    assert_eq!(
+        at(&mesh, "defaultConfig.gatewayTopology.numTrustedProxies").as_u64(),
+        at(&hcm, "xff_num_trusted_hops").as_u64(),
+        "numTrustedProxies is envoy.yaml's xff_num_trusted_hops"
+    );
+    // Nothing in deploy/istio removes x-envoy-* headers at the gateway.
+    for doc in docs.iter().filter(|d| d.kind() == "EnvoyFilter") {
+        let text = serde_yaml::to_string(&doc.value).unwrap();
+        assert!(
+            !text.contains("header_mutation") && !text.contains("x-envoy-"),
+            "{}: x-envoy-external-address must reach the sidecar's Check",
+            doc.file
+        );
+    }
+    // The gateway the filter selects is the one keymeter's own policy admits.
+    let keymeter_policy = &policy_with_action(&docs, "ALLOW").value;
+    let namespace = str_at(&filter.value, "metadata.namespace");
+    assert!(
+        strings_at(keymeter_policy, "spec.rules.0.from.0.source.principals")
+            .iter()
+            .any(|p| p.starts_with(&format!("cluster.local/ns/{namespace}/sa/"))),
+        "keymeter-authorization-policy.yaml admits the gateway in {namespace}"
+    );
+    let readme = std::fs::read_to_string(repo_path("deploy/istio/README.md")).unwrap();
+    assert!(
+        readme.contains(&filter.file),
+        "README.md lists {}",
+        filter.file
+    );
+}
+
+/// Recursively merges `patch` into `base` as Istio's MERGE does for maps
+/// (lists and scalars are replaced).
+fn merge(base: &mut Value, patch: &Value) {
+    match (base, patch) {
+        (Value::Mapping(base), Value::Mapping(patch)) => {
+            for (key, value) in patch {
+                match base.get_mut(key) {
+                    Some(existing) => merge(existing, value),
+                    None => {
+                        base.insert(key.clone(), value.clone());
+                    }
+                }
+            }
+        }
+        (base, patch) => *base = patch.clone(),
+    }
+}
+
+/// A bootstrap whose connection manager is the minimal one of
+/// `bootstrap_with_http_filter` with `typed_config` merged in.
+fn bootstrap_with_hcm_patch(typed_config: &Value) -> String {
+    let router = serde_yaml::from_str::<Value>(
+        r#"
+name: envoy.filters.http.router
+typed_config:
+  "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"#,
+    )
+    .unwrap();
+    // A bootstrap with the router only: remove the filter under test again.
+    let mut bootstrap: Value =
+        serde_yaml::from_str(&bootstrap_with_http_filter(&router)).expect("bootstrap");
+    let filters = at_mut(
+        &mut bootstrap,
+        "static_resources.listeners.0.filter_chains.0.filters.0.typed_config.http_filters",
+    );
+    *filters = Value::Sequence(vec![router]);
+    let hcm = at_mut(
+        &mut bootstrap,
+        "static_resources.listeners.0.filter_chains.0.filters.0.typed_config",
+    );
+    merge(hcm, typed_config);
+    serde_yaml::to_string(&bootstrap).expect("serialize bootstrap")
+}
+
+#[test]
+fn the_gateway_edge_patch_is_accepted_by_real_envoy() {
+    let patch = gateway_edge_patch(&istio_docs());
+    let typed = at(&patch, "patch.value.typed_config");
+    let dir = crate::support::TestDir::new("istio-gateway-edge");
+    let (accepted, path, log) = envoy_validate(
+        &dir,
+        "gateway-edge-bootstrap.yaml",
+        &bootstrap_with_hcm_patch(typed),
+    );
+    assert!(accepted, "envoy rejected {}:\n{log}", path.display());
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains("REJECT_REQUEST") && text.contains("internal_address_config"));
+
+    // The check has teeth: a misspelt field, or a value Envoy's enum does not
+    // have, is refused.
+    for (field, value) in [
+        ("headers_with_underscore_action", "REJECT_REQUEST"),
+        ("headers_with_underscores_action", "REFUSE"),
+    ] {
+        let mut broken = typed.clone();
+        at_mut(&mut broken, "common_http_protocol_options")
+            .as_mapping_mut()
+            .unwrap()
+            .insert(field.into(), value.into());
+        let (accepted, path, log) = envoy_validate(
+            &dir,
+            "broken-gateway-bootstrap.yaml",
+            &bootstrap_with_hcm_patch(&broken),
+        );
+        assert!(
+            !accepted,
+            "envoy accepted {field}: {value} in {}:\n{log}",
+            path.display()
+        );
+    }
 }

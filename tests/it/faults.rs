@@ -14,7 +14,7 @@
 //! - `a_stuck_broker_slows_no_request_and_piles_records_up_on_disk`: mosquitto
 //!   SIGSTOPped (connection up, nothing acknowledged) under load.
 //!
-//! Each prints what it measured (`cargo test --test faults -- --nocapture`).
+//! Each prints what it measured (`cargo test --test it faults:: -- --nocapture`).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -898,7 +898,7 @@ async fn a_stuck_broker_slows_no_request_and_piles_records_up_on_disk() {
         "records piled up behind the window: {pending_peak}"
     );
     // ~400 records piled up: far below the outbox's in-memory window (10 000 records,
-    // 8 MiB; its cap is tested in tests/outbox.rs), so this only rules out a cost per
+    // 8 MiB; its cap is tested in tests/it/outbox.rs), so this only rules out a cost per
     // pending record far above its size.
     assert!(
         rss_peak < rss_before + 32 * 1024,

@@ -76,24 +76,152 @@ fn promtool_unit_tests_of_the_rules_pass() {
     assert!(ok && out.contains("SUCCESS"), "promtool test rules:\n{out}");
 }
 
-/// Every alert has the annotations an on-call engineer needs.
-#[test]
-fn every_alert_has_a_summary_a_description_and_a_runbook() {
+/// Where every `runbook_url` points: the section of deploy/prometheus/runbooks.md
+/// named after the alert, under a documented base that operators change to where
+/// they host the repository (runbooks.md says how).
+const RUNBOOK_BASE: &str =
+    "https://git.example.com/keymeter/blob/main/deploy/prometheus/runbooks.md#";
+
+fn runbooks_path() -> PathBuf {
+    repo_path("deploy/prometheus/runbooks.md")
+}
+
+/// `(alert, labels, annotations)` of every alerting rule in the rules file.
+fn alerts() -> Vec<(String, serde_yaml::Mapping, serde_yaml::Mapping)> {
     let text = std::fs::read_to_string(rules_path()).unwrap();
-    let alerts: Vec<&str> = text.split("- alert: ").skip(1).collect();
-    assert!(alerts.len() >= 8, "{} alerts", alerts.len());
-    for alert in alerts {
-        // Up to the next rule (or the end of the file).
-        let body = alert.split("\n      - ").next().unwrap();
-        let name = body.lines().next().unwrap();
-        for key in ["severity:", "summary:", "description:", "runbook:"] {
-            assert!(body.contains(key), "alert {name} has no {key}");
-        }
-        let runbook = body.split("runbook:").nth(1).unwrap();
-        for part in ["Meaning:", "Check:", "Do:"] {
-            assert!(runbook.contains(part), "alert {name}: runbook lacks {part}");
+    let rules: serde_yaml::Value = serde_yaml::from_str(&text).expect("the rules are YAML");
+    let mut out = Vec::new();
+    for group in rules["groups"].as_sequence().expect("groups") {
+        for rule in group["rules"].as_sequence().expect("rules") {
+            let Some(name) = rule.get("alert").and_then(serde_yaml::Value::as_str) else {
+                continue;
+            };
+            let mapping = |key: &str| {
+                rule.get(key)
+                    .and_then(serde_yaml::Value::as_mapping)
+                    .cloned()
+                    .unwrap_or_else(|| panic!("alert {name} has no {key}"))
+            };
+            out.push((name.to_owned(), mapping("labels"), mapping("annotations")));
         }
     }
+    out
+}
+
+/// The runbook sections: GitHub's anchor of each `## ` heading (lower case, spaces to
+/// dashes, other punctuation dropped) and the text below it.
+fn runbook_sections(markdown: &str) -> Vec<(String, String)> {
+    let mut sections: Vec<(String, String)> = Vec::new();
+    for line in markdown.lines() {
+        if let Some(heading) = line.strip_prefix("## ") {
+            let anchor: String = heading
+                .trim()
+                .to_lowercase()
+                .chars()
+                .filter_map(|c| match c {
+                    ' ' => Some('-'),
+                    c if c.is_alphanumeric() || c == '-' || c == '_' => Some(c),
+                    _ => None,
+                })
+                .collect();
+            sections.push((anchor, String::new()));
+        } else if let Some((_, body)) = sections.last_mut() {
+            body.push_str(line);
+            body.push('\n');
+        }
+    }
+    sections
+}
+
+#[test]
+fn runbook_anchors_are_what_github_makes_of_the_headings() {
+    let sections = runbook_sections("# title\n## KeymeterDown\ntext\n## What's `this`? x\n");
+    let anchors: Vec<&str> = sections.iter().map(|(a, _)| a.as_str()).collect();
+    assert_eq!(anchors, ["keymeterdown", "whats-this-x"]);
+    assert_eq!(sections[0].1, "text\n");
+}
+
+/// Every alert has the annotations an on-call engineer needs, and its `runbook_url`
+/// opens a section of runbooks.md that says what the alert means, what to check and
+/// what to do; every section belongs to an alert.
+#[test]
+fn every_alert_has_a_summary_a_description_and_a_runbook_url_whose_anchor_exists() {
+    let alerts = alerts();
+    assert!(alerts.len() >= 20, "{} alerts", alerts.len());
+    let markdown = std::fs::read_to_string(runbooks_path()).expect("read runbooks.md");
+    let sections = runbook_sections(&markdown);
+    let mut linked = BTreeSet::new();
+    for (name, labels, annotations) in &alerts {
+        let severity = labels.get("severity").and_then(serde_yaml::Value::as_str);
+        assert!(
+            matches!(severity, Some("critical" | "warning")),
+            "alert {name}: severity {severity:?}"
+        );
+        for key in ["summary", "description"] {
+            assert!(
+                annotations
+                    .get(key)
+                    .and_then(serde_yaml::Value::as_str)
+                    .is_some_and(|s| !s.trim().is_empty()),
+                "alert {name} has no {key}"
+            );
+        }
+        assert!(
+            annotations.get("runbook").is_none(),
+            "alert {name}: the convention is runbook_url, not runbook"
+        );
+        let url = annotations
+            .get("runbook_url")
+            .and_then(serde_yaml::Value::as_str)
+            .unwrap_or_else(|| panic!("alert {name} has no runbook_url"));
+        let anchor = url
+            .strip_prefix(RUNBOOK_BASE)
+            .unwrap_or_else(|| panic!("alert {name}: {url} is not under {RUNBOOK_BASE}"));
+        assert_eq!(
+            anchor,
+            name.to_lowercase(),
+            "alert {name}: its runbook section is named after it"
+        );
+        let (_, body) = sections
+            .iter()
+            .find(|(a, _)| a == anchor)
+            .unwrap_or_else(|| panic!("alert {name}: runbooks.md has no section #{anchor}"));
+        for part in ["**Meaning**", "**Check**", "**Do**"] {
+            assert!(body.contains(part), "runbook #{anchor} lacks {part}");
+        }
+        linked.insert(anchor.to_owned());
+    }
+    let orphans: Vec<&String> = sections
+        .iter()
+        .map(|(a, _)| a)
+        .filter(|a| !linked.contains(*a))
+        .collect();
+    assert!(
+        orphans.is_empty(),
+        "runbooks.md sections without an alert: {orphans:?}"
+    );
+}
+
+/// With every replica down nothing else fires (every other alert is computed from
+/// keymeter's own metrics): KeymeterDown must exist, page, and explain the 503s.
+#[test]
+fn keymeter_down_pages_and_its_runbook_explains_the_503s() {
+    let alerts = alerts();
+    let down: Vec<_> = alerts
+        .iter()
+        .filter(|(n, _, _)| n == "KeymeterDown")
+        .collect();
+    let severities: BTreeSet<&str> = down
+        .iter()
+        .filter_map(|(_, labels, _)| labels.get("severity").and_then(serde_yaml::Value::as_str))
+        .collect();
+    assert_eq!(severities, ["critical", "warning"].into(), "{down:?}");
+    let markdown = std::fs::read_to_string(runbooks_path()).unwrap();
+    let (_, body) = runbook_sections(&markdown)
+        .into_iter()
+        .find(|(a, _)| a == "keymeterdown")
+        .expect("a KeymeterDown runbook");
+    assert!(body.contains("503"), "{body}");
 }
 
 /// Every panel (rows' nested panels included).
@@ -132,6 +260,21 @@ fn the_dashboard_is_well_formed() {
         "datasource"
     );
     assert!(var("job").is_some() && var("instance").is_some());
+    // Namespace first: "All" must also match series without a namespace label (a
+    // Prometheus outside Kubernetes), hence `.*`, not `.+`; job and instance
+    // follow it.
+    let namespace = var("namespace").expect("a namespace variable");
+    assert_eq!(namespace["includeAll"], true);
+    assert_eq!(namespace["allValue"], ".*");
+    let position = |name: &str| vars.iter().position(|v| v["name"] == name).unwrap();
+    assert!(position("namespace") < position("job"));
+    for dependent in ["job", "instance"] {
+        let definition = var(dependent).unwrap()["definition"].as_str().unwrap();
+        assert!(
+            definition.contains("namespace=~\"$namespace\""),
+            "the {dependent} variable lists only the chosen namespaces: {definition}"
+        );
+    }
 
     let mut ids = BTreeSet::new();
     let all = panels(&d);
@@ -164,8 +307,34 @@ fn the_dashboard_is_well_formed() {
             // Every query follows the job and instance selectors (job-level recording
             // rules have no instance label).
             assert!(expr.contains("job=~\"$job\""), "{title}: {expr}");
+            // ...and every selector in it the namespace.
+            let selectors = selectors_in(expr);
+            assert!(!selectors.is_empty(), "{title}: {expr}");
+            for selector in selectors {
+                assert!(
+                    selector.contains("namespace=~\"$namespace\""),
+                    "{title}: `{{{selector}}}` does not filter by $namespace: {expr}"
+                );
+            }
         }
     }
+}
+
+/// The label matchers of every `{...}` selector in a PromQL expression.
+fn selectors_in(expr: &str) -> Vec<&str> {
+    expr.split('{')
+        .skip(1)
+        .map(|rest| rest.split('}').next().unwrap_or_default())
+        .collect()
+}
+
+#[test]
+fn selectors_are_found() {
+    assert_eq!(
+        selectors_in("sum(rate(a{x=\"1\", y=~\"$y\"}[5m])) / b{z=\"2\"}"),
+        ["x=\"1\", y=~\"$y\"", "z=\"2\""]
+    );
+    assert!(selectors_in("time() - up").is_empty());
 }
 
 /// Every metric name in `text`: runs of `[A-Za-z0-9_:]` containing `keymeter_`, so
@@ -262,6 +431,7 @@ async fn post(envoy: &Envoy, path: &str, key: Option<&str>) -> u16 {
 /// A dashboard query as Grafana would send it, with the variables set to "All".
 fn as_grafana_sends_it(expr: &str) -> String {
     expr.replace("$__rate_interval", "1m")
+        .replace("$namespace", ".*")
         .replace("$job", ".+")
         .replace("$instance", ".+")
 }
@@ -381,6 +551,9 @@ async fn a_real_prometheus_scrapes_keymeter_through_envoy_and_fires_alerts() {
     let dashboard_text = std::fs::read_to_string(dashboard_path()).unwrap();
     let mut wanted = metric_names_in(&file);
     wanted.extend(metric_names_in(&dashboard_text));
+    wanted.extend(metric_names_in(
+        &std::fs::read_to_string(runbooks_path()).unwrap(),
+    ));
     assert!(wanted.len() > 30, "{wanted:?}");
     let missing = || async {
         let names = prometheus.metric_names().await;
@@ -418,6 +591,15 @@ async fn a_real_prometheus_scrapes_keymeter_through_envoy_and_fires_alerts() {
         )
         .await;
     }
+
+    // keymeter serves: KeymeterDown stays silent.
+    assert!(
+        !prometheus
+            .alert_active("KeymeterDown", &["pending", "firing"])
+            .await,
+        "{:?}",
+        prometheus.active_alerts().await
+    );
 
     // A malformed key list was rejected for real: its alert (no `for:`) is active.
     wait_until("KeymeterKeyUpdatesRejected active", WAIT, || async {
@@ -468,9 +650,23 @@ async fn a_real_prometheus_scrapes_keymeter_through_envoy_and_fires_alerts() {
         })
     })
     .await;
+    // keymeter stops: its only target is down, and KeymeterDown fires (Envoy now
+    // answers 503 to everything).
+    let admin_port = keymeter.admin_port();
+    keymeter.stop().await;
+    assert_eq!(post(&envoy, "/v1/chat", Some(GOOD)).await, 503);
+    wait_until("KeymeterDown firing", WAIT, || async {
+        prometheus.alert_active("KeymeterDown", &["firing"]).await
+    })
+    .await;
+    assert_eq!(
+        prometheus.value("up{job=\"keymeter\"}").await,
+        Some(0.0),
+        "the target 127.0.0.1:{admin_port} is down"
+    );
     println!(
         "real Prometheus: {} rules healthy, {} metric names found, {} dashboard queries answered, \
-         3 alerts fired for real; {:.1} s",
+         4 alerts fired for real; {:.1} s",
         expected_rules,
         wanted.len(),
         queries.len(),

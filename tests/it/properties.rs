@@ -59,7 +59,7 @@ proptest! {
     /// A message is rejected whole exactly when it is no key update at all: not JSON,
     /// not an object, or `updates` neither an array nor null. A rejected one changes
     /// nothing; any other one applies (its bad entries are skipped one by one, see
-    /// tests/key_update_model.rs).
+    /// tests/it/key_update_model.rs).
     #[test]
     fn rejected_key_updates_change_nothing(text in jsonish()) {
         let store = KeyStore::new();

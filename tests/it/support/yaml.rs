@@ -142,6 +142,20 @@ pub fn flag(value: &Value, path: &str) -> Option<bool> {
     })
 }
 
+/// The keys of a mapping, in document order.
+pub fn field_names(value: &Value) -> Vec<String> {
+    value
+        .as_mapping()
+        .unwrap_or_else(|| panic!("expected a mapping, found {value:?}"))
+        .keys()
+        .map(|key| {
+            key.as_str()
+                .unwrap_or_else(|| panic!("non-string key {key:?}"))
+                .to_owned()
+        })
+        .collect()
+}
+
 /// Every mapping anywhere below `value` (itself included) whose `name` is `name`.
 pub fn named<'a>(value: &'a Value, name: &str) -> Vec<&'a Value> {
     let mut found = Vec::new();
