@@ -8,8 +8,8 @@
 //! `cargo test`.
 //!
 //! ```sh
-//! cargo build --release --example bench_tool
-//! target/release/examples/bench_tool --help
+//! cargo build --release -p keymeter-bench
+//! target/release/bench_tool --help
 //! ```
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -3144,71 +3144,6 @@ mod report {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_h2load_summary() {
-        let out = "finished in 3.00s, 38856.00 req/s, 569.29KB/s\n\
-                   requests: 77712 total, 77712 started, 77712 done, 77700 succeeded, 12 failed, 0 errored, 0 timeout\n\
-                   status codes: 77700 2xx, 0 3xx, 0 4xx, 0 5xx\n";
-        let s = parse_h2load(out).unwrap();
-        assert_eq!(s.rps, 38856.0);
-        assert_eq!((s.done, s.succeeded, s.status_2xx), (77712, 77700, 77700));
-    }
-
-    #[test]
-    fn finds_complete_requests() {
-        let get = b"GET / HTTP/1.1\r\nhost: x\r\n\r\nGET /";
-        assert_eq!(complete_request(get).unwrap(), Some((27, false)));
-        let post = b"POST / HTTP/1.1\r\ncontent-length: 3\r\n\r\nab";
-        assert_eq!(complete_request(post).unwrap(), None);
-        let chunked = b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
-        assert_eq!(
-            complete_request(chunked).unwrap(),
-            Some((chunked.len(), false))
-        );
-    }
-
-    #[test]
-    fn check_body_is_grpc_framed() {
-        let body = check_body("sk-bench-00000001");
-        let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
-        assert_eq!(body[0], 0);
-        assert_eq!(len + 5, body.len());
-        let req = CheckRequest::decode(&body[5..]).unwrap();
-        let http = req.attributes.unwrap().request.unwrap().http.unwrap();
-        assert_eq!(http.headers["api-key"], "sk-bench-00000001");
-    }
-
-    #[test]
-    fn decodes_chunked_bodies() {
-        assert_eq!(dechunk(b"3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n"), b"abcde");
-    }
-
-    #[test]
-    fn reads_metric_samples() {
-        let text = "# TYPE x counter\nkeymeter_check_requests_total{outcome=\"allowed\"} 12\n\
-                    keymeter_usage_records_published_total 7\n";
-        assert_eq!(
-            metric_value(text, "keymeter_usage_records_published_total"),
-            Some(7.0)
-        );
-        assert_eq!(
-            metric_value(text, "keymeter_check_requests_total{outcome=\"allowed\"}"),
-            Some(12.0)
-        );
-        assert_eq!(metric_value(text, "keymeter_check_requests_total"), None);
-        let envoy =
-            "http.ingress_http.downstream_rq_2xx: 41\nhttp.ingress_http.downstream_rq_2xxx: 1\n";
-        assert_eq!(
-            metric_value(envoy, "http.ingress_http.downstream_rq_2xx"),
-            Some(41.0)
-        );
-    }
-}
-
 /// See `Cmd::OpenLoop`.
 async fn open_loop(
     url: &str,
@@ -3323,4 +3258,69 @@ async fn open_loop(
         eprintln!("open-loop: {count} request(s) failed: {error}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_h2load_summary() {
+        let out = "finished in 3.00s, 38856.00 req/s, 569.29KB/s\n\
+                   requests: 77712 total, 77712 started, 77712 done, 77700 succeeded, 12 failed, 0 errored, 0 timeout\n\
+                   status codes: 77700 2xx, 0 3xx, 0 4xx, 0 5xx\n";
+        let s = parse_h2load(out).unwrap();
+        assert_eq!(s.rps, 38856.0);
+        assert_eq!((s.done, s.succeeded, s.status_2xx), (77712, 77700, 77700));
+    }
+
+    #[test]
+    fn finds_complete_requests() {
+        let get = b"GET / HTTP/1.1\r\nhost: x\r\n\r\nGET /";
+        assert_eq!(complete_request(get).unwrap(), Some((27, false)));
+        let post = b"POST / HTTP/1.1\r\ncontent-length: 3\r\n\r\nab";
+        assert_eq!(complete_request(post).unwrap(), None);
+        let chunked = b"POST / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+        assert_eq!(
+            complete_request(chunked).unwrap(),
+            Some((chunked.len(), false))
+        );
+    }
+
+    #[test]
+    fn check_body_is_grpc_framed() {
+        let body = check_body("sk-bench-00000001");
+        let len = u32::from_be_bytes([body[1], body[2], body[3], body[4]]) as usize;
+        assert_eq!(body[0], 0);
+        assert_eq!(len + 5, body.len());
+        let req = CheckRequest::decode(&body[5..]).unwrap();
+        let http = req.attributes.unwrap().request.unwrap().http.unwrap();
+        assert_eq!(http.headers["api-key"], "sk-bench-00000001");
+    }
+
+    #[test]
+    fn decodes_chunked_bodies() {
+        assert_eq!(dechunk(b"3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n"), b"abcde");
+    }
+
+    #[test]
+    fn reads_metric_samples() {
+        let text = "# TYPE x counter\nkeymeter_check_requests_total{outcome=\"allowed\"} 12\n\
+                    keymeter_usage_records_published_total 7\n";
+        assert_eq!(
+            metric_value(text, "keymeter_usage_records_published_total"),
+            Some(7.0)
+        );
+        assert_eq!(
+            metric_value(text, "keymeter_check_requests_total{outcome=\"allowed\"}"),
+            Some(12.0)
+        );
+        assert_eq!(metric_value(text, "keymeter_check_requests_total"), None);
+        let envoy =
+            "http.ingress_http.downstream_rq_2xx: 41\nhttp.ingress_http.downstream_rq_2xxx: 1\n";
+        assert_eq!(
+            metric_value(envoy, "http.ingress_http.downstream_rq_2xx"),
+            Some(41.0)
+        );
+    }
 }
