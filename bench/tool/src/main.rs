@@ -8,7 +8,7 @@
 //! `cargo test`.
 //!
 //! This file is the command line and its dispatch; each subcommand (or group of them)
-//! lives in its own module, the report in `report`.
+//! lives in its own module, the report in `report/`.
 //!
 //! ```sh
 //! cargo build --release -p keymeter-bench
