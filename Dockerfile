@@ -16,11 +16,15 @@ WORKDIR /build
 
 # Dependency layer: built from the manifests alone (with stub sources), so changing
 # keymeter's own code does not rebuild its ~300 dependencies. build.rs compiles the
-# protos with protox (pure Rust): no protoc needed.
+# protos with protox (pure Rust): no protoc needed. Cargo.toml is a workspace whose other
+# member (the benchmark tool, bench/tool) must exist for cargo to load it: its manifest
+# and a stub main; `--bin keymeter` never builds it.
 COPY Cargo.toml Cargo.lock build.rs ./
+COPY bench/tool/Cargo.toml ./bench/tool/
 COPY proto ./proto
-RUN mkdir src \
+RUN mkdir src bench/tool/src \
  && echo 'fn main() {}' > src/main.rs \
+ && echo 'fn main() {}' > bench/tool/src/main.rs \
  && touch src/lib.rs \
  && cargo build --release --locked --bin keymeter \
  && rm -rf src

@@ -105,9 +105,11 @@ SOLO1=("${RT[@]+"${RT[@]}"}" "${CORE1[@]}")
 PLACE0=("${CORE0[@]}")
 
 say "building keymeter and bench_tool (release)"
-cargo build --release --quiet --bin keymeter --example bench_tool
+# One build of both packages: keymeter's binary, and bench_tool from bench/tool/ (the
+# workspace member keymeter-bench, which a plain `cargo build` does not build).
+cargo build --release --quiet -p keymeter --bin keymeter -p keymeter-bench --bin bench_tool
 KEYMETER=$ROOT/target/release/keymeter
-BT=$ROOT/target/release/examples/bench_tool
+BT=$ROOT/target/release/bench_tool
 
 WORK=$(mktemp -d /tmp/keymeter-bench.XXXXXX)
 RAW=$WORK/raw
