@@ -2,9 +2,22 @@
 //! through undecoded, so the Check and the access log read protobuf in place
 //! (`protowire`) instead of through prost.
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+
 use bytes::{Buf, BufMut, Bytes};
 use tonic::Status;
+use tonic::body::Body;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+
+/// What the services' `call` returns.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// The answer of a hand-written service (one method each) to any other method.
+pub fn unimplemented() -> BoxFuture<Result<http::Response<Body>, Infallible>> {
+    Box::pin(async { Ok(Status::unimplemented("").into_http()) })
+}
 
 /// Passes message bytes through unchanged.
 #[derive(Clone, Copy, Default)]

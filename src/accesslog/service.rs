@@ -3,10 +3,7 @@
 //! decodes it entry by entry. The stream is ended only by the transport (a reset, a
 //! broken gRPC frame, a message over the size limit), never by what a message holds.
 
-use crate::usage::recorder::Ingress;
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -19,10 +16,11 @@ use tonic::{Request, Response, Status, Streaming};
 use super::wire::{decode_entry, decode_message};
 use super::{Outcome, Rules, Skipped, entry_outcome};
 use crate::config::{CheckConfig, UsageConfig};
+use crate::grpc::BoxFuture;
 use crate::keys::KeyStore;
 use crate::metrics::Metrics;
 use crate::outbox::Durability;
-use crate::usage::recorder::Recorder;
+use crate::usage::recorder::{Ingress, Recorder};
 
 const STREAM_PATH: &str = "/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs";
 
@@ -207,8 +205,6 @@ impl NamedService for AccessLogServer {
 
 struct StreamLogs(Arc<AccessLog>);
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
 impl ClientStreamingService<Bytes> for StreamLogs {
     type Response = Bytes;
     type Future = BoxFuture<Result<Response<Bytes>, Status>>;
@@ -234,7 +230,7 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         if request.uri().path() != STREAM_PATH {
-            return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
+            return crate::grpc::unimplemented();
         }
         let inner = self.inner.clone();
         let max = self.max_message_bytes;

@@ -21,7 +21,7 @@ use super::answers::Answers;
 use super::guard::InvalidKeyGuard;
 use super::{Asker, Decision, decide, find_key, wire};
 use crate::config::CheckConfig;
-use crate::grpc::RawCodec;
+use crate::grpc::{BoxFuture, RawCodec};
 use crate::keys::KeyStore;
 use crate::metrics::Metrics;
 
@@ -167,9 +167,7 @@ where
 {
     type Response = http::Response<Body>;
     type Error = Infallible;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<http::Response<Body>, Infallible>> + Send>,
-    >;
+    type Future = BoxFuture<Result<http::Response<Body>, Infallible>>;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
@@ -177,7 +175,7 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         if request.uri().path() != CHECK_PATH {
-            return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
+            return crate::grpc::unimplemented();
         }
         let inner = self.inner.clone();
         let max = self.max_message_bytes;

@@ -1,7 +1,6 @@
 //! The gRPC side of the Report API: the caller's key through `authz::decide`, the
 //! answer as a gRPC status, the records through the recorder with fsync.
 
-use crate::usage::recorder::Ingress;
 use std::sync::atomic::Ordering;
 
 use tonic::{Request, Response, Status};
@@ -13,6 +12,7 @@ use crate::outbox::{AppendError, Durability};
 use crate::proto::v1::usage_server::Usage as UsageApi;
 use crate::proto::v1::{ReportRequest, ReportResponse};
 use crate::usage::UsageRecord;
+use crate::usage::recorder::Ingress;
 
 #[tonic::async_trait]
 impl UsageApi for ReportService {

@@ -15,8 +15,6 @@
 //! identities as Check and the access log (`listen.grpc_tls.allow.envoy`).
 
 use std::convert::Infallible;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -33,7 +31,7 @@ use tonic::server::{Grpc, NamedService, StreamingService};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{FilterSettings, TYPED_EXTENSION_CONFIG_TYPE, Version, Versions};
-use crate::grpc::RawCodec;
+use crate::grpc::{BoxFuture, RawCodec};
 use crate::metrics::{Metrics, XdsMetrics};
 
 const STREAM_PATH: &str =
@@ -309,8 +307,6 @@ async fn serve(
 
 struct Streams(Arc<Shared>);
 
-type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-
 impl StreamingService<Bytes> for Streams {
     type Response = Frame;
     type ResponseStream = ReceiverStream<Result<Frame, Status>>;
@@ -342,7 +338,7 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         if request.uri().path() != STREAM_PATH {
             // Delta and Fetch are not served: Envoy's ECDS uses the stream.
-            return Box::pin(async { Ok(Status::unimplemented("").into_http()) });
+            return crate::grpc::unimplemented();
         }
         let inner = self.inner.clone();
         let max = self.max_message_bytes;
