@@ -9,7 +9,6 @@
 //! ones. Parsing a certificate costs more than a Check, so each distinct certificate
 //! is parsed once and its identities kept.
 
-use crate::metrics::label_enum;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -30,16 +29,7 @@ const MAX_CACHED_CERTIFICATES: usize = 4096;
 /// At most one log line per this interval; the rest are counted.
 const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
-label_enum! {
-    /// The services an allow-list guards. `as_str` is the metric label.
-    pub enum Guarded {
-        Check => "check",
-        AccessLog => "access_log",
-        Report => "report",
-        /// Envoy's ECDS subscription to the key list (local mode): it carries raw keys.
-        KeyList => "key_list",
-    }
-}
+pub use crate::metrics::label::Guarded;
 
 impl Guarded {
     /// The guarded service a gRPC path belongs to; `None` for the rest (health),

@@ -13,7 +13,6 @@ pub mod wire;
 
 pub use service::AccessLogServer;
 
-use crate::metrics::label_enum;
 use envoy_types::pb::envoy::config::core::v3::RequestMethod;
 
 use crate::authz::{
@@ -42,32 +41,9 @@ const API_KEY_AUTH_DENIALS: [&str; 5] = [
     "client_not_allowed",
 ];
 
-label_enum! {
-    /// Why an HTTP entry bills nothing. `as_str` is the metric label.
-    pub enum NotBilled {
-        /// ext_authz (or, in local mode, Envoy's api_key_auth) denied the request, or
-        /// ext_authz failed closed.
-        Denied => "denied",
-        /// No key in the request and no Check metadata.
-        NoKey => "no_key",
-        /// The key is not (or no longer) in the key store.
-        UnknownKey => "unknown_key",
-        /// The backend declared no usage and no route default matched.
-        NoUsage => "no_usage",
-        /// The Check's metadata names another app than the key store has for the key:
-        /// not something Envoy's Check allowed (a forged or corrupted entry).
-        AppMismatch => "app_mismatch",
-    }
-}
+pub use crate::metrics::label::NotBilled;
 
-label_enum! {
-    /// Why an access-log entry was skipped before it could be judged. `as_str` is the
-    /// metric label.
-    pub enum Skipped {
-        /// The entry's bytes are not a valid `HTTPAccessLogEntry`.
-        Malformed => "malformed",
-    }
-}
+pub use crate::metrics::label::Skipped;
 
 /// What one access-log entry amounts to.
 #[derive(Debug, Clone, PartialEq)]

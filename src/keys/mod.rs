@@ -18,7 +18,6 @@ pub mod sync;
 mod table;
 pub mod update;
 
-use crate::metrics::label_enum;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -100,15 +99,7 @@ impl KeyInfo<'_> {
     }
 }
 
-label_enum! {
-    /// Where a key list came from; shown in logs and `/readyz`, and the `source` label
-    /// of `keymeter_key_source_last_update_timestamp_seconds`.
-    pub enum Source {
-        Snapshot => "snapshot",
-        File => "file",
-        Billing => "billing",
-    }
-}
+pub use crate::metrics::label::Source;
 
 /// A key stated after its layer's table was built.
 #[derive(Debug, Clone)]

@@ -20,25 +20,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::update::{self, MAX_FIELD_BYTES, ParsedUpdate, SkipReason, Skipped};
 use super::{Applied, AsKeyEntry, KeyList, KeyListRef, KeyStatus, KeyStore, Source};
-use crate::metrics::{Metrics, label_enum};
+use crate::metrics::Metrics;
 
 /// Skipped entries named in the one log line of a message; the rest are only counted.
 const SKIPS_LOGGED: usize = 20;
 
-label_enum! {
-    /// Why a key list (billing message, snapshot or keys file) is rejected whole: the
-    /// `reason` label of `keymeter_key_updates_rejected_total`. `InvalidEntry` is for
-    /// files only: a message skips its bad entries one by one
-    /// (`keymeter_key_entries_skipped_total`).
-    pub enum ListRejection {
-        TooLarge => "too_large",
-        BadJson => "bad_json",
-        WrongShape => "wrong_shape",
-        InvalidEntry => "invalid_entry",
-        FileUnreadable => "file_unreadable",
-        SnapshotUnreadable => "snapshot_unreadable",
-    }
-}
+pub use crate::metrics::label::ListRejection;
 
 /// Why a key list was rejected whole, with what an operator needs to fix it.
 #[derive(Debug, Clone, PartialEq, Eq)]

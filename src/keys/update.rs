@@ -15,7 +15,6 @@
 //! fields say. The keys file and the snapshot apply the same per-entry rules, but
 //! reject the whole file on the first entry that breaks them (see `sync.rs`).
 
-use crate::metrics::label_enum;
 use std::borrow::Cow;
 use std::fmt;
 
@@ -27,28 +26,7 @@ use super::{KeyEntryRef, KeyStatus};
 /// keys, small enough to bound memory.
 pub const MAX_FIELD_BYTES: usize = 1024;
 
-label_enum! {
-    /// Why one entry of a key update was skipped; `as_str` is the metric label
-    /// (`keymeter_key_entries_skipped_total{reason}`).
-    pub enum SkipReason {
-        /// The entry is not a JSON object (the SDK loses the rest of its message there).
-        NotAnObject => "not_an_object",
-        /// `api_key` is missing, `null`, not a string or empty.
-        NoApiKey => "no_api_key",
-        /// `api_key` is longer than [`MAX_FIELD_BYTES`].
-        ApiKeyTooLong => "api_key_too_long",
-        /// `api_key` holds a control character or starts or ends with a space: no request
-        /// can present it (see [`check_api_key`]).
-        ApiKeyNotHeaderSafe => "api_key_not_header_safe",
-        /// An `ok` entry whose `app_id` is missing, `null`, not a string or empty.
-        NoAppId => "no_app_id",
-        /// An `ok` entry whose `app_id` is longer than [`MAX_FIELD_BYTES`].
-        AppIdTooLong => "app_id_too_long",
-        /// An `ok` entry whose `app_id` holds a control character: it could not be sent to
-        /// the backend in the `x-billing-app-id` header.
-        AppIdNotHeaderSafe => "app_id_not_header_safe",
-    }
-}
+pub use crate::metrics::label::SkipReason;
 
 impl SkipReason {
     /// What is wrong, for an operator reading a log line (never quotes the entry).

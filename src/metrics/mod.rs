@@ -31,11 +31,10 @@ pub const MAX_MODULE_LABELS: usize = 64;
 /// The `module` label of records whose module arrived after the cap was reached.
 pub const OTHER_MODULE: &str = "_other";
 
-use crate::keys::Source;
-use crate::keys::sync::ListRejection;
-use crate::mqtt::{Ignored, Published, Refusal};
-use crate::usage::recorder::Lost;
-use crate::usage::{MetadataProblem, Rejection};
+use label::{
+    Guarded, Ignored, ListRejection, Lost, MetadataProblem, NotBilled, Published, Refusal,
+    Rejection, SkipReason, Skipped, Source,
+};
 
 /// Check outcomes, one counter each.
 pub struct CheckOutcomes {
@@ -568,7 +567,7 @@ impl Metrics {
                 .key_updates_ignored
                 .get_or_create(&vec![("reason", reason.as_str())]);
         }
-        for reason in crate::keys::update::SkipReason::ALL {
+        for reason in SkipReason::ALL {
             let _ = self
                 .key_entries_skipped
                 .get_or_create(&vec![("reason", reason.as_str())]);
@@ -586,17 +585,17 @@ impl Metrics {
                 .keys_file_reloads
                 .get_or_create(&vec![("result", result)]);
         }
-        for why in crate::accesslog::NotBilled::ALL {
+        for why in NotBilled::ALL {
             let _ = self
                 .entries_not_billed
                 .get_or_create(&vec![("reason", why.as_str())]);
         }
-        for service in crate::peers::Guarded::ALL {
+        for service in Guarded::ALL {
             let _ = self
                 .grpc_peers_refused
                 .get_or_create(&vec![("service", service.as_str())]);
         }
-        for why in crate::accesslog::Skipped::ALL {
+        for why in Skipped::ALL {
             let _ = self
                 .access_log_entries_skipped
                 .get_or_create(&vec![("reason", why.as_str())]);
@@ -670,7 +669,7 @@ impl Metrics {
     }
 
     /// `n` entries of one key update skipped for `reason`.
-    pub fn key_entries_skipped(&self, reason: crate::keys::update::SkipReason, n: u64) {
+    pub fn key_entries_skipped(&self, reason: SkipReason, n: u64) {
         self.key_entries_skipped
             .get_or_create(&vec![("reason", reason.as_str())])
             .inc_by(n);
@@ -695,7 +694,7 @@ impl Metrics {
     }
 
     /// An HTTP access-log entry that bills nothing.
-    pub fn entry_not_billed(&self, reason: crate::accesslog::NotBilled) {
+    pub fn entry_not_billed(&self, reason: NotBilled) {
         self.entries_not_billed
             .get_or_create(&vec![("reason", reason.as_str())])
             .inc();
@@ -716,14 +715,14 @@ impl Metrics {
     }
 
     /// A gRPC call to `service` refused for its client certificate.
-    pub fn grpc_peer_refused(&self, service: crate::peers::Guarded) {
+    pub fn grpc_peer_refused(&self, service: Guarded) {
         self.grpc_peers_refused
             .get_or_create(&vec![("service", service.as_str())])
             .inc();
     }
 
     /// `n` access-log entries skipped for `why`.
-    pub fn access_log_entries_skipped(&self, why: crate::accesslog::Skipped, n: u64) {
+    pub fn access_log_entries_skipped(&self, why: Skipped, n: u64) {
         if n > 0 {
             self.access_log_entries_skipped
                 .get_or_create(&vec![("reason", why.as_str())])
@@ -732,7 +731,7 @@ impl Metrics {
     }
 
     /// A record billed without its metadata, for `problem`.
-    pub fn metadata_dropped(&self, problem: crate::usage::MetadataProblem) {
+    pub fn metadata_dropped(&self, problem: MetadataProblem) {
         self.metadata_dropped
             .get_or_create(&vec![("reason", problem.as_str())])
             .inc();

@@ -17,30 +17,15 @@ use super::protocol::{Client, Event, EventLoop, Refusal};
 use super::publisher::Publisher;
 use crate::clock::now_ms;
 use crate::config::Topics;
-use crate::metrics::{Metrics, label_enum};
+use crate::metrics::Metrics;
 
 /// First reconnect delay; doubles up to `mqtt.reconnect_max_secs`.
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 /// How long a stopping keymeter waits for PUBACKs of records already sent.
 const PUBACK_WAIT_AT_SHUTDOWN: Duration = Duration::from_secs(2);
-label_enum! {
-    /// Why a well-formed billing key update is not applied: the `reason` label of
-    /// `keymeter_key_updates_ignored_total`.
-    pub enum Ignored {
-        /// A retained message: the broker's copy of an old list, not the billing
-        /// system speaking now.
-        Retained => "retained",
-    }
-}
+pub use crate::metrics::label::Ignored;
 
-label_enum! {
-    /// What a refused publish carried: the `message` label of
-    /// `keymeter_publish_refused_total`.
-    pub enum Published {
-        Report => "report",
-        KeysRequest => "keys_request",
-    }
-}
+pub use crate::metrics::label::Published;
 
 /// Why the session must start over although the connection did not fail.
 struct Restart(String);

@@ -4,7 +4,6 @@
 //! a refused subscription. Both versions get the same options: clean session, the
 //! same keep-alive, login, TLS and packet size limits.
 
-use crate::metrics::label_enum;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -165,19 +164,7 @@ impl RequestQueue for Client {
     }
 }
 
-label_enum! {
-    /// Why the broker refused a publish: an MQTT 5 PUBACK reason code of 0x80 or above,
-    /// as a metric label.
-    pub enum Refusal {
-        UnspecifiedError => "unspecified_error",
-        ImplementationSpecificError => "implementation_specific_error",
-        NotAuthorized => "not_authorized",
-        TopicNameInvalid => "topic_name_invalid",
-        PacketIdentifierInUse => "packet_identifier_in_use",
-        QuotaExceeded => "quota_exceeded",
-        PayloadFormatInvalid => "payload_format_invalid",
-    }
-}
+pub use crate::metrics::label::Refusal;
 
 impl Refusal {
     /// The reason code on the wire.

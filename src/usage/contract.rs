@@ -9,7 +9,6 @@
 //! Per field, the first source that has it wins: trailers, then headers, then metadata.
 //! `records`, when present, is the whole declaration and the single fields are ignored.
 
-use crate::metrics::label_enum;
 use std::collections::HashMap;
 
 use serde_json::value::RawValue;
@@ -35,15 +34,7 @@ pub struct Usage {
     pub metadata_dropped: Option<MetadataProblem>,
 }
 
-label_enum! {
-    /// Why declared metadata was unusable. `as_str` is the metric label.
-    pub enum MetadataProblem {
-        NotUtf8 => "not_utf8",
-        InvalidJson => "invalid_json",
-        NotObject => "not_object",
-        TooLarge => "too_large",
-    }
-}
+pub use crate::metrics::label::MetadataProblem;
 
 /// Where metadata must be right (the Report API answers the caller at once), a
 /// problem with it rejects the record.
@@ -58,25 +49,7 @@ impl From<MetadataProblem> for Rejection {
     }
 }
 
-label_enum! {
-    /// Why a declaration was rejected. `as_str` is the metric label.
-    pub enum Rejection {
-        UsageMissing => "usage_missing",
-        UsageNotANumber => "usage_not_a_number",
-        UsageNegative => "usage_negative",
-        UsageOverflow => "usage_overflow",
-        ModuleMissing => "module_missing",
-        ModuleInvalid => "module_invalid",
-        ModelMissing => "model_missing",
-        ModelInvalid => "model_invalid",
-        MetadataInvalidJson => "metadata_invalid_json",
-        MetadataNotObject => "metadata_not_object",
-        MetadataTooLarge => "metadata_too_large",
-        RecordsInvalid => "records_invalid",
-        TooManyRecords => "too_many_records",
-        NotUtf8 => "not_utf8",
-    }
-}
+pub use crate::metrics::label::Rejection;
 
 impl std::fmt::Display for Rejection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

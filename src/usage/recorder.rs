@@ -11,22 +11,7 @@ use crate::outbox::{AppendError, Durability, NewRecord, Outbox};
 
 use super::{MetadataProblem, Rejection, UsageRecord};
 
-label_enum! {
-    /// Why the recorder (not the header contract) could not take records: unlike
-    /// contract reasons these are records a backend declared correctly, and they are
-    /// lost. The `reason` label of `keymeter_usage_records_rejected_total`, beside the
-    /// contract's reasons.
-    pub enum Lost {
-        /// The outbox budget is used up (the broker is behind).
-        OutboxFull => "outbox_full",
-        /// A record is larger than the outbox's frame limit.
-        RecordTooLarge => "record_too_large",
-        /// The disk failed.
-        OutboxError => "outbox_error",
-        /// keymeter is stopping.
-        ShuttingDown => "shutting_down",
-    }
-}
+pub use crate::metrics::label::Lost;
 
 label_enum! {
     /// Which ingress declared a record: a field of the rejection log lines.
