@@ -17,6 +17,7 @@ use crate::support::{
     Mosquitto, MosquittoOptions, MqttTestClient, TestDir, mqtt_options, wait_until,
 };
 use keymeter::Config;
+use keymeter::clock::now_ms;
 use keymeter::config::{MqttProtocol, Secret};
 use keymeter::keys::{KeyEntry, KeyList};
 use keymeter::proto::v1::usage_client::UsageClient;
@@ -49,13 +50,6 @@ fn acl_denying_reports() -> String {
         "update the test together with deploy/mosquitto/billing.acl"
     );
     acl.replace(REPORT_GRANT, "user keymeter\n")
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 /// A broker with the `keymeter` and `billing` logins and an ACL, keymeter connected

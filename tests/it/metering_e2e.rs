@@ -3,7 +3,7 @@
 //! stand-in subscribed to `billing/report`) receives exactly one record per request.
 
 use std::collections::HashSet;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crate::support::backend::{ReceivedResponse, Reply};
 use crate::support::keymeter::{Keymeter, billing};
@@ -11,6 +11,7 @@ use crate::support::{
     Backend, Envoy, EnvoyPorts, Mosquitto, RecordedRequest, TestDir, http_client, wait_until,
 };
 use keymeter::Config;
+use keymeter::clock::now_ms;
 use keymeter::config::{RouteRule, StatusClass};
 use keymeter::dev::billing::BillingStandIn;
 use keymeter::keys::KeyEntry;
@@ -19,13 +20,6 @@ use serde_json::{Value, json};
 const GOOD: &str = "sk-test-0001";
 const BLOCKED: &str = "sk-blocked";
 const WAIT: Duration = Duration::from_secs(20);
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
 
 fn keys() -> Vec<KeyEntry> {
     vec![

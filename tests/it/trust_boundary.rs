@@ -6,7 +6,7 @@
 //!   refuses timestamps outside its window.
 
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crate::support::keymeter::{Keymeter, billing};
 use crate::support::{Mosquitto, TestDir, wait_until};
@@ -21,6 +21,7 @@ use envoy_types::pb::envoy::service::accesslog::v3::stream_access_logs_message::
 };
 use envoy_types::pb::google::protobuf::{Struct, Timestamp, UInt32Value, Value, value::Kind};
 use keymeter::Config;
+use keymeter::clock::now_ms;
 use keymeter::config::InvalidKeyLimit;
 use keymeter::keys::{KeyEntry, fingerprint};
 use keymeter::proto::v1::usage_client::UsageClient;
@@ -30,13 +31,6 @@ use tonic::Code;
 const GOOD: &str = "sk-test-0001";
 const OTHER: &str = "sk-other-0002";
 const WAIT: Duration = Duration::from_secs(15);
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
 
 fn keys() -> Vec<KeyEntry> {
     vec![KeyEntry::ok("app-1", GOOD), KeyEntry::ok("app-2", OTHER)]
