@@ -5,10 +5,9 @@
 //! So the Istio manifests cannot drift from the tested Envoy config or rot.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use serde::Deserialize;
+use crate::support::yaml::{self, DurationSyntax, Manifest};
 use serde_yaml::Value;
 
 const EXT_AUTHZ_PROVIDER: &str = "keymeter-ext-authz";
@@ -53,218 +52,40 @@ const HTTP_ALS_FIELDS: [&str; 7] = [
 ];
 
 // ---------------------------------------------------------------------------
-// Loading and navigating YAML
+// Finding the documents
 // ---------------------------------------------------------------------------
 
-struct Doc {
-    file: String,
-    value: Value,
-}
-
-impl Doc {
-    fn kind(&self) -> &str {
-        str_at(&self.value, "kind")
-    }
-}
-
-fn repo_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
-}
-
-fn parse_documents(path: &Path) -> Vec<Value> {
-    let text =
-        std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    serde_yaml::Deserializer::from_str(&text)
-        .map(|doc| {
-            Value::deserialize(doc).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
-        })
-        // A leading or trailing `---` yields an empty document.
-        .filter(|value| !value.is_null())
-        .collect()
-}
-
-/// Every document of every `*.yaml`/`*.yml` file in deploy/istio/, in file-name order.
-fn istio_docs() -> Vec<Doc> {
-    let dir = repo_path("deploy/istio");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
-        .map(|entry| entry.expect("read dir entry").path())
-        .filter(|path| path.extension().is_some_and(|e| e == "yaml" || e == "yml"))
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no YAML files in {}", dir.display());
-    files
-        .iter()
-        .flat_map(|path| {
-            let file = path.file_name().unwrap().to_string_lossy().into_owned();
-            parse_documents(path).into_iter().map(move |value| Doc {
-                file: file.clone(),
-                value,
-            })
-        })
-        .collect()
+/// Every document of every YAML file in deploy/istio/, in file-name order.
+fn istio_docs() -> Vec<Manifest> {
+    yaml::load_folder("deploy/istio")
 }
 
 /// The one AuthorizationPolicy with `action`; panics if there is none or more than one.
-fn policy_with_action<'a>(docs: &'a [Doc], action: &str) -> &'a Doc {
-    let found: Vec<&Doc> = docs
-        .iter()
-        .filter(|d| d.kind() == "AuthorizationPolicy" && str_at(&d.value, "spec.action") == action)
-        .collect();
-    assert_eq!(
-        found.len(),
-        1,
-        "expected exactly one AuthorizationPolicy with action {action} in deploy/istio"
-    );
-    found[0]
-}
-
-/// The one document of `kind`; panics if there is none or more than one.
-fn one_of_kind<'a>(docs: &'a [Doc], kind: &str) -> &'a Doc {
-    let found: Vec<&Doc> = docs.iter().filter(|d| d.kind() == kind).collect();
-    assert_eq!(
-        found.len(),
-        1,
-        "expected exactly one {kind} in deploy/istio, found {}",
-        found.len()
-    );
-    found[0]
-}
-
-/// The EnvoyFilter named `name`.
-fn envoy_filter<'a>(docs: &'a [Doc], name: &str) -> &'a Doc {
-    let found: Vec<&Doc> = docs
-        .iter()
-        .filter(|d| d.kind() == "EnvoyFilter" && str_at(&d.value, "metadata.name") == name)
-        .collect();
-    assert_eq!(
-        found.len(),
-        1,
-        "expected one EnvoyFilter {name} in deploy/istio"
-    );
-    found[0]
+fn policy_with_action<'a>(docs: &'a [Manifest], action: &str) -> &'a Manifest {
+    yaml::one_where(
+        docs,
+        &format!("AuthorizationPolicy with action {action}"),
+        |d| d.kind() == "AuthorizationPolicy" && yaml::text(&d.value, "spec.action") == action,
+    )
 }
 
 const USAGE_HEADERS_FILTER: &str = "keymeter-usage-headers";
 const GATEWAY_EDGE_FILTER: &str = "keymeter-gateway-edge";
 
-/// `value` at a dotted path (`spec.selector.matchLabels`, `rules.0.to`).
-fn at<'a>(value: &'a Value, path: &str) -> &'a Value {
-    path.split('.').fold(value, |current, key| {
-        let next = match key.parse::<usize>() {
-            Ok(index) => current.get(index),
-            Err(_) => current.get(key),
-        };
-        next.unwrap_or_else(|| panic!("`{path}`: no `{key}` in {current:?}"))
-    })
-}
-
-fn at_mut<'a>(value: &'a mut Value, path: &str) -> &'a mut Value {
-    path.split('.').fold(value, |current, key| {
-        let next = match key.parse::<usize>() {
-            Ok(index) => current.get_mut(index),
-            Err(_) => current.get_mut(key),
-        };
-        next.unwrap_or_else(|| panic!("`{path}`: no `{key}`"))
-    })
-}
-
-fn str_at<'a>(value: &'a Value, path: &str) -> &'a str {
-    at(value, path)
-        .as_str()
-        .unwrap_or_else(|| panic!("`{path}` is not a string: {:?}", at(value, path)))
-}
-
-fn seq_at<'a>(value: &'a Value, path: &str) -> &'a Vec<Value> {
-    at(value, path)
-        .as_sequence()
-        .unwrap_or_else(|| panic!("`{path}` is not a list: {:?}", at(value, path)))
-}
-
-fn strings_at(value: &Value, path: &str) -> Vec<String> {
-    seq_at(value, path)
-        .iter()
-        .map(|v| {
-            v.as_str()
-                .unwrap_or_else(|| panic!("`{path}` has a non-string item {v:?}"))
-                .to_owned()
-        })
-        .collect()
-}
-
-fn keys(value: &Value) -> Vec<String> {
-    value
-        .as_mapping()
-        .unwrap_or_else(|| panic!("not a mapping: {value:?}"))
-        .keys()
-        .map(|k| k.as_str().expect("string key").to_owned())
-        .collect()
-}
-
-/// Every mapping anywhere below `value` whose `name` is `name`.
-fn find_named<'a>(value: &'a Value, name: &str) -> Vec<&'a Value> {
-    let mut found = Vec::new();
-    fn walk<'a>(value: &'a Value, name: &str, found: &mut Vec<&'a Value>) {
-        match value {
-            Value::Mapping(map) => {
-                if map.get("name").and_then(Value::as_str) == Some(name) {
-                    found.push(value);
-                }
-                map.values().for_each(|v| walk(v, name, found));
-            }
-            Value::Sequence(items) => items.iter().for_each(|v| walk(v, name, found)),
-            Value::Tagged(tagged) => walk(&tagged.value, name, found),
-            _ => {}
-        }
-    }
-    walk(value, name, &mut found);
-    found
-}
-
-/// The one mapping named `name` in deploy/envoy/envoy.yaml.
-fn envoy_deploy_named(name: &str) -> Value {
-    let docs = parse_documents(&crate::support::deploy_config_path());
-    assert_eq!(docs.len(), 1, "deploy/envoy/envoy.yaml is one document");
-    let found = find_named(&docs[0], name);
-    assert_eq!(
-        found.len(),
-        1,
-        "expected exactly one `name: {name}` in deploy/envoy/envoy.yaml"
-    );
-    found[0].clone()
-}
-
-/// A protobuf JSON duration ("0.25s", "1s"; not "250ms", which Istio rejects) in seconds.
-fn duration_secs(text: &str) -> f64 {
-    let number = text
-        .strip_suffix('s')
-        .filter(|n| {
-            let (whole, frac) = n.split_once('.').unwrap_or((n, "0"));
-            !whole.is_empty()
-                && whole.bytes().all(|b| b.is_ascii_digit())
-                && (1..=9).contains(&frac.len())
-                && frac.bytes().all(|b| b.is_ascii_digit())
-        })
-        .unwrap_or_else(|| {
-            panic!("{text:?} is not a protobuf duration (seconds with an `s` suffix, e.g. 0.25s)")
-        });
-    number.parse().expect("checked digits")
-}
-
 /// `meshConfig` from the IstioOperator overlay (`spec.meshConfig`) or, if the
 /// file is switched to the `istio` ConfigMap form, from its `data.mesh` text.
-fn mesh_config(docs: &[Doc]) -> Value {
-    let operators: Vec<&Doc> = docs
+fn mesh_config(docs: &[Manifest]) -> Value {
+    let operators: Vec<&Manifest> = docs
         .iter()
         .filter(|d| d.kind() == "IstioOperator")
         .collect();
-    let config_maps: Vec<&Doc> = docs
+    let config_maps: Vec<&Manifest> = docs
         .iter()
-        .filter(|d| d.kind() == "ConfigMap" && str_at(&d.value, "metadata.name") == "istio")
+        .filter(|d| d.kind() == "ConfigMap" && yaml::text(&d.value, "metadata.name") == "istio")
         .collect();
     match (operators.as_slice(), config_maps.as_slice()) {
-        ([operator], []) => at(&operator.value, "spec.meshConfig").clone(),
-        ([], [config_map]) => serde_yaml::from_str(str_at(&config_map.value, "data.mesh"))
+        ([operator], []) => yaml::node(&operator.value, "spec.meshConfig").clone(),
+        ([], [config_map]) => serde_yaml::from_str(yaml::text(&config_map.value, "data.mesh"))
             .expect("ConfigMap istio: `data.mesh` is YAML"),
         _ => panic!(
             "expected the mesh config exactly once (an IstioOperator or the `istio` ConfigMap), \
@@ -277,38 +98,31 @@ fn mesh_config(docs: &[Doc]) -> Value {
 
 /// The extension provider `name` and its one provider-type key.
 fn provider(mesh: &Value, name: &str) -> (String, Value) {
-    let named: Vec<&Value> = seq_at(mesh, "extensionProviders")
-        .iter()
-        .filter(|p| p.get("name").and_then(Value::as_str) == Some(name))
-        .collect();
-    assert_eq!(
-        named.len(),
-        1,
-        "expected exactly one extension provider named {name}"
+    let named = yaml::item_named(
+        yaml::list(mesh, "extensionProviders"),
+        name,
+        "extension provider",
     );
-    let types: Vec<String> = keys(named[0]).into_iter().filter(|k| k != "name").collect();
+    let types: Vec<String> = yaml::field_names(named)
+        .into_iter()
+        .filter(|k| k != "name")
+        .collect();
     assert_eq!(
         types.len(),
         1,
         "provider {name} must have exactly one type, has {types:?}"
     );
     let kind = types[0].clone();
-    (kind.clone(), at(named[0], &kind).clone())
+    (kind.clone(), yaml::node(named, &kind).clone())
 }
 
 fn assert_only_fields(value: &Value, allowed: &[&str], what: &str) {
-    for key in keys(value) {
+    for key in yaml::field_names(value) {
         assert!(
             allowed.contains(&key.as_str()),
             "{what}: Istio has no field `{key}` and would silently ignore it (fields: {allowed:?})"
         );
     }
-}
-
-fn sorted(items: &[String]) -> BTreeSet<String> {
-    let set: BTreeSet<String> = items.iter().cloned().collect();
-    assert_eq!(set.len(), items.len(), "duplicates in {items:?}");
-    set
 }
 
 fn usage_headers() -> BTreeSet<String> {
@@ -330,18 +144,18 @@ fn every_document_is_one_of_the_expected_istio_resources() {
     ];
     for doc in &docs {
         let kind = doc.kind();
-        let api_version = str_at(&doc.value, "apiVersion");
+        let api_version = yaml::text(&doc.value, "apiVersion");
         assert!(
             expected.contains(&(kind, api_version)),
             "{}: unexpected {api_version} {kind}",
             doc.file
         );
         assert!(
-            !str_at(&doc.value, "metadata.name").is_empty(),
+            !yaml::text(&doc.value, "metadata.name").is_empty(),
             "{}: {kind} without a name",
             doc.file
         );
-        at(&doc.value, "spec");
+        yaml::node(&doc.value, "spec");
     }
     for (kind, _) in expected {
         let count = docs.iter().filter(|d| d.kind() == kind).count();
@@ -365,31 +179,44 @@ fn ext_authz_provider_fails_closed_within_the_envoy_timeout() {
     assert_only_fields(&grpc, &EXT_AUTHZ_GRPC_FIELDS, EXT_AUTHZ_PROVIDER);
 
     assert!(
-        str_at(&grpc, "service").contains('.'),
+        yaml::text(&grpc, "service").contains('.'),
         "service must be a fully qualified host name"
     );
-    assert_eq!(at(&grpc, "port").as_u64(), Some(KEYMETER_GRPC_PORT));
+    assert_eq!(yaml::node(&grpc, "port").as_u64(), Some(KEYMETER_GRPC_PORT));
 
     // Istio's default is 600s: the timeout must be explicit and short.
-    let timeout = duration_secs(str_at(&grpc, "timeout"));
+    let timeout = yaml::duration_seconds(yaml::text(&grpc, "timeout"), DurationSyntax::Protobuf);
     assert!(
         timeout > 0.0 && timeout <= 1.0,
         "timeout {timeout}s must be in (0, 1]"
     );
     // Explicit, not just defaulted.
-    assert_eq!(at(&grpc, "failOpen").as_bool(), Some(false), "fail closed");
-    assert_eq!(str_at(&grpc, "statusOnError"), "503");
+    assert_eq!(
+        yaml::node(&grpc, "failOpen").as_bool(),
+        Some(false),
+        "fail closed"
+    );
+    assert_eq!(yaml::text(&grpc, "statusOnError"), "503");
 
     // The same behaviour as the tested plain-Envoy config.
-    let envoy = envoy_deploy_named("envoy.filters.http.ext_authz");
-    let envoy = at(&envoy, "typed_config");
+    let envoy = yaml::envoy_config_named("envoy.filters.http.ext_authz");
+    let envoy = yaml::node(&envoy, "typed_config");
     assert_eq!(
-        duration_secs(str_at(envoy, "grpc_service.timeout")),
+        yaml::duration_seconds(
+            yaml::text(envoy, "grpc_service.timeout"),
+            DurationSyntax::Protobuf
+        ),
         timeout,
         "same Check timeout as deploy/envoy/envoy.yaml"
     );
-    assert_eq!(at(envoy, "failure_mode_allow").as_bool(), Some(false));
-    assert_eq!(str_at(envoy, "status_on_error.code"), "ServiceUnavailable"); // = 503
+    assert_eq!(
+        yaml::node(envoy, "failure_mode_allow").as_bool(),
+        Some(false)
+    );
+    assert_eq!(
+        yaml::text(envoy, "status_on_error.code"),
+        "ServiceUnavailable"
+    ); // = 503
 }
 
 #[test]
@@ -404,17 +231,17 @@ fn als_provider_logs_the_headers_and_trailers_that_the_envoy_config_logs() {
 
     let (_, ext_authz) = provider(&mesh, EXT_AUTHZ_PROVIDER);
     assert_eq!(
-        str_at(&als, "service"),
-        str_at(&ext_authz, "service"),
+        yaml::text(&als, "service"),
+        yaml::text(&ext_authz, "service"),
         "one keymeter serves both"
     );
-    assert_eq!(at(&als, "port").as_u64(), Some(KEYMETER_GRPC_PORT));
+    assert_eq!(yaml::node(&als, "port").as_u64(), Some(KEYMETER_GRPC_PORT));
 
-    let envoy = envoy_deploy_named(crate::support::envoy::GRPC_ACCESS_LOGGER);
-    let envoy = at(&envoy, "typed_config");
+    let envoy = yaml::envoy_config_named(crate::support::envoy::GRPC_ACCESS_LOGGER);
+    let envoy = yaml::node(&envoy, "typed_config");
     assert_eq!(
-        str_at(&als, "logName"),
-        str_at(envoy, "common_config.log_name")
+        yaml::text(&als, "logName"),
+        yaml::text(envoy, "common_config.log_name")
     );
     for (istio, envoy_field) in [
         (
@@ -431,21 +258,21 @@ fn als_provider_logs_the_headers_and_trailers_that_the_envoy_config_logs() {
         ),
     ] {
         assert_eq!(
-            sorted(&strings_at(&als, istio)),
-            sorted(&strings_at(envoy, envoy_field)),
+            yaml::set_of(&yaml::texts(&als, istio)),
+            yaml::set_of(&yaml::texts(envoy, envoy_field)),
             "{ALS_PROVIDER}.{istio} differs from deploy/envoy/envoy.yaml's {envoy_field}"
         );
     }
     // And those are the contract's names (lowercase, as Envoy matches them).
     assert_eq!(
-        sorted(&strings_at(&als, "additionalResponseHeadersToLog")),
+        yaml::set_of(&yaml::texts(&als, "additionalResponseHeadersToLog")),
         usage_headers()
     );
     assert_eq!(
-        sorted(&strings_at(&als, "additionalResponseTrailersToLog")),
+        yaml::set_of(&yaml::texts(&als, "additionalResponseTrailersToLog")),
         usage_headers()
     );
-    let request_headers = strings_at(&als, "additionalRequestHeadersToLog");
+    let request_headers = yaml::texts(&als, "additionalRequestHeadersToLog");
     for header in ["api-key", "apikey"] {
         assert!(
             request_headers.iter().any(|h| h == header),
@@ -459,18 +286,18 @@ fn authorization_policy_sends_matching_requests_to_keymeter() {
     let docs = istio_docs();
     let mesh = mesh_config(&docs);
     let policy = &policy_with_action(&docs, "CUSTOM").value;
-    assert_eq!(str_at(policy, "spec.action"), "CUSTOM");
-    let name = str_at(policy, "spec.provider.name");
+    assert_eq!(yaml::text(policy, "spec.action"), "CUSTOM");
+    let name = yaml::text(policy, "spec.provider.name");
     assert_eq!(name, EXT_AUTHZ_PROVIDER);
     let (kind, _) = provider(&mesh, name);
     assert_eq!(kind, "envoyExtAuthzGrpc");
     // A policy without rules never matches: keymeter would never be asked.
     assert!(
-        !seq_at(policy, "spec.rules").is_empty(),
+        !yaml::list(policy, "spec.rules").is_empty(),
         "a CUSTOM policy needs at least one rule"
     );
     assert!(
-        !keys(at(policy, "spec.selector.matchLabels")).is_empty(),
+        !yaml::field_names(yaml::node(policy, "spec.selector.matchLabels")).is_empty(),
         "select the paid workloads, not the whole namespace"
     );
 }
@@ -479,8 +306,8 @@ fn authorization_policy_sends_matching_requests_to_keymeter() {
 fn telemetry_streams_the_server_side_access_log_to_keymeter() {
     let docs = istio_docs();
     let mesh = mesh_config(&docs);
-    let telemetry = &one_of_kind(&docs, "Telemetry").value;
-    let logging: Vec<&Value> = seq_at(telemetry, "spec.accessLogging")
+    let telemetry = &yaml::one_of_kind(&docs, "Telemetry").value;
+    let logging: Vec<&Value> = yaml::list(telemetry, "spec.accessLogging")
         .iter()
         .filter(|entry| {
             entry
@@ -500,12 +327,12 @@ fn telemetry_streams_the_server_side_access_log_to_keymeter() {
         Some(true)
     );
     assert_eq!(
-        str_at(logging[0], "match.mode"),
+        yaml::text(logging[0], "match.mode"),
         "SERVER",
         "log only the inbound traffic that the Check guards"
     );
     assert!(
-        !keys(at(telemetry, "spec.selector.matchLabels")).is_empty(),
+        !yaml::field_names(yaml::node(telemetry, "spec.selector.matchLabels")).is_empty(),
         "select the paid workloads, not the whole namespace"
     );
 }
@@ -522,10 +349,14 @@ fn policy_telemetry_and_envoyfilter_select_the_same_workloads() {
     .map(|(kind, labels)| {
         let doc = match kind {
             "AuthorizationPolicy" => &policy_with_action(&docs, "CUSTOM").value,
-            "EnvoyFilter" => &envoy_filter(&docs, USAGE_HEADERS_FILTER).value,
-            _ => &one_of_kind(&docs, kind).value,
+            "EnvoyFilter" => &yaml::one_named(&docs, "EnvoyFilter", USAGE_HEADERS_FILTER).value,
+            _ => &yaml::one_of_kind(&docs, kind).value,
         };
-        (kind, str_at(doc, "metadata.namespace"), at(doc, labels))
+        (
+            kind,
+            yaml::text(doc, "metadata.namespace"),
+            yaml::node(doc, labels),
+        )
     })
     .collect();
     for (kind, namespace, labels) in &scopes[1..] {
@@ -538,9 +369,9 @@ fn policy_telemetry_and_envoyfilter_select_the_same_workloads() {
 }
 
 /// The EnvoyFilter's configPatch and the HTTP filter it inserts.
-fn envoyfilter_patch(docs: &[Doc]) -> Value {
-    let filter = &envoy_filter(docs, USAGE_HEADERS_FILTER).value;
-    let patches = seq_at(filter, "spec.configPatches");
+fn envoyfilter_patch(docs: &[Manifest]) -> Value {
+    let filter = &yaml::one_named(docs, "EnvoyFilter", USAGE_HEADERS_FILTER).value;
+    let patches = yaml::list(filter, "spec.configPatches");
     assert_eq!(patches.len(), 1, "one patch: the header_to_metadata filter");
     patches[0].clone()
 }
@@ -548,23 +379,26 @@ fn envoyfilter_patch(docs: &[Doc]) -> Value {
 #[test]
 fn envoyfilter_moves_the_usage_headers_into_keymeter_metadata_on_the_inbound_sidecar() {
     let patch = envoyfilter_patch(&istio_docs());
-    assert_eq!(str_at(&patch, "applyTo"), "HTTP_FILTER");
-    assert_eq!(str_at(&patch, "match.context"), "SIDECAR_INBOUND");
+    assert_eq!(yaml::text(&patch, "applyTo"), "HTTP_FILTER");
+    assert_eq!(yaml::text(&patch, "match.context"), "SIDECAR_INBOUND");
     assert_eq!(
-        str_at(&patch, "match.listener.filterChain.filter.name"),
+        yaml::text(&patch, "match.listener.filterChain.filter.name"),
         "envoy.filters.network.http_connection_manager"
     );
     // Before the router: the first encoder filter, so the headers are gone
     // before any other filter sees the response or it reaches the client.
     assert_eq!(
-        str_at(&patch, "match.listener.filterChain.filter.subFilter.name"),
+        yaml::text(&patch, "match.listener.filterChain.filter.subFilter.name"),
         "envoy.filters.http.router"
     );
-    assert_eq!(str_at(&patch, "patch.operation"), "INSERT_BEFORE");
+    assert_eq!(yaml::text(&patch, "patch.operation"), "INSERT_BEFORE");
 
-    let value = at(&patch, "patch.value");
-    assert_eq!(str_at(value, "name"), HEADER_TO_METADATA);
-    assert_eq!(str_at(value, "typed_config.@type"), HEADER_TO_METADATA_TYPE);
+    let value = yaml::node(&patch, "patch.value");
+    assert_eq!(yaml::text(value, "name"), HEADER_TO_METADATA);
+    assert_eq!(
+        yaml::text(value, "typed_config.@type"),
+        HEADER_TO_METADATA_TYPE
+    );
     assert!(
         value
             .get("typed_config")
@@ -573,33 +407,33 @@ fn envoyfilter_moves_the_usage_headers_into_keymeter_metadata_on_the_inbound_sid
             .is_none(),
         "request headers are not touched"
     );
-    let rules = seq_at(value, "typed_config.response_rules");
+    let rules = yaml::list(value, "typed_config.response_rules");
     let mut headers = Vec::new();
     for rule in rules {
-        let header = str_at(rule, "header");
+        let header = yaml::text(rule, "header");
         headers.push(header.to_owned());
         assert_eq!(
-            at(rule, "remove").as_bool(),
+            yaml::node(rule, "remove").as_bool(),
             Some(true),
             "{header}: hidden from clients"
         );
         assert_eq!(
-            str_at(rule, "on_header_present.metadata_namespace"),
+            yaml::text(rule, "on_header_present.metadata_namespace"),
             METADATA_NAMESPACE
         );
         let key = header
             .strip_prefix("x-billing-")
             .expect("x-billing-* header");
-        assert_eq!(str_at(rule, "on_header_present.key"), key);
-        assert_eq!(str_at(rule, "on_header_present.type"), "STRING");
+        assert_eq!(yaml::text(rule, "on_header_present.key"), key);
+        assert_eq!(yaml::text(rule, "on_header_present.type"), "STRING");
     }
-    assert_eq!(sorted(&headers), usage_headers());
+    assert_eq!(yaml::set_of(&headers), usage_headers());
 
     // Exactly the filter that deploy/envoy/envoy.yaml runs (and the
     // integration tests exercise): no drift between the two.
     assert_eq!(
         *value,
-        envoy_deploy_named(HEADER_TO_METADATA),
+        yaml::envoy_config_named(HEADER_TO_METADATA),
         "patch.value must equal the header_to_metadata filter of deploy/envoy/envoy.yaml"
     );
 }
@@ -641,7 +475,7 @@ static_resources:
 "#,
     )
     .expect("bootstrap template");
-    at_mut(
+    yaml::at_mut(
         &mut bootstrap,
         "static_resources.listeners.0.filter_chains.0.filters.0.typed_config.http_filters",
     )
@@ -656,7 +490,7 @@ fn envoy_validate(
     dir: &crate::support::TestDir,
     name: &str,
     yaml: &str,
-) -> (bool, PathBuf, String) {
+) -> (bool, std::path::PathBuf, String) {
     let path = dir.path().join(name);
     std::fs::write(&path, yaml).expect("write bootstrap");
     let out = Command::new(crate::support::envoy_bin())
@@ -682,7 +516,7 @@ fn envoy_validate(
 #[test]
 fn envoyfilter_http_filter_is_accepted_by_real_envoy() {
     let patch = envoyfilter_patch(&istio_docs());
-    let filter = at(&patch, "patch.value");
+    let filter = yaml::node(&patch, "patch.value");
     let yaml = bootstrap_with_http_filter(filter);
     let dir = crate::support::TestDir::new("istio-envoyfilter");
     let path = dir.path().join("envoyfilter-bootstrap.yaml");
@@ -692,7 +526,7 @@ fn envoyfilter_http_filter_is_accepted_by_real_envoy() {
     // The check has teeth: Envoy validates the filter's typed_config, so a
     // misspelt field in the payload would fail it.
     let mut broken = filter.clone();
-    at_mut(&mut broken, "typed_config")
+    yaml::at_mut(&mut broken, "typed_config")
         .as_mapping_mut()
         .expect("typed_config is a mapping")
         .insert("response_rulez".into(), Value::Sequence(vec![]));
@@ -772,19 +606,20 @@ fn assert_authz_fields(value: &Value, message: &str) {
 /// The keymeter pods' labels and container ports in deploy/kubernetes (both
 /// workloads have the same pod template; tests/it/deploy_kubernetes.rs checks that).
 fn keymeter_pod() -> (Value, Vec<(String, u64)>) {
-    let docs = parse_documents(&repo_path("deploy/kubernetes/statefulset.yaml"));
-    let template = at(&docs[0], "spec.template");
-    let labels = at(template, "metadata.labels").clone();
-    let container = seq_at(template, "spec.containers")
-        .iter()
-        .find(|c| str_at(c, "name") == "keymeter")
-        .expect("the keymeter container");
-    let ports = seq_at(container, "ports")
+    let docs = yaml::load_documents(&yaml::repo_file("deploy/kubernetes/statefulset.yaml"));
+    let template = yaml::node(&docs[0], "spec.template");
+    let labels = yaml::node(template, "metadata.labels").clone();
+    let container = yaml::item_named(
+        yaml::list(template, "spec.containers"),
+        "keymeter",
+        "container",
+    );
+    let ports = yaml::list(container, "ports")
         .iter()
         .map(|p| {
             (
-                str_at(p, "name").to_owned(),
-                at(p, "containerPort").as_u64().unwrap(),
+                yaml::text(p, "name").to_owned(),
+                yaml::node(p, "containerPort").as_u64().unwrap(),
             )
         })
         .collect();
@@ -824,21 +659,23 @@ fn keymeter_lets_in_only_the_paid_apis_sidecars_and_report_jobs() {
     let docs = istio_docs();
     let doc = policy_with_action(&docs, "ALLOW");
     let policy = &doc.value;
-    assert_eq!(str_at(policy, "apiVersion"), "security.istio.io/v1");
-    let spec = at(policy, "spec");
+    assert_eq!(yaml::text(policy, "apiVersion"), "security.istio.io/v1");
+    let spec = yaml::node(policy, "spec");
     assert_authz_fields(spec, "spec");
 
     // Where: keymeter's namespace (the providers' host) and pods (deploy/kubernetes).
     let mesh = mesh_config(&docs);
     let (_, grpc_provider) = provider(&mesh, EXT_AUTHZ_PROVIDER);
-    let host = str_at(&grpc_provider, "service");
+    let host = yaml::text(&grpc_provider, "service");
     let namespace = host
         .split('.')
         .nth(1)
         .expect("<service>.<namespace>.svc...");
-    assert_eq!(str_at(policy, "metadata.namespace"), namespace);
+    assert_eq!(yaml::text(policy, "metadata.namespace"), namespace);
     let (pod_labels, container_ports) = keymeter_pod();
-    let selector = at(spec, "selector.matchLabels").as_mapping().unwrap();
+    let selector = yaml::node(spec, "selector.matchLabels")
+        .as_mapping()
+        .unwrap();
     assert!(!selector.is_empty());
     for (key, value) in selector {
         assert_eq!(
@@ -856,37 +693,37 @@ fn keymeter_lets_in_only_the_paid_apis_sidecars_and_report_jobs() {
     };
     let (grpc, admin) = (port("grpc"), port("admin"));
     assert_eq!(grpc, KEYMETER_GRPC_PORT);
-    assert_eq!(at(&grpc_provider, "port").as_u64(), Some(grpc));
+    assert_eq!(yaml::node(&grpc_provider, "port").as_u64(), Some(grpc));
 
     // What: each rule, flattened.
     let mut rules = Vec::new();
-    for rule in seq_at(spec, "rules") {
+    for rule in yaml::list(spec, "rules") {
         assert_authz_fields(rule, "rule");
         assert!(rule.get("when").is_none(), "no conditions");
         let mut allowed = Allowed::default();
         if let Some(from) = rule.get("from") {
             for f in from.as_sequence().unwrap() {
                 assert_authz_fields(f, "from/to");
-                let source = at(f, "source");
+                let source = yaml::node(f, "source");
                 assert_authz_fields(source, "source");
                 assert_eq!(
-                    keys(source),
+                    yaml::field_names(source),
                     ["principals"],
                     "callers are named by mTLS identity"
                 );
-                allowed.principals.extend(strings_at(source, "principals"));
+                allowed.principals.extend(yaml::texts(source, "principals"));
             }
         }
-        for t in seq_at(rule, "to") {
+        for t in yaml::list(rule, "to") {
             assert_authz_fields(t, "from/to");
-            let operation = at(t, "operation");
+            let operation = yaml::node(t, "operation");
             assert_authz_fields(operation, "operation");
-            let ports = strings_at(operation, "ports");
+            let ports = yaml::texts(operation, "ports");
             allowed
                 .ports
                 .extend(ports.iter().map(|p| p.parse::<u64>().unwrap()));
-            allowed.methods.extend(strings_at(operation, "methods"));
-            allowed.paths.extend(strings_at(operation, "paths"));
+            allowed.methods.extend(yaml::texts(operation, "methods"));
+            allowed.paths.extend(yaml::texts(operation, "paths"));
         }
         assert!(!allowed.ports.is_empty(), "every rule names its port");
         rules.push(allowed);
@@ -900,7 +737,7 @@ fn keymeter_lets_in_only_the_paid_apis_sidecars_and_report_jobs() {
     let report = format!("/{}/Report", usage_server::SERVICE_NAME);
     let takes = |rule: &Allowed, path: &str| rule.paths.iter().any(|p| path_matches(p, path));
     let custom = &policy_with_action(&docs, "CUSTOM").value;
-    let paid_api_namespace = str_at(custom, "metadata.namespace");
+    let paid_api_namespace = yaml::text(custom, "metadata.namespace");
     for rule in &rules {
         if rule.ports.contains(&grpc) {
             assert!(
@@ -948,21 +785,21 @@ fn keymeter_lets_in_only_the_paid_apis_sidecars_and_report_jobs() {
     // The admin routes are the probes' and the scrape's paths.
     let admin_rules: Vec<&Allowed> = rules.iter().filter(|r| r.ports.contains(&admin)).collect();
     assert_eq!(admin_rules.len(), 1);
-    let statefulset = parse_documents(&repo_path("deploy/kubernetes/statefulset.yaml"));
-    let template = at(&statefulset[0], "spec.template");
-    let container = &seq_at(template, "spec.containers")[0];
+    let statefulset = yaml::load_documents(&yaml::repo_file("deploy/kubernetes/statefulset.yaml"));
+    let template = yaml::node(&statefulset[0], "spec.template");
+    let container = &yaml::list(template, "spec.containers")[0];
     let mut routes: BTreeSet<String> = ["livenessProbe", "readinessProbe", "startupProbe"]
         .iter()
         .filter_map(|p| container.get(*p))
-        .map(|p| str_at(p, "httpGet.path").to_owned())
+        .map(|p| yaml::text(p, "httpGet.path").to_owned())
         .collect();
-    let scrape = at(template, "metadata.annotations")
+    let scrape = yaml::node(template, "metadata.annotations")
         .get("prometheus.io/path")
         .and_then(Value::as_str)
         .expect("the prometheus.io/path annotation");
     routes.insert(scrape.to_owned());
     assert_eq!(admin_rules[0].paths, routes);
-    let readme = std::fs::read_to_string(repo_path("deploy/istio/README.md")).unwrap();
+    let readme = yaml::repo_text("deploy/istio/README.md");
     assert!(readme.contains(&doc.file), "README.md lists {}", doc.file);
 }
 
@@ -1030,14 +867,14 @@ fn envoy_filter_problems(filter: &Value) -> Vec<String> {
             .find(|(m, _)| *m == message)
             .map(|(_, f)| *f)
             .unwrap();
-        for key in keys(value) {
+        for key in yaml::field_names(value) {
             if !allowed.contains(&key.as_str()) {
                 problems.push(format!("{at}.{key}"));
             }
         }
     }
     let mut problems = Vec::new();
-    let spec = at(filter, "spec");
+    let spec = yaml::node(filter, "spec");
     check(spec, "spec", "spec", &mut problems);
     if let Some(selector) = spec.get("workloadSelector") {
         check(
@@ -1047,7 +884,7 @@ fn envoy_filter_problems(filter: &Value) -> Vec<String> {
             &mut problems,
         );
     }
-    for (i, patch) in seq_at(spec, "configPatches").iter().enumerate() {
+    for (i, patch) in yaml::list(spec, "configPatches").iter().enumerate() {
         let base = format!("spec.configPatches.{i}");
         check(patch, "configPatch", &base, &mut problems);
         if let Some(m) = patch.get("match") {
@@ -1078,7 +915,7 @@ fn envoy_filter_problems(filter: &Value) -> Vec<String> {
             }
         }
         check(
-            at(patch, "patch"),
+            yaml::node(patch, "patch"),
             "patch",
             &format!("{base}.patch"),
             &mut problems,
@@ -1099,8 +936,10 @@ fn every_envoy_filter_field_exists_in_istios_api() {
         );
     }
     // The check has teeth.
-    let mut broken = envoy_filter(&docs, GATEWAY_EDGE_FILTER).value.clone();
-    at_mut(&mut broken, "spec.configPatches.0.match")
+    let mut broken = yaml::one_named(&docs, "EnvoyFilter", GATEWAY_EDGE_FILTER)
+        .value
+        .clone();
+    yaml::at_mut(&mut broken, "spec.configPatches.0.match")
         .as_mapping_mut()
         .unwrap()
         .insert("gateway".into(), Value::Bool(true));
@@ -1112,17 +951,17 @@ fn every_envoy_filter_field_exists_in_istios_api() {
 
 /// The HTTP connection manager of deploy/envoy/envoy.yaml.
 fn envoy_deploy_hcm() -> Value {
-    at(
-        &envoy_deploy_named("envoy.filters.network.http_connection_manager"),
+    yaml::node(
+        &yaml::envoy_config_named("envoy.filters.network.http_connection_manager"),
         "typed_config",
     )
     .clone()
 }
 
 /// The gateway EnvoyFilter's one patch.
-fn gateway_edge_patch(docs: &[Doc]) -> Value {
-    let filter = &envoy_filter(docs, GATEWAY_EDGE_FILTER).value;
-    let patches = seq_at(filter, "spec.configPatches");
+fn gateway_edge_patch(docs: &[Manifest]) -> Value {
+    let filter = &yaml::one_named(docs, "EnvoyFilter", GATEWAY_EDGE_FILTER).value;
+    let patches = yaml::list(filter, "spec.configPatches");
     assert_eq!(patches.len(), 1, "one patch: the gateway's HCM");
     patches[0].clone()
 }
@@ -1137,29 +976,29 @@ fn gateway_edge_patch(docs: &[Doc]) -> Value {
 #[test]
 fn the_ingress_gateway_is_the_edge_that_the_envoy_config_is() {
     let docs = istio_docs();
-    let filter = envoy_filter(&docs, GATEWAY_EDGE_FILTER);
+    let filter = yaml::one_named(&docs, "EnvoyFilter", GATEWAY_EDGE_FILTER);
     let patch = gateway_edge_patch(&docs);
-    assert_eq!(str_at(&patch, "applyTo"), "NETWORK_FILTER");
-    assert_eq!(str_at(&patch, "match.context"), "GATEWAY");
+    assert_eq!(yaml::text(&patch, "applyTo"), "NETWORK_FILTER");
+    assert_eq!(yaml::text(&patch, "match.context"), "GATEWAY");
     assert_eq!(
-        str_at(&patch, "match.listener.filterChain.filter.name"),
+        yaml::text(&patch, "match.listener.filterChain.filter.name"),
         "envoy.filters.network.http_connection_manager"
     );
-    assert_eq!(str_at(&patch, "patch.operation"), "MERGE");
-    let typed = at(&patch, "patch.value.typed_config");
+    assert_eq!(yaml::text(&patch, "patch.operation"), "MERGE");
+    let typed = yaml::node(&patch, "patch.value.typed_config");
     let hcm = envoy_deploy_hcm();
-    assert_eq!(str_at(typed, "@type"), str_at(&hcm, "@type"));
+    assert_eq!(yaml::text(typed, "@type"), yaml::text(&hcm, "@type"));
     for field in [
         "use_remote_address",
         "internal_address_config",
         "common_http_protocol_options",
     ] {
-        let ours = at(typed, field);
-        let theirs = at(&hcm, field);
+        let ours = yaml::node(typed, field);
+        let theirs = yaml::node(&hcm, field);
         if field == "common_http_protocol_options" {
             assert_eq!(
-                at(ours, "headers_with_underscores_action"),
-                at(theirs, "headers_with_underscores_action"),
+                yaml::node(ours, "headers_with_underscores_action"),
+                yaml::node(theirs, "headers_with_underscores_action"),
                 "headers_with_underscores_action as in envoy.yaml"
             );
         } else {
@@ -1167,13 +1006,16 @@ fn the_ingress_gateway_is_the_edge_that_the_envoy_config_is() {
         }
     }
     assert_eq!(
-        str_at(
+        yaml::text(
             typed,
             "common_http_protocol_options.headers_with_underscores_action"
         ),
         "REJECT_REQUEST"
     );
-    assert_eq!(at(typed, "use_remote_address").as_bool(), Some(true));
+    assert_eq!(
+        yaml::node(typed, "use_remote_address").as_bool(),
+        Some(true)
+    );
     assert!(
         typed.get("xff_num_trusted_hops").is_none(),
         "Istio sets xff_num_trusted_hops from gatewayTopology.numTrustedProxies"
@@ -1184,8 +1026,8 @@ fn the_ingress_gateway_is_the_edge_that_the_envoy_config_is() {
     );
     let mesh = mesh_config(&docs);
     assert_eq!(
-        at(&mesh, "defaultConfig.gatewayTopology.numTrustedProxies").as_u64(),
-        at(&hcm, "xff_num_trusted_hops").as_u64(),
+        yaml::node(&mesh, "defaultConfig.gatewayTopology.numTrustedProxies").as_u64(),
+        yaml::node(&hcm, "xff_num_trusted_hops").as_u64(),
         "numTrustedProxies is envoy.yaml's xff_num_trusted_hops"
     );
     // Nothing in deploy/istio removes x-envoy-* headers at the gateway.
@@ -1199,14 +1041,14 @@ fn the_ingress_gateway_is_the_edge_that_the_envoy_config_is() {
     }
     // The gateway the filter selects is the one keymeter's own policy admits.
     let keymeter_policy = &policy_with_action(&docs, "ALLOW").value;
-    let namespace = str_at(&filter.value, "metadata.namespace");
+    let namespace = yaml::text(&filter.value, "metadata.namespace");
     assert!(
-        strings_at(keymeter_policy, "spec.rules.0.from.0.source.principals")
+        yaml::texts(keymeter_policy, "spec.rules.0.from.0.source.principals")
             .iter()
             .any(|p| p.starts_with(&format!("cluster.local/ns/{namespace}/sa/"))),
         "keymeter-authorization-policy.yaml admits the gateway in {namespace}"
     );
-    let readme = std::fs::read_to_string(repo_path("deploy/istio/README.md")).unwrap();
+    let readme = yaml::repo_text("deploy/istio/README.md");
     assert!(
         readme.contains(&filter.file),
         "README.md lists {}",
@@ -1246,12 +1088,12 @@ typed_config:
     // A bootstrap with the router only: remove the filter under test again.
     let mut bootstrap: Value =
         serde_yaml::from_str(&bootstrap_with_http_filter(&router)).expect("bootstrap");
-    let filters = at_mut(
+    let filters = yaml::at_mut(
         &mut bootstrap,
         "static_resources.listeners.0.filter_chains.0.filters.0.typed_config.http_filters",
     );
     *filters = Value::Sequence(vec![router]);
-    let hcm = at_mut(
+    let hcm = yaml::at_mut(
         &mut bootstrap,
         "static_resources.listeners.0.filter_chains.0.filters.0.typed_config",
     );
@@ -1262,7 +1104,7 @@ typed_config:
 #[test]
 fn the_gateway_edge_patch_is_accepted_by_real_envoy() {
     let patch = gateway_edge_patch(&istio_docs());
-    let typed = at(&patch, "patch.value.typed_config");
+    let typed = yaml::node(&patch, "patch.value.typed_config");
     let dir = crate::support::TestDir::new("istio-gateway-edge");
     let (accepted, path, log) = envoy_validate(
         &dir,
@@ -1280,7 +1122,7 @@ fn the_gateway_edge_patch_is_accepted_by_real_envoy() {
         ("headers_with_underscores_action", "REFUSE"),
     ] {
         let mut broken = typed.clone();
-        at_mut(&mut broken, "common_http_protocol_options")
+        yaml::at_mut(&mut broken, "common_http_protocol_options")
             .as_mapping_mut()
             .unwrap()
             .insert(field.into(), value.into());

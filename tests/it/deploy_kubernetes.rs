@@ -7,10 +7,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use crate::support::yaml::{self, Manifest};
 use keymeter::config::{Config, LogFormat};
-use serde::Deserialize;
 use serde_yaml::Value;
 
 const DIR: &str = "deploy/kubernetes";
@@ -22,134 +22,14 @@ const NONROOT_UID: u64 = 65532;
 const POD_NAME: &str = "keymeter-0";
 const POD_NAMESPACE: &str = "billing";
 
-struct Doc {
-    file: String,
-    value: Value,
-}
-
-impl Doc {
-    fn kind(&self) -> &str {
-        str_at(&self.value, "kind")
-    }
-
-    fn name(&self) -> &str {
-        str_at(&self.value, "metadata.name")
-    }
-}
-
-fn repo_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
-}
-
-fn read(relative: &str) -> String {
-    let path = repo_path(relative);
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+/// Every document of every YAML file in deploy/kubernetes/.
+fn docs() -> Vec<Manifest> {
+    yaml::load_folder(DIR)
 }
 
 /// The `*.yaml`/`*.yml` files of deploy/kubernetes/, by file name, sorted.
 fn yaml_files() -> Vec<String> {
-    let dir = repo_path(DIR);
-    let mut files: Vec<String> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("read {}: {e}", dir.display()))
-        .map(|entry| entry.expect("read dir entry").path())
-        .filter(|path| path.extension().is_some_and(|e| e == "yaml" || e == "yml"))
-        .map(|path| path.file_name().unwrap().to_string_lossy().into_owned())
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no YAML files in {DIR}");
-    files
-}
-
-/// Every document of every YAML file in deploy/kubernetes/ (multi-document aware).
-fn docs() -> Vec<Doc> {
-    let mut docs = Vec::new();
-    for file in yaml_files() {
-        let text = read(&format!("{DIR}/{file}"));
-        for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let value = Value::deserialize(doc)
-                .unwrap_or_else(|e| panic!("{DIR}/{file}: document {i} is not valid YAML: {e}"));
-            // A leading or trailing `---` yields an empty document.
-            if !value.is_null() {
-                docs.push(Doc {
-                    file: file.clone(),
-                    value,
-                });
-            }
-        }
-    }
-    docs
-}
-
-fn try_at<'a>(value: &'a Value, path: &str) -> Option<&'a Value> {
-    path.split('.')
-        .try_fold(value, |v, segment| match segment.parse::<usize>() {
-            Ok(i) if v.is_sequence() => v.get(i),
-            _ => v.get(segment),
-        })
-}
-
-fn at<'a>(value: &'a Value, path: &str) -> &'a Value {
-    try_at(value, path).unwrap_or_else(|| panic!("`{path}` missing in {value:?}"))
-}
-
-fn str_at<'a>(value: &'a Value, path: &str) -> &'a str {
-    at(value, path)
-        .as_str()
-        .unwrap_or_else(|| panic!("`{path}` is not a string"))
-}
-
-fn u64_at(value: &Value, path: &str) -> u64 {
-    at(value, path)
-        .as_u64()
-        .unwrap_or_else(|| panic!("`{path}` is not a non-negative integer"))
-}
-
-fn bool_at(value: &Value, path: &str) -> Option<bool> {
-    try_at(value, path).and_then(Value::as_bool)
-}
-
-fn seq_at<'a>(value: &'a Value, path: &str) -> &'a [Value] {
-    try_at(value, path)
-        .and_then(Value::as_sequence)
-        .map_or(&[], Vec::as_slice)
-}
-
-/// A mapping of strings (labels, selectors, annotations, Secret data) as a map.
-fn string_map(value: &Value, path: &str) -> BTreeMap<String, String> {
-    let Some(mapping) = try_at(value, path).and_then(Value::as_mapping) else {
-        return BTreeMap::new();
-    };
-    mapping
-        .iter()
-        .map(|(k, v)| {
-            let k = k.as_str().expect("string key").to_string();
-            let v = match v {
-                Value::String(s) => s.clone(),
-                other => panic!("`{path}.{k}` is not a string: {other:?}"),
-            };
-            (k, v)
-        })
-        .collect()
-}
-
-fn named<'a>(items: &'a [Value], name: &str, what: &str) -> &'a Value {
-    items
-        .iter()
-        .find(|item| item.get("name").and_then(Value::as_str) == Some(name))
-        .unwrap_or_else(|| panic!("no {what} named `{name}`"))
-}
-
-fn only<'a>(docs: &'a [Doc], kind: &str, name: &str) -> &'a Doc {
-    let found: Vec<&Doc> = docs
-        .iter()
-        .filter(|d| d.kind() == kind && d.name() == name)
-        .collect();
-    assert_eq!(
-        found.len(),
-        1,
-        "expected exactly one {kind} `{name}` in {DIR}"
-    );
-    found[0]
+    yaml::yaml_file_names(DIR)
 }
 
 /// A Kubernetes quantity in bytes: `2Gi`, `512Mi`, `1G`, `1000`.
@@ -176,11 +56,11 @@ fn quantity_bytes(text: &str) -> u64 {
 
 /// A StatefulSet or Deployment running keymeter.
 struct Workload<'a> {
-    doc: &'a Doc,
+    doc: &'a Manifest,
 }
 
 impl<'a> Workload<'a> {
-    fn all(docs: &'a [Doc]) -> Vec<Workload<'a>> {
+    fn all(docs: &'a [Manifest]) -> Vec<Workload<'a>> {
         docs.iter()
             .filter(|d| matches!(d.kind(), "StatefulSet" | "Deployment"))
             .map(|doc| Workload { doc })
@@ -192,24 +72,28 @@ impl<'a> Workload<'a> {
     }
 
     fn template(&self) -> &'a Value {
-        at(&self.doc.value, "spec.template")
+        yaml::node(&self.doc.value, "spec.template")
     }
 
     fn pod(&self) -> &'a Value {
-        at(&self.doc.value, "spec.template.spec")
+        yaml::node(&self.doc.value, "spec.template.spec")
     }
 
     fn pod_labels(&self) -> BTreeMap<String, String> {
-        string_map(self.template(), "metadata.labels")
+        yaml::string_map(self.template(), "metadata.labels")
     }
 
     fn container(&self) -> &'a Value {
-        named(seq_at(self.pod(), "containers"), CONTAINER, "container")
+        yaml::item_named(yaml::list(self.pod(), "containers"), CONTAINER, "container")
     }
 
     fn container_port(&self, name: &str) -> u64 {
-        let port = named(seq_at(self.container(), "ports"), name, "container port");
-        u64_at(port, "containerPort")
+        let port = yaml::item_named(
+            yaml::list(self.container(), "ports"),
+            name,
+            "container port",
+        );
+        yaml::number(port, "containerPort")
     }
 
     /// A `port` of a probe or Service: a container port name or a number.
@@ -222,7 +106,7 @@ impl<'a> Workload<'a> {
     }
 
     fn args(&self) -> Vec<String> {
-        seq_at(self.container(), "args")
+        yaml::list(self.container(), "args")
             .iter()
             .map(|a| a.as_str().expect("string arg").to_string())
             .collect()
@@ -241,18 +125,18 @@ impl<'a> Workload<'a> {
     }
 
     fn mount_at(&self, path: &str) -> &'a Value {
-        seq_at(self.container(), "volumeMounts")
+        yaml::list(self.container(), "volumeMounts")
             .iter()
-            .find(|m| str_at(m, "mountPath") == path)
+            .find(|m| yaml::text(m, "mountPath") == path)
             .unwrap_or_else(|| panic!("{}: nothing is mounted at {path}", self.what()))
     }
 
     /// The mount whose path contains `file` (the deepest one).
     fn mount_containing(&self, file: &Path) -> &'a Value {
-        seq_at(self.container(), "volumeMounts")
+        yaml::list(self.container(), "volumeMounts")
             .iter()
-            .filter(|m| file.starts_with(str_at(m, "mountPath")))
-            .max_by_key(|m| str_at(m, "mountPath").len())
+            .filter(|m| file.starts_with(yaml::text(m, "mountPath")))
+            .max_by_key(|m| yaml::text(m, "mountPath").len())
             .unwrap_or_else(|| {
                 panic!(
                     "{}: no volume mount contains {}",
@@ -264,17 +148,21 @@ impl<'a> Workload<'a> {
 
     /// The pod volume named `name`, or the StatefulSet's volumeClaimTemplate of that name.
     fn volume(&self, name: &str) -> &'a Value {
-        seq_at(self.pod(), "volumes")
+        yaml::list(self.pod(), "volumes")
             .iter()
-            .chain(seq_at(&self.doc.value, "spec.volumeClaimTemplates"))
+            .chain(yaml::list_or_empty(
+                &self.doc.value,
+                "spec.volumeClaimTemplates",
+            ))
             .find(|v| {
-                v.get("name").or_else(|| try_at(v, "metadata.name")) == Some(&Value::from(name))
+                v.get("name").or_else(|| yaml::lookup(v, "metadata.name"))
+                    == Some(&Value::from(name))
             })
             .unwrap_or_else(|| panic!("{}: no volume `{name}`", self.what()))
     }
 
     fn probe(&self, kind: &str) -> Option<&'a Value> {
-        try_at(self.container(), kind)
+        yaml::lookup(self.container(), kind)
     }
 
     /// The container's environment as keymeter would see it: literal values with
@@ -282,21 +170,21 @@ impl<'a> Workload<'a> {
     /// with `pod_name`/`namespace`, and Secret references with a placeholder.
     fn env(&self, pod_name: &str, namespace: &str) -> BTreeMap<String, String> {
         let mut env: BTreeMap<String, String> = BTreeMap::new();
-        for var in seq_at(self.container(), "env") {
-            let name = str_at(var, "name").to_string();
+        for var in yaml::list(self.container(), "env") {
+            let name = yaml::text(var, "name").to_string();
             let value = if let Some(literal) = var.get("value") {
                 let mut text = literal.as_str().expect("env value is a string").to_string();
                 for (k, v) in &env {
                     text = text.replace(&format!("$({k})"), v.as_str());
                 }
                 text
-            } else if let Some(field) = try_at(var, "valueFrom.fieldRef.fieldPath") {
+            } else if let Some(field) = yaml::lookup(var, "valueFrom.fieldRef.fieldPath") {
                 match field.as_str() {
                     Some("metadata.name") => pod_name.to_string(),
                     Some("metadata.namespace") => namespace.to_string(),
                     other => panic!("{}: unexpected fieldRef {other:?}", self.what()),
                 }
-            } else if try_at(var, "valueFrom.secretKeyRef").is_some() {
+            } else if yaml::lookup(var, "valueFrom.secretKeyRef").is_some() {
                 format!("from-secret-{name}")
             } else {
                 panic!("{}: env `{name}` has no value I understand", self.what());
@@ -308,10 +196,15 @@ impl<'a> Workload<'a> {
 
     /// (Secret name, key) of every `secretKeyRef` in the container's environment.
     fn secret_key_refs(&self) -> Vec<(String, String)> {
-        seq_at(self.container(), "env")
+        yaml::list(self.container(), "env")
             .iter()
-            .filter_map(|var| try_at(var, "valueFrom.secretKeyRef"))
-            .map(|r| (str_at(r, "name").to_string(), str_at(r, "key").to_string()))
+            .filter_map(|var| yaml::lookup(var, "valueFrom.secretKeyRef"))
+            .map(|r| {
+                (
+                    yaml::text(r, "name").to_string(),
+                    yaml::text(r, "key").to_string(),
+                )
+            })
             .collect()
     }
 }
@@ -320,7 +213,7 @@ impl<'a> Workload<'a> {
 /// A `mqtt.tls.ca_file` (which exists only in a pod) is checked to be mounted from a
 /// Secret and then pointed at an empty file here, as `Config::parse` only checks
 /// that it is a file.
-fn workload_config(docs: &[Doc], workload: &Workload, pod_name: &str, ns: &str) -> Config {
+fn workload_config(docs: &[Manifest], workload: &Workload, pod_name: &str, ns: &str) -> Config {
     let config_path = workload.config_arg();
     let text = config_text(docs, workload, &config_path);
     let raw: toml::Table = toml::from_str(&text).expect("keymeter.toml is TOML");
@@ -334,8 +227,8 @@ fn workload_config(docs: &[Doc], workload: &Workload, pod_name: &str, ns: &str) 
     let text = match &ca_file {
         Some(ca) => {
             let mount = workload.mount_containing(Path::new(ca));
-            let volume = workload.volume(str_at(mount, "name"));
-            let secret = try_at(volume, "secret.secretName").unwrap_or_else(|| {
+            let volume = workload.volume(yaml::text(mount, "name"));
+            let secret = yaml::lookup(volume, "secret.secretName").unwrap_or_else(|| {
                 panic!(
                     "{}: mqtt.tls.ca_file {ca} must come from a Secret volume",
                     workload.what()
@@ -343,14 +236,14 @@ fn workload_config(docs: &[Doc], workload: &Workload, pod_name: &str, ns: &str) 
             });
             // A Secret volume with `items` only has the listed files.
             let file_name = Path::new(ca)
-                .strip_prefix(str_at(mount, "mountPath"))
+                .strip_prefix(yaml::text(mount, "mountPath"))
                 .unwrap();
-            let items = seq_at(volume, "secret.items");
+            let items = yaml::list_or_empty(volume, "secret.items");
             assert!(
                 items.is_empty()
                     || items
                         .iter()
-                        .any(|i| Path::new(str_at(i, "path")) == file_name),
+                        .any(|i| Path::new(yaml::text(i, "path")) == file_name),
                 "{}: Secret {secret:?} volume does not project {}",
                 workload.what(),
                 file_name.display()
@@ -371,11 +264,11 @@ fn workload_config(docs: &[Doc], workload: &Workload, pod_name: &str, ns: &str) 
 }
 
 /// The configuration text that the workload mounts at `config_path`.
-fn config_text(docs: &[Doc], workload: &Workload, config_path: &str) -> String {
+fn config_text(docs: &[Manifest], workload: &Workload, config_path: &str) -> String {
     let mount = workload.mount_at(config_path);
-    let volume = workload.volume(str_at(mount, "name"));
-    let config_map = str_at(volume, "configMap.name");
-    let key = try_at(mount, "subPath")
+    let volume = workload.volume(yaml::text(mount, "name"));
+    let config_map = yaml::text(volume, "configMap.name");
+    let key = yaml::lookup(mount, "subPath")
         .and_then(Value::as_str)
         .unwrap_or_else(|| {
             panic!(
@@ -384,14 +277,17 @@ fn config_text(docs: &[Doc], workload: &Workload, config_path: &str) -> String {
                 Path::new(config_path).parent().unwrap().display()
             )
         });
-    let data = string_map(&only(docs, "ConfigMap", config_map).value, "data");
+    let data = yaml::string_map(
+        &yaml::one_named(docs, "ConfigMap", config_map).value,
+        "data",
+    );
     data.get(key)
         .unwrap_or_else(|| panic!("ConfigMap {config_map} has no key {key}"))
         .clone()
 }
 
 /// The workload file that kustomization.yaml applies.
-fn default_workload<'a>(docs: &'a [Doc]) -> Workload<'a> {
+fn default_workload<'a>(docs: &'a [Manifest]) -> Workload<'a> {
     let resources = kustomization_resources(docs);
     let mut listed: Vec<Workload> = Workload::all(docs)
         .into_iter()
@@ -405,12 +301,12 @@ fn default_workload<'a>(docs: &'a [Doc]) -> Workload<'a> {
     listed.remove(0)
 }
 
-fn kustomization_resources(docs: &[Doc]) -> Vec<String> {
+fn kustomization_resources(docs: &[Manifest]) -> Vec<String> {
     let k = docs
         .iter()
         .find(|d| d.kind() == "Kustomization")
         .expect("a kustomization.yaml");
-    seq_at(&k.value, "resources")
+    yaml::list(&k.value, "resources")
         .iter()
         .map(|r| r.as_str().expect("resource path").to_string())
         .collect()
@@ -423,7 +319,7 @@ fn is_subset(small: &BTreeMap<String, String>, big: &BTreeMap<String, String>) -
 #[test]
 fn every_file_parses_into_the_expected_kinds() {
     let docs = docs();
-    let kinds: BTreeSet<&str> = docs.iter().map(Doc::kind).collect();
+    let kinds: BTreeSet<&str> = docs.iter().map(Manifest::kind).collect();
     for kind in [
         "Service",
         "ConfigMap",
@@ -439,7 +335,7 @@ fn every_file_parses_into_the_expected_kinds() {
     );
     for doc in &docs {
         assert!(
-            try_at(&doc.value, "apiVersion").is_some(),
+            yaml::lookup(&doc.value, "apiVersion").is_some(),
             "{}: {} without apiVersion",
             doc.file,
             doc.kind()
@@ -452,7 +348,7 @@ fn every_file_parses_into_the_expected_kinds() {
                 doc.kind()
             );
             assert!(
-                try_at(&doc.value, "metadata.namespace").is_none(),
+                yaml::lookup(&doc.value, "metadata.namespace").is_none(),
                 "{}: {} sets a namespace; the manifests are namespace-agnostic",
                 doc.file,
                 doc.kind()
@@ -491,12 +387,12 @@ fn kustomization_applies_existing_files_and_leaves_out_only_the_secret_and_the_a
     }
     // kustomize rewrites the image by name: the name must be the container's.
     let k = docs.iter().find(|d| d.kind() == "Kustomization").unwrap();
-    let image = str_at(default.container(), "image");
+    let image = yaml::text(default.container(), "image");
     let image_name = image.split(':').next().unwrap();
     assert!(
-        seq_at(&k.value, "images")
+        yaml::list(&k.value, "images")
             .iter()
-            .all(|i| str_at(i, "name") == image_name),
+            .all(|i| yaml::text(i, "name") == image_name),
         "kustomization.yaml `images` must name the container image `{image_name}`"
     );
 }
@@ -565,24 +461,24 @@ fn the_configmap_is_a_valid_keymeter_config_matching_ports_and_volumes() {
             .unwrap_or_else(|| panic!("keys.snapshot is set (fail-static restarts)"));
         let data_mount = workload.mount_containing(&config.outbox.dir);
         assert_eq!(
-            str_at(data_mount, "mountPath"),
+            yaml::text(data_mount, "mountPath"),
             "/var/lib/keymeter",
             "{what}: outbox.dir {} is on the /var/lib/keymeter volume",
             config.outbox.dir.display()
         );
         assert!(
-            snapshot.starts_with(str_at(data_mount, "mountPath")),
+            snapshot.starts_with(yaml::text(data_mount, "mountPath")),
             "{what}: keys.snapshot {} is on the same volume as the outbox",
             snapshot.display()
         );
         assert!(
-            !bool_at(data_mount, "readOnly").unwrap_or(false),
+            !yaml::flag(data_mount, "readOnly").unwrap_or(false),
             "{what}: the data volume is writable"
         );
         // And large enough for the outbox budget.
-        let volume = workload.volume(str_at(data_mount, "name"));
-        let size = try_at(volume, "spec.resources.requests.storage")
-            .or_else(|| try_at(volume, "emptyDir.sizeLimit"))
+        let volume = workload.volume(yaml::text(data_mount, "name"));
+        let size = yaml::lookup(volume, "spec.resources.requests.storage")
+            .or_else(|| yaml::lookup(volume, "emptyDir.sizeLimit"))
             .and_then(Value::as_str)
             .unwrap_or_else(|| panic!("{what}: the data volume has no size"));
         assert!(
@@ -594,7 +490,7 @@ fn the_configmap_is_a_valid_keymeter_config_matching_ports_and_volumes() {
         // A key update is parsed in memory: measured, resident memory levels off near
         // 150 MB with repeated 8 MiB updates and near 250 MB with 16 MiB ones. An update
         // that does not fit would OOM-kill every replica at once.
-        let limit = quantity_bytes(str_at(workload.container(), "resources.limits.memory"));
+        let limit = quantity_bytes(yaml::text(workload.container(), "resources.limits.memory"));
         let needed = 20 * config.keys.max_update_bytes as u64 + (64 << 20);
         assert!(
             limit >= needed,
@@ -638,7 +534,7 @@ fn the_config_file_is_mounted_where_the_args_point() {
         let path = workload.config_arg();
         let mount = workload.mount_at(&path);
         assert_eq!(
-            bool_at(mount, "readOnly"),
+            yaml::flag(mount, "readOnly"),
             Some(true),
             "config is mounted read-only"
         );
@@ -660,48 +556,48 @@ fn pods_run_non_root_read_only_without_privileges() {
         let pod = workload.pod();
         let c = workload.container();
         for (scope, sc) in [
-            ("pod", at(pod, "securityContext")),
-            ("container", at(c, "securityContext")),
+            ("pod", yaml::node(pod, "securityContext")),
+            ("container", yaml::node(c, "securityContext")),
         ] {
             assert_eq!(
-                bool_at(sc, "runAsNonRoot"),
+                yaml::flag(sc, "runAsNonRoot"),
                 Some(true),
                 "{what}: {scope} runAsNonRoot"
             );
             assert_eq!(
-                u64_at(sc, "runAsUser"),
+                yaml::number(sc, "runAsUser"),
                 NONROOT_UID,
                 "{what}: {scope} runAsUser"
             );
             assert_eq!(
-                str_at(sc, "seccompProfile.type"),
+                yaml::text(sc, "seccompProfile.type"),
                 "RuntimeDefault",
                 "{what}: {scope} seccompProfile"
             );
         }
-        let sc = at(c, "securityContext");
+        let sc = yaml::node(c, "securityContext");
         assert_eq!(
-            bool_at(sc, "readOnlyRootFilesystem"),
+            yaml::flag(sc, "readOnlyRootFilesystem"),
             Some(true),
             "{what}: readOnlyRootFilesystem"
         );
         assert_eq!(
-            bool_at(sc, "allowPrivilegeEscalation"),
+            yaml::flag(sc, "allowPrivilegeEscalation"),
             Some(false),
             "{what}: allowPrivilegeEscalation"
         );
         assert!(
-            seq_at(sc, "capabilities.drop").contains(&Value::from("ALL")),
+            yaml::list(sc, "capabilities.drop").contains(&Value::from("ALL")),
             "{what}: capabilities drop ALL"
         );
         assert_eq!(
-            bool_at(pod, "automountServiceAccountToken"),
+            yaml::flag(pod, "automountServiceAccountToken"),
             Some(false),
             "{what}: no API token"
         );
         // Service links would inject KEYMETER_* variables for Services named keymeter-*.
         assert_eq!(
-            bool_at(pod, "enableServiceLinks"),
+            yaml::flag(pod, "enableServiceLinks"),
             Some(false),
             "{what}: enableServiceLinks"
         );
@@ -712,7 +608,7 @@ fn pods_run_non_root_read_only_without_privileges() {
             "limits.memory",
         ] {
             assert!(
-                try_at(c, &format!("resources.{resource}")).is_some(),
+                yaml::lookup(c, &format!("resources.{resource}")).is_some(),
                 "{what}: resources.{resource} is set"
             );
         }
@@ -728,32 +624,32 @@ fn replicas_spread_across_nodes_and_survive_rollouts_and_drains() {
         .expect("a PodDisruptionBudget");
     for workload in Workload::all(&docs) {
         let what = workload.what();
-        let spec = at(&workload.doc.value, "spec");
-        let replicas = u64_at(spec, "replicas");
+        let spec = yaml::node(&workload.doc.value, "spec");
+        let replicas = yaml::number(spec, "replicas");
         assert!(
             replicas >= 2,
             "{what}: replicas {replicas}: at least 2 (Envoy fails closed without keymeter)"
         );
         let labels = workload.pod_labels();
         assert!(
-            is_subset(&string_map(spec, "selector.matchLabels"), &labels),
+            is_subset(&yaml::string_map(spec, "selector.matchLabels"), &labels),
             "{what}: selector matches the pod labels"
         );
 
         match workload.doc.kind() {
             "Deployment" => {
-                assert_eq!(str_at(spec, "strategy.type"), "RollingUpdate");
+                assert_eq!(yaml::text(spec, "strategy.type"), "RollingUpdate");
                 assert_eq!(
-                    u64_at(spec, "strategy.rollingUpdate.maxUnavailable"),
+                    yaml::number(spec, "strategy.rollingUpdate.maxUnavailable"),
                     0,
                     "{what}: a rollout never takes a ready replica away first"
                 );
             }
             "StatefulSet" => {
-                assert_eq!(str_at(spec, "updateStrategy.type"), "RollingUpdate");
-                let service = only(&docs, "Service", str_at(spec, "serviceName"));
+                assert_eq!(yaml::text(spec, "updateStrategy.type"), "RollingUpdate");
+                let service = yaml::one_named(&docs, "Service", yaml::text(spec, "serviceName"));
                 assert_eq!(
-                    str_at(&service.value, "spec.clusterIP"),
+                    yaml::text(&service.value, "spec.clusterIP"),
                     "None",
                     "{what}: serviceName is a headless Service"
                 );
@@ -762,19 +658,21 @@ fn replicas_spread_across_nodes_and_survive_rollouts_and_drains() {
         }
 
         let pod = workload.pod();
-        let spreads_nodes = seq_at(pod, "topologySpreadConstraints").iter().any(|t| {
-            str_at(t, "topologyKey") == "kubernetes.io/hostname"
-                && str_at(t, "whenUnsatisfiable") == "DoNotSchedule"
-                && is_subset(&string_map(t, "labelSelector.matchLabels"), &labels)
-        });
+        let spreads_nodes = yaml::list(pod, "topologySpreadConstraints")
+            .iter()
+            .any(|t| {
+                yaml::text(t, "topologyKey") == "kubernetes.io/hostname"
+                    && yaml::text(t, "whenUnsatisfiable") == "DoNotSchedule"
+                    && is_subset(&yaml::string_map(t, "labelSelector.matchLabels"), &labels)
+            });
         assert!(
             spreads_nodes,
             "{what}: replicas are spread across nodes (kubernetes.io/hostname)"
         );
 
         // Long enough for the preStop pause plus a graceful stop.
-        let grace = u64_at(pod, "terminationGracePeriodSeconds");
-        let pre_stop = try_at(workload.container(), "lifecycle.preStop.sleep.seconds")
+        let grace = yaml::number(pod, "terminationGracePeriodSeconds");
+        let pre_stop = yaml::lookup(workload.container(), "lifecycle.preStop.sleep.seconds")
             .and_then(Value::as_u64)
             .unwrap_or(0);
         assert!(
@@ -784,12 +682,12 @@ fn replicas_spread_across_nodes_and_survive_rollouts_and_drains() {
 
         assert!(
             is_subset(
-                &string_map(&pdb.value, "spec.selector.matchLabels"),
+                &yaml::string_map(&pdb.value, "spec.selector.matchLabels"),
                 &labels
             ),
             "the PodDisruptionBudget selects the {what} pods"
         );
-        let min_available = u64_at(&pdb.value, "spec.minAvailable");
+        let min_available = yaml::number(&pdb.value, "spec.minAvailable");
         assert!(
             min_available >= 1 && min_available < replicas,
             "{what}: PDB minAvailable {min_available} keeps one up yet allows a drain"
@@ -803,29 +701,33 @@ fn services_select_the_pods_and_speak_grpc() {
     let workload = default_workload(&docs);
     let labels = workload.pod_labels();
     let config = workload_config(&docs, &workload, POD_NAME, POD_NAMESPACE);
-    let services: Vec<&Doc> = docs.iter().filter(|d| d.kind() == "Service").collect();
+    let services: Vec<&Manifest> = docs.iter().filter(|d| d.kind() == "Service").collect();
     assert!(
         services.iter().any(|s| s.name() == "keymeter"),
         "a Service `keymeter`"
     );
     for service in services {
         let name = service.name();
-        let spec = at(&service.value, "spec");
+        let spec = yaml::node(&service.value, "spec");
         assert!(
-            is_subset(&string_map(spec, "selector"), &labels),
+            is_subset(&yaml::string_map(spec, "selector"), &labels),
             "Service {name} selects the keymeter pods"
         );
-        let ports = seq_at(spec, "ports");
-        let grpc = named(ports, "grpc", "Service port");
+        let ports = yaml::list(spec, "ports");
+        let grpc = yaml::item_named(ports, "grpc", "Service port");
         assert_eq!(
-            str_at(grpc, "appProtocol"),
+            yaml::text(grpc, "appProtocol"),
             "grpc",
             "Service {name}: grpc port appProtocol"
         );
-        assert_eq!(u64_at(grpc, "port"), 9191, "Service {name}: gRPC on 9191");
+        assert_eq!(
+            yaml::number(grpc, "port"),
+            9191,
+            "Service {name}: gRPC on 9191"
+        );
         for port in ports {
-            let port_name = str_at(port, "name");
-            let target = workload.resolve_port(at(port, "targetPort"));
+            let port_name = yaml::text(port, "name");
+            let target = workload.resolve_port(yaml::node(port, "targetPort"));
             let listen: SocketAddr = match port_name {
                 "grpc" => config.listen.grpc,
                 "admin" => config.listen.admin,
@@ -838,8 +740,8 @@ fn services_select_the_pods_and_speak_grpc() {
             );
         }
         if name == "keymeter" {
-            let admin = named(ports, "admin", "Service port");
-            assert_eq!(str_at(admin, "appProtocol"), "http");
+            let admin = yaml::item_named(ports, "admin", "Service port");
+            assert_eq!(yaml::text(admin, "appProtocol"), "http");
         }
     }
 }
@@ -847,7 +749,7 @@ fn services_select_the_pods_and_speak_grpc() {
 #[test]
 fn secret_references_resolve_and_the_secret_is_a_placeholder() {
     let docs = docs();
-    let readme = read(&format!("{DIR}/README.md"));
+    let readme = yaml::repo_text(&format!("{DIR}/README.md"));
     for workload in Workload::all(&docs) {
         let refs = workload.secret_key_refs();
         let env = workload.env(POD_NAME, POD_NAMESPACE);
@@ -856,9 +758,9 @@ fn secret_references_resolve_and_the_secret_is_a_placeholder() {
             "the password comes from the Secret"
         );
         for (secret, key) in refs {
-            let doc = only(&docs, "Secret", &secret);
-            let mut keys = string_map(&doc.value, "stringData");
-            keys.extend(string_map(&doc.value, "data"));
+            let doc = yaml::one_named(&docs, "Secret", &secret);
+            let mut keys = yaml::string_map_or_empty(&doc.value, "stringData");
+            keys.extend(yaml::string_map_or_empty(&doc.value, "data"));
             assert!(
                 keys.contains_key(&key),
                 "{}: Secret {secret} has no key {key}",
@@ -866,8 +768,8 @@ fn secret_references_resolve_and_the_secret_is_a_placeholder() {
             );
         }
         // Secrets mounted as volumes but not shipped (e.g. the broker CA) are explained.
-        for volume in seq_at(workload.pod(), "volumes") {
-            if let Some(secret) = try_at(volume, "secret.secretName").and_then(Value::as_str)
+        for volume in yaml::list(workload.pod(), "volumes") {
+            if let Some(secret) = yaml::lookup(volume, "secret.secretName").and_then(Value::as_str)
                 && !docs
                     .iter()
                     .any(|d| d.kind() == "Secret" && d.name() == secret)
@@ -880,7 +782,7 @@ fn secret_references_resolve_and_the_secret_is_a_placeholder() {
         }
     }
     for secret in docs.iter().filter(|d| d.kind() == "Secret") {
-        for (key, value) in string_map(&secret.value, "stringData") {
+        for (key, value) in yaml::string_map_or_empty(&secret.value, "stringData") {
             assert!(
                 value.contains("REPLACE"),
                 "Secret {}: `{key}` must be an obvious placeholder",
@@ -888,7 +790,7 @@ fn secret_references_resolve_and_the_secret_is_a_placeholder() {
             );
         }
         assert!(
-            string_map(&secret.value, "data").is_empty(),
+            yaml::string_map_or_empty(&secret.value, "data").is_empty(),
             "Secret {}: placeholders go in stringData",
             secret.name()
         );
@@ -897,7 +799,7 @@ fn secret_references_resolve_and_the_secret_is_a_placeholder() {
 
 #[test]
 fn readme_explains_every_file() {
-    let readme = read(&format!("{DIR}/README.md"));
+    let readme = yaml::repo_text(&format!("{DIR}/README.md"));
     for file in yaml_files() {
         assert!(
             readme.contains(&file),
@@ -931,11 +833,11 @@ async fn probe_paths_are_served_by_keymeter_on_the_admin_port() {
             continue;
         };
         assert_eq!(
-            workload.resolve_port(at(p, "httpGet.port")),
+            workload.resolve_port(yaml::node(p, "httpGet.port")),
             admin_port,
             "{probe} is on the admin port"
         );
-        expect.push((probe, str_at(p, "httpGet.path").to_string(), status));
+        expect.push((probe, yaml::text(p, "httpGet.path").to_string(), status));
     }
     let paths: BTreeMap<&str, &str> = expect
         .iter()
@@ -950,7 +852,7 @@ async fn probe_paths_are_served_by_keymeter_on_the_admin_port() {
         "readiness: a key list is loaded"
     );
 
-    let annotations = string_map(workload.template(), "metadata.annotations");
+    let annotations = yaml::string_map_or_empty(workload.template(), "metadata.annotations");
     if annotations.get("prometheus.io/scrape").map(String::as_str) == Some("true") {
         assert_eq!(annotations["prometheus.io/port"], admin_port.to_string());
         expect.push((
@@ -981,7 +883,7 @@ async fn probe_paths_are_served_by_keymeter_on_the_admin_port() {
 
 /// The Dockerfile's instruction lines, continuation lines joined, comments dropped.
 fn dockerfile_instructions() -> Vec<(String, String)> {
-    let text = read("Dockerfile");
+    let text = yaml::repo_text("Dockerfile");
     let mut out = Vec::new();
     let mut current = String::new();
     for line in text.lines() {
@@ -1078,7 +980,7 @@ fn the_image_runs_as_the_pods_user_and_exposes_their_ports() {
     );
 
     // The builder's toolchain is at least the crate's rust-version.
-    let manifest: toml::Table = toml::from_str(&read("Cargo.toml")).unwrap();
+    let manifest: toml::Table = toml::from_str(&yaml::repo_text("Cargo.toml")).unwrap();
     let msrv = manifest["package"]["rust-version"].as_str().unwrap();
     let (_, arg) = dockerfile_instructions()
         .into_iter()
@@ -1097,7 +999,7 @@ fn the_image_runs_as_the_pods_user_and_exposes_their_ports() {
         "the image is built with `cargo build --release --locked --bin keymeter`"
     );
 
-    let ignore = read(".dockerignore");
+    let ignore = yaml::repo_text(".dockerignore");
     let lines: Vec<&str> = ignore.lines().map(str::trim).collect();
     assert!(
         lines.contains(&"*") || (lines.contains(&"target/") && lines.contains(&".git/")),
@@ -1138,9 +1040,9 @@ fn assert_fields(value: &Value, object: &str) {
 
 fn assert_selector_fields(selector: &Value) {
     assert_fields(selector, "selector");
-    for requirement in seq_at(selector, "matchExpressions") {
+    for requirement in yaml::list_or_empty(selector, "matchExpressions") {
         assert_fields(requirement, "requirement");
-        let operator = str_at(requirement, "operator");
+        let operator = yaml::text(requirement, "operator");
         assert!(
             ["In", "NotIn", "Exists", "DoesNotExist"].contains(&operator),
             "selector operator {operator}"
@@ -1153,18 +1055,18 @@ fn selector_text(selector: Option<&Value>) -> String {
     let Some(selector) = selector else {
         return String::new();
     };
-    let labels = string_map(selector, "matchLabels");
-    let expressions: Vec<String> = seq_at(selector, "matchExpressions")
+    let labels = yaml::string_map_or_empty(selector, "matchLabels");
+    let expressions: Vec<String> = yaml::list_or_empty(selector, "matchExpressions")
         .iter()
         .map(|e| {
-            let values: Vec<&str> = seq_at(e, "values")
+            let values: Vec<&str> = yaml::list_or_empty(e, "values")
                 .iter()
                 .map(|v| v.as_str().unwrap())
                 .collect();
             format!(
                 "{} {} ({})",
-                str_at(e, "key"),
-                str_at(e, "operator"),
+                yaml::text(e, "key"),
+                yaml::text(e, "operator"),
                 values.join(",")
             )
         })
@@ -1182,18 +1084,18 @@ fn selector_text(selector: Option<&Value>) -> String {
 fn peer(p: &Value) -> (String, String) {
     assert_fields(p, "peer");
     assert!(
-        try_at(p, "ipBlock").is_none(),
+        yaml::lookup(p, "ipBlock").is_none(),
         "no ipBlock: peers are named by selectors"
     );
     for selector in ["podSelector", "namespaceSelector"] {
-        if let Some(s) = try_at(p, selector) {
+        if let Some(s) = yaml::lookup(p, selector) {
             assert_selector_fields(s);
         }
     }
-    let namespace = match try_at(p, "namespaceSelector") {
+    let namespace = match yaml::lookup(p, "namespaceSelector") {
         None => "<own namespace>".to_string(),
         Some(ns) => {
-            let labels = string_map(ns, "matchLabels");
+            let labels = yaml::string_map_or_empty(ns, "matchLabels");
             match labels.get("kubernetes.io/metadata.name") {
                 Some(name) if labels.len() == 1 => name.clone(),
                 _ => match selector_text(Some(ns)) {
@@ -1203,21 +1105,21 @@ fn peer(p: &Value) -> (String, String) {
             }
         }
     };
-    (namespace, selector_text(try_at(p, "podSelector")))
+    (namespace, selector_text(yaml::lookup(p, "podSelector")))
 }
 
 /// The ports of a rule, resolved against the container ports; checks their fields.
 fn rule_ports(workload: &Workload, rule: &Value) -> BTreeSet<(u64, String)> {
-    let ports = seq_at(rule, "ports");
+    let ports = yaml::list_or_empty(rule, "ports");
     assert!(!ports.is_empty(), "a rule without ports allows every port");
     ports
         .iter()
         .map(|p| {
             assert_fields(p, "port");
-            assert!(try_at(p, "endPort").is_none(), "single ports only");
+            assert!(yaml::lookup(p, "endPort").is_none(), "single ports only");
             (
-                workload.resolve_port(at(p, "port")),
-                str_at(p, "protocol").to_string(),
+                workload.resolve_port(yaml::node(p, "port")),
+                yaml::text(p, "protocol").to_string(),
             )
         })
         .collect()
@@ -1231,21 +1133,21 @@ fn rule_ports(workload: &Workload, rule: &Value) -> BTreeSet<(u64, String)> {
 #[test]
 fn network_policy_admits_envoy_and_monitoring_and_reaches_only_dns_and_the_broker() {
     let docs = docs();
-    let policies: Vec<&Doc> = docs
+    let policies: Vec<&Manifest> = docs
         .iter()
         .filter(|d| d.kind() == "NetworkPolicy")
         .collect();
     assert_eq!(policies.len(), 1, "one NetworkPolicy in {DIR}");
     let policy = &policies[0].value;
-    assert_eq!(str_at(policy, "apiVersion"), "networking.k8s.io/v1");
+    assert_eq!(yaml::text(policy, "apiVersion"), "networking.k8s.io/v1");
     assert!(
         kustomization_resources(&docs).contains(&policies[0].file),
         "kustomization.yaml applies the NetworkPolicy"
     );
-    let spec = at(policy, "spec");
+    let spec = yaml::node(policy, "spec");
     assert_fields(spec, "spec");
-    assert_selector_fields(at(spec, "podSelector"));
-    let types: Vec<&str> = seq_at(spec, "policyTypes")
+    assert_selector_fields(yaml::node(spec, "podSelector"));
+    let types: Vec<&str> = yaml::list(spec, "policyTypes")
         .iter()
         .map(|t| t.as_str().unwrap())
         .collect();
@@ -1257,7 +1159,7 @@ fn network_policy_admits_envoy_and_monitoring_and_reaches_only_dns_and_the_broke
     for workload in Workload::all(&docs) {
         assert!(
             is_subset(
-                &string_map(spec, "podSelector.matchLabels"),
+                &yaml::string_map(spec, "podSelector.matchLabels"),
                 &workload.pod_labels()
             ),
             "the NetworkPolicy selects the pods of the {}",
@@ -1270,9 +1172,9 @@ fn network_policy_admits_envoy_and_monitoring_and_reaches_only_dns_and_the_broke
     let grpc = (u64::from(config.listen.grpc.port()), "TCP".to_string());
     let admin = (u64::from(config.listen.admin.port()), "TCP".to_string());
     let mut ingress: BTreeMap<(u64, String), Vec<(String, String)>> = BTreeMap::new();
-    for rule in seq_at(spec, "ingress") {
+    for rule in yaml::list(spec, "ingress") {
         assert_fields(rule, "ingress rule");
-        let from = seq_at(rule, "from");
+        let from = yaml::list_or_empty(rule, "from");
         assert!(
             !from.is_empty(),
             "an ingress rule without `from` admits everyone"
@@ -1319,7 +1221,7 @@ fn network_policy_admits_envoy_and_monitoring_and_reaches_only_dns_and_the_broke
         [("monitoring".to_string(), String::new())],
         "the admin port only from the monitoring namespace"
     );
-    let readme = read(&format!("{DIR}/README.md"));
+    let readme = yaml::repo_text(&format!("{DIR}/README.md"));
     assert!(readme.contains(envoy_label), "README.md names the label");
 
     // Egress: DNS, the broker of the ConfigMap, istiod.
@@ -1331,9 +1233,9 @@ fn network_policy_admits_envoy_and_monitoring_and_reaches_only_dns_and_the_broke
         .unwrap_or_else(|| panic!("mqtt.host {} is no in-cluster Service", config.mqtt.host))
         .to_string();
     let mut egress: BTreeMap<String, BTreeSet<(u64, String)>> = BTreeMap::new();
-    for rule in seq_at(spec, "egress") {
+    for rule in yaml::list(spec, "egress") {
         assert_fields(rule, "egress rule");
-        let to = seq_at(rule, "to");
+        let to = yaml::list_or_empty(rule, "to");
         assert!(
             !to.is_empty(),
             "an egress rule without `to` reaches everything"

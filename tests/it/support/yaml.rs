@@ -4,7 +4,7 @@
 //! Accessors panic with the path and the value they found, so a reshaped
 //! manifest fails with a message that says where.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -39,6 +39,12 @@ pub fn repo_file(relative: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
 }
 
+/// The text of a file below the repository root (a README, the Dockerfile).
+pub fn repo_text(relative: &str) -> String {
+    let path = repo_file(relative);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
+
 /// Every non-empty document of one YAML file.
 pub fn load_documents(path: &Path) -> Vec<Value> {
     let source =
@@ -68,6 +74,14 @@ pub fn yaml_files(relative_dir: &str) -> Vec<PathBuf> {
     files
 }
 
+/// The file names of [`yaml_files`], in the same order.
+pub fn yaml_file_names(relative_dir: &str) -> Vec<String> {
+    yaml_files(relative_dir)
+        .iter()
+        .map(|path| path.file_name().unwrap().to_string_lossy().into_owned())
+        .collect()
+}
+
 /// Every document of every YAML file in `relative_dir`, in file-name order.
 pub fn load_folder(relative_dir: &str) -> Vec<Manifest> {
     let mut manifests = Vec::new();
@@ -95,6 +109,67 @@ pub fn lookup<'a>(value: &'a Value, path: &str) -> Option<&'a Value> {
     Some(current)
 }
 
+/// Like [`node`], for changing a document in place (a test that breaks a copy).
+pub fn at_mut<'a>(value: &'a mut Value, path: &str) -> &'a mut Value {
+    let mut current = value;
+    for segment in path.split('.') {
+        current = match (segment.parse::<usize>(), current) {
+            (Ok(index), Value::Sequence(items)) => items.get_mut(index),
+            (_, Value::Mapping(map)) => map.get_mut(segment),
+            _ => None,
+        }
+        .unwrap_or_else(|| panic!("nothing at `{path}` (no `{segment}`)"));
+    }
+    current
+}
+
+/// The one document of `kind`; panics if there is none or more than one.
+pub fn one_of_kind<'a>(manifests: &'a [Manifest], kind: &str) -> &'a Manifest {
+    one_where(manifests, kind, |m| m.kind() == kind)
+}
+
+/// The one document of `kind` named `name`; panics if there is none or more than one.
+pub fn one_named<'a>(manifests: &'a [Manifest], kind: &str, name: &str) -> &'a Manifest {
+    one_where(manifests, &format!("{kind} `{name}`"), |m| {
+        m.kind() == kind && m.name() == name
+    })
+}
+
+/// The one document for which `pick` is true; `what` names it in the panic.
+pub fn one_where<'a>(
+    manifests: &'a [Manifest],
+    what: &str,
+    pick: impl Fn(&Manifest) -> bool,
+) -> &'a Manifest {
+    let found: Vec<&Manifest> = manifests.iter().filter(|m| pick(m)).collect();
+    let files: Vec<&str> = found.iter().map(|m| m.file.as_str()).collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected exactly one {what}, found {} (in {files:?})",
+        found.len()
+    );
+    found[0]
+}
+
+/// The one mapping named `name` in deploy/envoy/envoy.yaml (a cluster, a filter),
+/// which the Istio and Envoy Gateway manifests must agree with.
+pub fn envoy_config_named(name: &str) -> Value {
+    let documents = load_documents(&super::deploy_config_path());
+    assert_eq!(
+        documents.len(),
+        1,
+        "deploy/envoy/envoy.yaml is one document"
+    );
+    let found = named(&documents[0], name);
+    assert_eq!(
+        found.len(),
+        1,
+        "expected exactly one `name: {name}` in deploy/envoy/envoy.yaml"
+    );
+    found[0].clone()
+}
+
 /// Like [`lookup`], but the path must exist.
 pub fn node<'a>(value: &'a Value, path: &str) -> &'a Value {
     lookup(value, path).unwrap_or_else(|| panic!("nothing at `{path}` in {value:?}"))
@@ -112,6 +187,62 @@ pub fn list<'a>(value: &'a Value, path: &str) -> &'a [Value] {
     found
         .as_sequence()
         .unwrap_or_else(|| panic!("`{path}` should be a list, is {found:?}"))
+}
+
+/// The list at `path`, or no items when the path is absent (Kubernetes reads a
+/// missing list as an empty one); panics if the path holds something else.
+pub fn list_or_empty<'a>(value: &'a Value, path: &str) -> &'a [Value] {
+    match lookup(value, path) {
+        None => &[],
+        Some(found) => found
+            .as_sequence()
+            .unwrap_or_else(|| panic!("`{path}` should be a list, is {found:?}")),
+    }
+}
+
+/// The item of `items` whose `name` is `name`; panics if there is none or more
+/// than one. `what` says what the items are (`container`, `port`).
+pub fn item_named<'a>(items: &'a [Value], name: &str, what: &str) -> &'a Value {
+    let found: Vec<&Value> = items
+        .iter()
+        .filter(|item| item.get("name").and_then(Value::as_str) == Some(name))
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected exactly one {what} named `{name}`, found {}",
+        found.len()
+    );
+    found[0]
+}
+
+/// A mapping of strings (labels, selectors, annotations, ConfigMap data) as a map;
+/// the path must exist.
+pub fn string_map(value: &Value, path: &str) -> BTreeMap<String, String> {
+    let found = node(value, path);
+    found
+        .as_mapping()
+        .unwrap_or_else(|| panic!("`{path}` should be a mapping, is {found:?}"))
+        .iter()
+        .map(|(key, item)| {
+            let key = key
+                .as_str()
+                .unwrap_or_else(|| panic!("`{path}` has a non-string key {key:?}"));
+            let item = item
+                .as_str()
+                .unwrap_or_else(|| panic!("`{path}.{key}` should be a string, is {item:?}"));
+            (key.to_owned(), item.to_owned())
+        })
+        .collect()
+}
+
+/// Like [`string_map`], but an absent path is an empty map (labels, annotations
+/// and selectors that a manifest may leave out).
+pub fn string_map_or_empty(value: &Value, path: &str) -> BTreeMap<String, String> {
+    match lookup(value, path) {
+        None => BTreeMap::new(),
+        Some(_) => string_map(value, path),
+    }
 }
 
 /// A list of strings, in order.
