@@ -455,24 +455,6 @@ fn manifests() -> Vec<Manifest> {
         .collect()
 }
 
-fn the<'a>(manifests: &'a [Manifest], kind: &str) -> &'a Manifest {
-    let found: Vec<&Manifest> = manifests.iter().filter(|m| m.kind() == kind).collect();
-    assert_eq!(found.len(), 1, "expected exactly one {kind} in {DIR}");
-    found[0]
-}
-
-/// The one mapping named `name` in deploy/envoy/envoy.yaml.
-fn envoy_yaml(name: &str) -> Value {
-    let documents = yaml::load_documents(&crate::support::deploy_config_path());
-    let found = yaml::named(&documents[0], name);
-    assert_eq!(
-        found.len(),
-        1,
-        "`name: {name}` once in deploy/envoy/envoy.yaml"
-    );
-    found[0].clone()
-}
-
 /// The backend header contract: keymeter's `usage.headers.*` defaults, each
 /// with the `header_to_metadata` key keymeter reads it from.
 fn usage_header_keys() -> Vec<(String, &'static str)> {
@@ -510,7 +492,7 @@ fn every_field_exists_in_the_envoy_gateway_api() {
         "ClientTrafficPolicy",
         "BackendTrafficPolicy",
     ] {
-        the(&manifests, kind);
+        yaml::one_of_kind(&manifests, kind);
     }
     let mut problems = Vec::new();
     for manifest in &manifests {
@@ -539,7 +521,7 @@ fn ext_auth_of(policy: &mut Value) -> &mut serde_yaml::Mapping {
 #[test]
 fn the_field_check_has_teeth() {
     let manifests = manifests();
-    let policy = the(&manifests, "SecurityPolicy");
+    let policy = yaml::one_of_kind(&manifests, "SecurityPolicy");
     let kind = ApiKind::of(policy);
 
     // A misspelt field, which the API server would drop: the 403 default
@@ -570,7 +552,7 @@ fn the_field_check_has_teeth() {
     assert_eq!(problems.len(), 1, "{problems:?}");
 
     // An enumerated value the API does not have.
-    let ctp = the(&manifests, "ClientTrafficPolicy");
+    let ctp = yaml::one_of_kind(&manifests, "ClientTrafficPolicy");
     let mut wrong_value = ctp.value.clone();
     *wrong_value
         .get_mut("spec")
@@ -605,7 +587,7 @@ fn kustomization_applies_every_manifest_but_the_optional_ones() {
 
 /// `(namespace, name)` of the Gateway that every policy must target.
 fn gateway(manifests: &[Manifest]) -> (String, String) {
-    let gateway = the(manifests, "Gateway");
+    let gateway = yaml::one_of_kind(manifests, "Gateway");
     (gateway.namespace().to_owned(), gateway.name().to_owned())
 }
 
@@ -631,20 +613,20 @@ fn every_policy_targets_the_gateway_and_the_gateway_its_envoy_proxy() {
         "ClientTrafficPolicy",
         "BackendTrafficPolicy",
     ] {
-        let policy = the(&manifests, kind);
+        let policy = yaml::one_of_kind(&manifests, kind);
         let targets = yaml::list(&policy.value, "spec.targetRefs");
         assert_eq!(targets.len(), 1, "{kind}: one target");
         assert_targets_gateway(&manifests, policy, &targets[0]);
     }
-    let patch = the(&manifests, "EnvoyPatchPolicy");
+    let patch = yaml::one_of_kind(&manifests, "EnvoyPatchPolicy");
     assert_targets_gateway(
         &manifests,
         patch,
         yaml::node(&patch.value, "spec.targetRef"),
     );
 
-    let gateway = the(&manifests, "Gateway");
-    let proxy = the(&manifests, "EnvoyProxy");
+    let gateway = yaml::one_of_kind(&manifests, "Gateway");
+    let proxy = yaml::one_of_kind(&manifests, "EnvoyProxy");
     let parameters = yaml::node(&gateway.value, "spec.infrastructure.parametersRef");
     assert_eq!(yaml::text(parameters, "group"), "gateway.envoyproxy.io");
     assert_eq!(yaml::text(parameters, "kind"), "EnvoyProxy");
@@ -655,7 +637,7 @@ fn every_policy_targets_the_gateway_and_the_gateway_its_envoy_proxy() {
         "a Gateway's parametersRef is local"
     );
 
-    let route = the(&manifests, "HTTPRoute");
+    let route = yaml::one_of_kind(&manifests, "HTTPRoute");
     assert_eq!(route.namespace(), gateway.namespace());
     let parent = &yaml::list(&route.value, "spec.parentRefs")[0];
     assert_eq!(yaml::text(parent, "name"), gateway.name());
@@ -700,8 +682,8 @@ fn references_to_keymeter_resolve_to_its_service_and_are_granted() {
         "deploy/kubernetes installs keymeter in another namespace: update KEYMETER_NAMESPACE and {DIR}"
     );
 
-    let policy = the(&manifests, "SecurityPolicy");
-    let proxy = the(&manifests, "EnvoyProxy");
+    let policy = yaml::one_of_kind(&manifests, "SecurityPolicy");
+    let proxy = yaml::one_of_kind(&manifests, "EnvoyProxy");
     let references = [
         (
             policy,
@@ -715,7 +697,7 @@ fn references_to_keymeter_resolve_to_its_service_and_are_granted() {
             ),
         ),
     ];
-    let grant = the(&manifests, "ReferenceGrant");
+    let grant = yaml::one_of_kind(&manifests, "ReferenceGrant");
     assert_eq!(grant.namespace(), KEYMETER_NAMESPACE);
     for (from, refs) in references {
         assert_eq!(refs.len(), 1, "{}: one keymeter Service", from.file);
@@ -747,8 +729,12 @@ fn references_to_keymeter_resolve_to_its_service_and_are_granted() {
 #[test]
 fn ext_auth_fails_closed_with_the_timeout_of_the_envoy_config() {
     let manifests = manifests();
-    let ext_auth = yaml::node(&the(&manifests, "SecurityPolicy").value, "spec.extAuth").clone();
-    let envoy = envoy_yaml("envoy.filters.http.ext_authz");
+    let ext_auth = yaml::node(
+        &yaml::one_of_kind(&manifests, "SecurityPolicy").value,
+        "spec.extAuth",
+    )
+    .clone();
+    let envoy = yaml::envoy_config_named("envoy.filters.http.ext_authz");
     let envoy = yaml::node(&envoy, "typed_config");
 
     // Envoy Gateway's default is 10s: explicit, short, and the same as envoy.yaml.
@@ -781,7 +767,7 @@ fn ext_auth_fails_closed_with_the_timeout_of_the_envoy_config() {
 
     // gRPC health checks like envoy.yaml's keymeter cluster.
     let active = yaml::node(&ext_auth, "grpc.backendSettings.healthCheck.active");
-    let keymeter_cluster = envoy_yaml("keymeter");
+    let keymeter_cluster = yaml::envoy_config_named("keymeter");
     let envoy_check = &yaml::list(&keymeter_cluster, "health_checks")[0];
     assert_eq!(yaml::text(active, "type"), "GRPC");
     assert_eq!(
@@ -817,7 +803,7 @@ fn ext_auth_fails_closed_with_the_timeout_of_the_envoy_config() {
 #[test]
 fn the_als_sink_logs_exactly_what_the_envoy_config_logs() {
     let manifests = manifests();
-    let proxy = &the(&manifests, "EnvoyProxy").value;
+    let proxy = &yaml::one_of_kind(&manifests, "EnvoyProxy").value;
     let settings = yaml::list(proxy, "spec.telemetry.accessLog.settings");
     assert_eq!(settings.len(), 1, "one access-log setting: keymeter's");
     assert_ne!(
@@ -844,7 +830,7 @@ fn the_als_sink_logs_exactly_what_the_envoy_config_logs() {
         "keymeter implements the HTTP access-log stream"
     );
 
-    let envoy = envoy_yaml(crate::support::envoy::GRPC_ACCESS_LOGGER);
+    let envoy = yaml::envoy_config_named(crate::support::envoy::GRPC_ACCESS_LOGGER);
     let envoy = yaml::node(&envoy, "typed_config");
     assert_eq!(
         yaml::text(als, "logName"),
@@ -885,8 +871,12 @@ fn the_als_sink_logs_exactly_what_the_envoy_config_logs() {
 #[test]
 fn client_traffic_policy_mirrors_the_edge_settings_of_the_envoy_config() {
     let manifests = manifests();
-    let spec = yaml::node(&the(&manifests, "ClientTrafficPolicy").value, "spec").clone();
-    let hcm = envoy_yaml(HCM);
+    let spec = yaml::node(
+        &yaml::one_of_kind(&manifests, "ClientTrafficPolicy").value,
+        "spec",
+    )
+    .clone();
+    let hcm = yaml::envoy_config_named(HCM);
     let hcm = yaml::node(&hcm, "typed_config");
 
     // Underscores in header names refused.
@@ -920,7 +910,7 @@ fn client_traffic_policy_mirrors_the_edge_settings_of_the_envoy_config() {
 
     // No client-sent x-envoy-* header reaches a filter, as envoy.yaml's
     // header_mutation filter ensures.
-    let mutation = envoy_yaml("envoy.filters.http.header_mutation");
+    let mutation = yaml::envoy_config_named("envoy.filters.http.header_mutation");
     let envoy_prefixes: Vec<&str> =
         yaml::list(&mutation, "typed_config.mutations.request_mutations")
             .iter()
@@ -944,7 +934,7 @@ fn client_traffic_policy_mirrors_the_edge_settings_of_the_envoy_config() {
 #[test]
 fn the_rate_limit_counts_per_app_id_that_the_check_set() {
     let manifests = manifests();
-    let policy = &the(&manifests, "BackendTrafficPolicy").value;
+    let policy = &yaml::one_of_kind(&manifests, "BackendTrafficPolicy").value;
     assert!(
         yaml::lookup(policy, "spec.rateLimit.local").is_none(),
         "a per-app quota holds across Envoy replicas only as a global limit"
@@ -974,7 +964,7 @@ fn the_rate_limit_counts_per_app_id_that_the_check_set() {
 
 /// The one JSON patch and the Envoy listener name it patches.
 fn usage_header_patch(manifests: &[Manifest]) -> Value {
-    let policy = &the(manifests, "EnvoyPatchPolicy").value;
+    let policy = &yaml::one_of_kind(manifests, "EnvoyPatchPolicy").value;
     assert_eq!(yaml::text(policy, "spec.type"), "JSONPatch");
     let patches = yaml::list(policy, "spec.jsonPatches");
     assert_eq!(patches.len(), 1, "one patch: the header_to_metadata filter");
@@ -989,7 +979,7 @@ fn the_patch_inserts_the_header_to_metadata_filter_of_the_envoy_config() {
     // Envoy Gateway names the Envoy listener of a Gateway listener
     // <namespace>/<gateway>/<listener>.
     let (namespace, name) = gateway(&manifests);
-    let gateway = the(&manifests, "Gateway");
+    let gateway = yaml::one_of_kind(&manifests, "Gateway");
     let listeners: Vec<String> = yaml::list(&gateway.value, "spec.listeners")
         .iter()
         .map(|l| format!("{namespace}/{name}/{}", yaml::text(l, "name")))
@@ -1006,7 +996,7 @@ fn the_patch_inserts_the_header_to_metadata_filter_of_the_envoy_config() {
     let value = yaml::node(&patch, "operation.value");
     assert_eq!(
         *value,
-        envoy_yaml(HEADER_TO_METADATA),
+        yaml::envoy_config_named(HEADER_TO_METADATA),
         "operation.value must equal the header_to_metadata filter of deploy/envoy/envoy.yaml"
     );
     // ...which moves every usage header into keymeter's namespace and hides it.

@@ -265,22 +265,6 @@ fn keymeter_lives_in_the_same_namespace_in_every_folder() {
     );
 }
 
-fn labels(value: &Value, path: &str) -> BTreeMap<String, String> {
-    yaml::lookup(value, path)
-        .and_then(Value::as_mapping)
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| {
-                    let v = v
-                        .as_str()
-                        .unwrap_or_else(|| panic!("label {k:?} at {path} is not a string"));
-                    (k.as_str().unwrap().to_owned(), v.to_owned())
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// The image tag that deploy/kubernetes' kustomization sets.
 fn image_tag() -> String {
     let kustomization =
@@ -304,7 +288,7 @@ fn keymeters_objects_carry_the_recommended_labels_and_select_alike() {
             manifest.name(),
             manifest.file
         );
-        let object = labels(&manifest.value, "metadata.labels");
+        let object = yaml::string_map_or_empty(&manifest.value, "metadata.labels");
         for (key, value) in COMMON_LABELS {
             assert_eq!(
                 object.get(key).map(String::as_str),
@@ -320,7 +304,8 @@ fn keymeters_objects_carry_the_recommended_labels_and_select_alike() {
         match manifest.kind() {
             "StatefulSet" | "Deployment" => {
                 // The version is the image's, on the workload and its pods.
-                let pods = labels(&manifest.value, "spec.template.metadata.labels");
+                let pods =
+                    yaml::string_map_or_empty(&manifest.value, "spec.template.metadata.labels");
                 for (where_, set) in [("metadata", &object), ("pod template", &pods)] {
                     assert_eq!(
                         set.get(VERSION),
@@ -335,7 +320,7 @@ fn keymeters_objects_carry_the_recommended_labels_and_select_alike() {
                 pod_labels.push((what.clone(), pods));
                 selectors.push((
                     format!("{what} selector"),
-                    labels(&manifest.value, "spec.selector.matchLabels"),
+                    yaml::string_map_or_empty(&manifest.value, "spec.selector.matchLabels"),
                 ));
                 let spreads = yaml::lookup(
                     &manifest.value,
@@ -347,31 +332,40 @@ fn keymeters_objects_carry_the_recommended_labels_and_select_alike() {
                 for (i, spread) in spreads.iter().enumerate() {
                     selectors.push((
                         format!("{what} topologySpreadConstraints.{i}"),
-                        labels(spread, "labelSelector.matchLabels"),
+                        yaml::string_map_or_empty(spread, "labelSelector.matchLabels"),
                     ));
                 }
             }
             "Service" => {
-                selectors.push((what.clone(), labels(spec.unwrap(), "selector")));
+                selectors.push((
+                    what.clone(),
+                    yaml::string_map_or_empty(spec.unwrap(), "selector"),
+                ));
             }
             "PodDisruptionBudget" => {
-                selectors.push((what.clone(), labels(spec.unwrap(), "selector.matchLabels")));
+                selectors.push((
+                    what.clone(),
+                    yaml::string_map_or_empty(spec.unwrap(), "selector.matchLabels"),
+                ));
             }
             "NetworkPolicy" => {
                 selectors.push((
                     what.clone(),
-                    labels(spec.unwrap(), "podSelector.matchLabels"),
+                    yaml::string_map_or_empty(spec.unwrap(), "podSelector.matchLabels"),
                 ));
             }
             "ServiceMonitor" => {
-                selectors.push((what.clone(), labels(spec.unwrap(), "selector.matchLabels")));
+                selectors.push((
+                    what.clone(),
+                    yaml::string_map_or_empty(spec.unwrap(), "selector.matchLabels"),
+                ));
             }
             _ => {}
         }
     }
     // Istio's policy on keymeter selects its pods too.
     for manifest in yaml::load_folder("deploy/istio") {
-        let selector = labels(&manifest.value, "spec.selector.matchLabels");
+        let selector = yaml::string_map_or_empty(&manifest.value, "spec.selector.matchLabels");
         if selector.contains_key("app.kubernetes.io/name") {
             selectors.push((format!("deploy/istio/{}", manifest.file), selector));
         }

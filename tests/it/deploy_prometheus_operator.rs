@@ -4,8 +4,6 @@
 //! port of deploy/kubernetes' keymeter under the job name KeymeterDown selects, and
 //! every field used exists in the operator's `monitoring.coreos.com/v1` API.
 
-use std::collections::BTreeMap;
-
 use crate::support::yaml::{self, Manifest};
 use serde_yaml::Value;
 
@@ -31,12 +29,6 @@ const METADATA: &str = "name namespace labels annotations";
 
 fn manifests() -> Vec<Manifest> {
     yaml::load_folder(DIR)
-}
-
-fn the<'a>(manifests: &'a [Manifest], kind: &str) -> &'a Manifest {
-    let found: Vec<&Manifest> = manifests.iter().filter(|m| m.kind() == kind).collect();
-    assert_eq!(found.len(), 1, "exactly one {kind} in {DIR}");
-    found[0]
 }
 
 fn rules_file() -> Value {
@@ -107,7 +99,7 @@ fn api_problems(manifest: &Manifest) -> Vec<String> {
 #[test]
 fn the_prometheus_rule_holds_exactly_the_groups_of_the_rules_file() {
     let manifests = manifests();
-    let rule = the(&manifests, "PrometheusRule");
+    let rule = yaml::one_of_kind(&manifests, "PrometheusRule");
     let rules = rules_file();
     assert_eq!(
         yaml::field_names(&rules),
@@ -152,7 +144,7 @@ fn the_prometheus_rule_holds_exactly_the_groups_of_the_rules_file() {
 #[test]
 fn the_drift_check_has_teeth() {
     let manifests = manifests();
-    let rule = the(&manifests, "PrometheusRule");
+    let rule = yaml::one_of_kind(&manifests, "PrometheusRule");
     let mut groups = yaml::node(&rule.value, "spec.groups").clone();
     // Change one threshold, as an edit to only one of the files would.
     let expr = groups[1]["rules"][2]["expr"].as_str().unwrap().to_owned();
@@ -177,7 +169,7 @@ fn every_field_exists_in_the_operator_api() {
     );
 
     // The check has teeth: a misspelt endpoint field is caught.
-    let mut broken = the(&manifests, "ServiceMonitor").clone();
+    let mut broken = yaml::one_of_kind(&manifests, "ServiceMonitor").clone();
     broken.value["spec"]["endpoints"][0]
         .as_mapping_mut()
         .unwrap()
@@ -188,30 +180,11 @@ fn every_field_exists_in_the_operator_api() {
     );
 }
 
-/// A label selector's `matchLabels`.
-fn match_labels(value: &Value, path: &str) -> BTreeMap<String, String> {
-    yaml::node(value, path)
-        .as_mapping()
-        .unwrap_or_else(|| panic!("`{path}` is a mapping"))
-        .iter()
-        .map(|(k, v)| {
-            (
-                k.as_str().unwrap().to_owned(),
-                v.as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
-}
-
-fn labels_of(value: &Value, path: &str) -> BTreeMap<String, String> {
-    yaml::lookup(value, path).map_or_else(BTreeMap::new, |_| match_labels(value, path))
-}
-
 #[test]
 fn the_service_monitor_scrapes_keymeters_admin_port_as_job_keymeter() {
     let manifests = manifests();
-    let monitor = &the(&manifests, "ServiceMonitor").value;
-    let selector = match_labels(monitor, "spec.selector.matchLabels");
+    let monitor = &yaml::one_of_kind(&manifests, "ServiceMonitor").value;
+    let selector = yaml::string_map(monitor, "spec.selector.matchLabels");
     assert!(!selector.is_empty());
     assert!(
         yaml::lookup(monitor, "spec.namespaceSelector").is_none(),
@@ -232,7 +205,7 @@ fn the_service_monitor_scrapes_keymeters_admin_port_as_job_keymeter() {
         .iter()
         .filter(|m| m.kind() == "Service")
         .filter(|m| {
-            let labels = labels_of(&m.value, "metadata.labels");
+            let labels = yaml::string_map_or_empty(&m.value, "metadata.labels");
             selector.iter().all(|(k, v)| labels.get(k) == Some(v))
         })
         .collect();
@@ -280,7 +253,7 @@ fn the_service_monitor_scrapes_keymeters_admin_port_as_job_keymeter() {
 
     // ...and the selector picks keymeter's pods' Services, by the label every
     // selector in deploy/ uses.
-    let pod_labels = labels_of(template, "metadata.labels");
+    let pod_labels = yaml::string_map_or_empty(template, "metadata.labels");
     assert!(selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)));
 
     // The job name is the one KeymeterDown selects.
@@ -294,7 +267,7 @@ fn the_service_monitor_scrapes_keymeters_admin_port_as_job_keymeter() {
 #[test]
 fn the_kustomization_applies_both_into_keymeters_namespace() {
     let manifests = manifests();
-    let kustomization = &the(&manifests, "Kustomization").value;
+    let kustomization = &yaml::one_of_kind(&manifests, "Kustomization").value;
     let keymeter_namespace = yaml::text(
         &yaml::load_documents(&yaml::repo_file("deploy/kubernetes/kustomization.yaml"))[0],
         "namespace",
