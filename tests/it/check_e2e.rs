@@ -4,13 +4,10 @@
 use std::time::{Duration, Instant};
 
 use crate::support::keymeter::{Keymeter, billing};
+use crate::support::rig::{BLOCKED, EnvoyMode, GOOD, OTHER, Rig, default_config, three_keys};
 use crate::support::{Backend, Envoy, EnvoyPorts, Mosquitto, http_client, wait_until};
 use keymeter::Config;
 use keymeter::keys::KeyEntry;
-
-const GOOD: &str = "sk-test-0001";
-const OTHER: &str = "sk-test-0002";
-const BLOCKED: &str = "sk-blocked";
 
 struct Answer {
     status: u16,
@@ -44,28 +41,23 @@ fn error_of(a: &Answer) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_allows_valid_keys_and_denies_the_rest() {
-    let broker = Mosquitto::start().await;
-    let billing = billing(
-        broker.port(),
-        vec![
-            KeyEntry::ok("app-1", GOOD),
-            KeyEntry::ok("app-2", OTHER),
-            KeyEntry::blocked("app-3", BLOCKED, "balance"),
-        ],
+    let Rig {
+        billing,
+        keymeter,
+        backend,
+        envoy,
+        broker: _broker,
+    } = Rig::start(
+        three_keys(),
+        default_config,
+        Backend::start().await,
+        EnvoyMode::ExtAuthz,
     )
     .await;
-    let keymeter =
-        Keymeter::start_ready(Config::for_local_broker("127.0.0.1", broker.port())).await;
     assert!(
         billing.keys_requests() >= 1,
         "keymeter asked for the key list on connect"
     );
-    let backend = Backend::start().await;
-    let envoy = Envoy::start(EnvoyPorts {
-        keymeter_grpc: keymeter.grpc_port(),
-        backend: backend.port(),
-    })
-    .await;
 
     let missing = get(&envoy, &[]).await;
     assert_eq!(missing.status, 401);
@@ -148,16 +140,23 @@ async fn envoy_allows_valid_keys_and_denies_the_rest() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strip_key_header_keeps_the_key_from_the_backend() {
-    let broker = Mosquitto::start().await;
-    let _billing = billing(broker.port(), vec![KeyEntry::ok("app-1", GOOD)]).await;
-    let mut config = Config::for_local_broker("127.0.0.1", broker.port());
-    config.check.strip_key_header = true;
-    let keymeter = Keymeter::start_ready(config).await;
-    let backend = Backend::start().await;
-    let envoy = Envoy::start(EnvoyPorts {
-        keymeter_grpc: keymeter.grpc_port(),
-        backend: backend.port(),
-    })
+    let config = |port| {
+        let mut config = default_config(port);
+        config.check.strip_key_header = true;
+        config
+    };
+    let Rig {
+        keymeter,
+        backend,
+        envoy,
+        billing: _billing,
+        broker: _broker,
+    } = Rig::start(
+        vec![KeyEntry::ok("app-1", GOOD)],
+        config,
+        Backend::start().await,
+        EnvoyMode::ExtAuthz,
+    )
     .await;
     assert_eq!(get(&envoy, &[("api-key", GOOD)]).await.status, 200);
     let seen = backend.requests();
@@ -261,21 +260,28 @@ async fn grpc_health(port: u16) -> String {
 /// 429 with retry-after, while its valid key keeps working.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn too_many_invalid_keys_from_one_address_get_429() {
-    let broker = Mosquitto::start().await;
-    let _billing = billing(broker.port(), vec![KeyEntry::ok("app-1", GOOD)]).await;
-    let mut config = Config::for_local_broker("127.0.0.1", broker.port());
-    config.check.invalid_key_limit = Some(keymeter::config::InvalidKeyLimit {
-        max_attempts: 3,
-        window_secs: 60,
-        max_clients: 1000,
-        ..Default::default()
-    });
-    let keymeter = Keymeter::start_ready(config).await;
-    let backend = Backend::start().await;
-    let envoy = Envoy::start(EnvoyPorts {
-        keymeter_grpc: keymeter.grpc_port(),
-        backend: backend.port(),
-    })
+    let config = |port| {
+        let mut config = default_config(port);
+        config.check.invalid_key_limit = Some(keymeter::config::InvalidKeyLimit {
+            max_attempts: 3,
+            window_secs: 60,
+            max_clients: 1000,
+            ..Default::default()
+        });
+        config
+    };
+    let Rig {
+        keymeter,
+        envoy,
+        billing: _billing,
+        backend: _backend,
+        broker: _broker,
+    } = Rig::start(
+        vec![KeyEntry::ok("app-1", GOOD)],
+        config,
+        Backend::start().await,
+        EnvoyMode::ExtAuthz,
+    )
     .await;
     for _ in 0..3 {
         assert_eq!(get(&envoy, &[("api-key", "sk-guess")]).await.status, 401);

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use crate::support::backend::Reply;
 use crate::support::keymeter::{Keymeter, billing};
+use crate::support::rig::{BLOCKED, EnvoyMode, GOOD, OTHER, Rig, three_keys};
 use crate::support::{
     Backend, Envoy, EnvoyPorts, Mosquitto, STARTUP_TIMEOUT, http_client, wait_until,
 };
@@ -19,9 +20,6 @@ use keymeter::xds::{FilterSettings, Version, XdsServer, encode};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-const GOOD: &str = "sk-test-0001";
-const OTHER: &str = "sk-test-0002";
-const BLOCKED: &str = "sk-blocked";
 const NEW: &str = "sk-new-0003";
 /// The bound for a billing change to reach Envoy's decisions.
 const WITHIN: Duration = Duration::from_secs(1);
@@ -61,51 +59,19 @@ async fn time_until(envoy: &Envoy, key: &str, want: u16, since: Instant) -> Dura
 
 /// A broker with a billing stand-in serving GOOD, OTHER and BLOCKED, keymeter in local
 /// mode, and Envoy with the shipped local config in front of `backend`.
-struct LocalMode {
-    billing: keymeter::dev::billing::BillingStandIn,
-    keymeter: Keymeter,
-    backend: Backend,
-    envoy: Envoy,
-    _broker: Mosquitto,
-}
-
-impl LocalMode {
-    async fn start(backend: Backend) -> LocalMode {
-        let broker = Mosquitto::start().await;
-        let billing = billing(
-            broker.port(),
-            vec![
-                KeyEntry::ok("app-1", GOOD),
-                KeyEntry::ok("app-2", OTHER),
-                KeyEntry::blocked("app-3", BLOCKED, "balance"),
-            ],
-        )
-        .await;
-        let keymeter = Keymeter::start_ready(local_config(broker.port())).await;
-        let envoy = Envoy::start_local(EnvoyPorts {
-            keymeter_grpc: keymeter.grpc_port(),
-            backend: backend.port(),
-        })
-        .await;
-        LocalMode {
-            billing,
-            keymeter,
-            backend,
-            envoy,
-            _broker: broker,
-        }
-    }
+async fn local_mode(backend: Backend) -> Rig {
+    Rig::start(three_keys(), local_config, backend, EnvoyMode::Local).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_billing_update_reaches_envoys_own_filter_within_a_second() {
-    let LocalMode {
+    let Rig {
         billing,
         keymeter,
         backend,
         envoy,
-        _broker,
-    } = LocalMode::start(Backend::start().await).await;
+        broker: _broker,
+    } = local_mode(Backend::start().await).await;
 
     // Envoy is /ready only with the first list: decisions are right at once.
     assert_eq!(status(&envoy, &[]).await, 401, "no key");
@@ -251,13 +217,13 @@ async fn every_2xx_request_is_billed_once_with_its_app_and_denials_are_not() {
             .chunk("ok")
     })
     .await;
-    let LocalMode {
+    let Rig {
         billing,
         keymeter,
         envoy,
-        _broker,
+        broker: _broker,
         backend: _backend,
-    } = LocalMode::start(backend).await;
+    } = local_mode(backend).await;
 
     const N: usize = 40;
     for i in 0..N {

@@ -20,6 +20,7 @@ pub mod pki;
 pub mod process;
 pub mod prometheus;
 pub mod raw_backend;
+pub mod rig;
 pub mod yaml;
 
 pub use backend::{Backend, RecordedRequest};
