@@ -10,7 +10,6 @@ use crate::support::{
     Backend, Envoy, EnvoyPorts, Mosquitto, TestPki, http_client, render_deploy_config,
 };
 use keymeter::Config;
-use keymeter::config::GrpcTlsConfig;
 use keymeter::keys::KeyEntry;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
@@ -90,12 +89,7 @@ async fn envoy_talks_to_keymeter_over_mutual_tls_and_others_are_refused() {
     let broker = Mosquitto::start().await;
     let billing = billing(broker.port(), vec![KeyEntry::ok("app-1", GOOD)]).await;
     let mut config = Config::for_local_broker("127.0.0.1", broker.port());
-    config.listen.grpc_tls = Some(GrpcTlsConfig {
-        cert_file: pki.server_cert.clone(),
-        key_file: pki.server_key.clone(),
-        client_ca_file: Some(pki.ca_cert.clone()),
-        allow: Default::default(),
-    });
+    config.listen.grpc_tls = Some(pki.grpc_tls());
     let keymeter = Keymeter::start_ready(config).await;
     let backend = Backend::start_replying(|_| {
         Reply::ok()
@@ -155,10 +149,8 @@ async fn envoy_talks_to_keymeter_over_mutual_tls_and_others_are_refused() {
 /// forged access-log stream from another certificate bills nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_service_takes_only_its_allowed_identities() {
-    use crate::support::pki::{ENVOY_ID, JOB_ID};
     use envoy_types::pb::envoy::service::accesslog::v3::StreamAccessLogsMessage;
     use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_client::AccessLogServiceClient;
-    use keymeter::config::PeerAllowList;
     use keymeter::proto::v1::usage_client::UsageClient;
     use keymeter::proto::v1::{ReportRequest, UsageRecord};
     use tonic::Code;
@@ -167,15 +159,7 @@ async fn each_service_takes_only_its_allowed_identities() {
     let broker = Mosquitto::start().await;
     let billing = billing(broker.port(), vec![KeyEntry::ok("app-1", GOOD)]).await;
     let mut config = Config::for_local_broker("127.0.0.1", broker.port());
-    config.listen.grpc_tls = Some(GrpcTlsConfig {
-        cert_file: pki.server_cert.clone(),
-        key_file: pki.server_key.clone(),
-        client_ca_file: Some(pki.ca_cert.clone()),
-        allow: PeerAllowList {
-            envoy: vec![ENVOY_ID.into()],
-            report: vec![JOB_ID.into()],
-        },
-    });
+    config.listen.grpc_tls = Some(pki.grpc_tls_for_envoy_and_job());
     let keymeter = Keymeter::start_ready(config).await;
     let port = keymeter.grpc_port();
 

@@ -423,26 +423,16 @@ async fn without_a_first_list_envoy_denies_everything() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_mtls_only_envoys_identity_gets_the_key_list() {
     use crate::support::TestPki;
-    use crate::support::pki::{ENVOY_ID, JOB_ID};
     use envoy_types::pb::envoy::config::core::v3::Node;
     use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
     use envoy_types::pb::envoy::service::extension::v3::extension_config_discovery_service_client::ExtensionConfigDiscoveryServiceClient;
-    use keymeter::config::{GrpcTlsConfig, PeerAllowList};
     use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
     let pki = TestPki::generate();
     let broker = Mosquitto::start().await;
     let _billing = billing(broker.port(), vec![KeyEntry::ok("app-1", GOOD)]).await;
     let mut config = local_config(broker.port());
-    config.listen.grpc_tls = Some(GrpcTlsConfig {
-        cert_file: pki.server_cert.clone(),
-        key_file: pki.server_key.clone(),
-        client_ca_file: Some(pki.ca_cert.clone()),
-        allow: PeerAllowList {
-            envoy: vec![ENVOY_ID.into()],
-            report: vec![JOB_ID.into()],
-        },
-    });
+    config.listen.grpc_tls = Some(pki.grpc_tls_for_envoy_and_job());
     let keymeter = Keymeter::start_ready(config).await;
     let subscribe = |cert: &std::path::Path, key: &std::path::Path| {
         let tls = ClientTlsConfig::new()

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use keymeter::config::{GrpcTlsConfig, PeerAllowList};
+
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
     KeyUsagePurpose, SanType,
@@ -41,6 +43,29 @@ pub struct TestPki {
 }
 
 impl TestPki {
+    /// keymeter's gRPC TLS with this PKI: the server certificate, client
+    /// certificates required and verified against the CA, any identity allowed.
+    pub fn grpc_tls(&self) -> GrpcTlsConfig {
+        GrpcTlsConfig {
+            cert_file: self.server_cert.clone(),
+            key_file: self.server_key.clone(),
+            client_ca_file: Some(self.ca_cert.clone()),
+            allow: Default::default(),
+        }
+    }
+
+    /// [`grpc_tls`](Self::grpc_tls) that lets only [`ENVOY_ID`] call Check and the
+    /// access log, and only [`JOB_ID`] the Report API.
+    pub fn grpc_tls_for_envoy_and_job(&self) -> GrpcTlsConfig {
+        GrpcTlsConfig {
+            allow: PeerAllowList {
+                envoy: vec![ENVOY_ID.into()],
+                report: vec![JOB_ID.into()],
+            },
+            ..self.grpc_tls()
+        }
+    }
+
     pub fn generate() -> TestPki {
         let dir = TestDir::new("pki");
         let write = |name: &str, pem: String| -> PathBuf {
