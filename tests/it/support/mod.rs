@@ -160,20 +160,28 @@ pub fn free_port() -> u16 {
 
 /// Polls `condition` every 20 ms until it returns true; panics with `what`
 /// after `timeout`.
-pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut condition: F)
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    poll(timeout, condition, |timed_out| {
+        assert!(!timed_out, "timed out after {timeout:?} waiting for {what}");
+    })
+    .await;
+}
+
+/// Polls `condition` every 20 ms until it returns true. After each miss,
+/// `between(timed_out)` runs and may panic to give up: [`wait_until`] on timeout,
+/// [`ChildGuard::wait_for`] also as soon as its process exits.
+pub async fn poll<F, Fut>(timeout: Duration, mut condition: F, mut between: impl FnMut(bool))
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
     let deadline = Instant::now() + timeout;
-    loop {
-        if condition().await {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+    while !condition().await {
+        between(Instant::now() >= deadline);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

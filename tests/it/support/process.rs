@@ -165,27 +165,22 @@ impl ChildGuard {
     /// Polls `condition` every 20 ms until it holds. Panics, with this
     /// process's logs, on timeout or as soon as the process exits, so a
     /// crashed process fails fast instead of after the full timeout.
-    pub async fn wait_for<F, Fut>(&mut self, what: &str, timeout: Duration, mut condition: F)
+    pub async fn wait_for<F, Fut>(&mut self, what: &str, timeout: Duration, condition: F)
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = bool>,
     {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if condition().await {
-                return;
-            }
+        super::poll(timeout, condition, |timed_out| {
             if let Some(status) = self.exit_status() {
                 self.fail(&format!("exited ({status}) while waiting for {what}"));
             }
-            if Instant::now() >= deadline {
+            if timed_out {
                 self.fail(&format!("timed out after {timeout:?} waiting for {what}"));
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await;
     }
 
-    /// Waits until stdout or stderr contains `needle`.
     /// Waits until a GET of `url` answers 200.
     pub async fn wait_for_http_ok(&mut self, what: &str, url: &str, timeout: Duration) {
         let client = super::http_client();
