@@ -19,7 +19,7 @@ use crate::support::{
 use keymeter::Config;
 use keymeter::clock::now_ms;
 use keymeter::config::{MqttProtocol, Secret};
-use keymeter::keys::{KeyEntry, KeyList};
+use keymeter::keys::KeyEntry;
 use keymeter::proto::v1::usage_client::UsageClient;
 use keymeter::proto::v1::{ReportRequest, UsageRecord};
 use serde_json::Value;
@@ -81,14 +81,7 @@ impl Rig {
 
         // Keys from a local file: the ACL tests need no billing key service.
         let keys = dir.path().join("keys.json");
-        keymeter::keys::sync::write_key_list(
-            &keys,
-            &KeyList {
-                keys: vec![KeyEntry::ok("app-1", GOOD)],
-                saved_at: None,
-            },
-        )
-        .unwrap();
+        crate::support::keymeter::write_keys(&keys, vec![KeyEntry::ok("app-1", GOOD)]);
         let mut config = Config::for_local_broker("127.0.0.1", broker.port());
         config.mqtt.protocol = protocol;
         config.mqtt.username = KEYMETER.0.into();

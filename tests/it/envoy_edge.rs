@@ -12,7 +12,7 @@
 //!   address a trusted load balancer appended when `xff_num_trusted_hops` is 1.
 
 use crate::support::keymeter::Keymeter;
-use crate::support::{Backend, Envoy, EnvoyPorts, TestDir, binary, free_port, http_client};
+use crate::support::{Backend, Envoy, EnvoyPorts, TestDir, free_port, http_client};
 use keymeter::Config;
 use keymeter::config::InvalidKeyLimit;
 use keymeter::keys::KeyEntry;
@@ -24,7 +24,7 @@ const KEY: &str = "sk-test-0001";
 async fn rig(trusted_hops: u32) -> (Keymeter, Backend, Envoy) {
     let dir = TestDir::new("edge");
     let keys = dir.path().join("keys.json");
-    binary::write_keys(&keys, vec![KeyEntry::ok("app-1", KEY)]);
+    crate::support::keymeter::write_keys(&keys, vec![KeyEntry::ok("app-1", KEY)]);
     let mut config = Config::for_local_broker("127.0.0.1", free_port());
     config.keys.file = Some(keys);
     config.check.invalid_key_limit = Some(InvalidKeyLimit {

@@ -36,7 +36,7 @@ async fn get(envoy: &Envoy) -> u16 {
 async fn a_frozen_keymeter_times_out_and_envoy_answers_503() {
     let dir = TestDir::new("frozen");
     let keys = dir.path().join("keys.json");
-    binary::write_keys(&keys, vec![KeyEntry::ok("app-1", KEY)]);
+    crate::support::keymeter::write_keys(&keys, vec![KeyEntry::ok("app-1", KEY)]);
     let (grpc, admin) = (free_port(), free_port());
     let config = binary::write_config(
         dir.path(),

@@ -66,7 +66,7 @@ impl Replica {
     async fn start(name: &str, broker_port: u16, max_inflight: u16) -> Replica {
         let dir = TestDir::new(name);
         let keys = dir.path().join("keys.json");
-        binary::write_keys(&keys, vec![KeyEntry::ok("app-faults", KEY)]);
+        crate::support::keymeter::write_keys(&keys, vec![KeyEntry::ok("app-faults", KEY)]);
         let (grpc, admin) = (free_port(), free_port());
         let outbox = dir.path().join("outbox");
         let config = binary::write_config(

@@ -42,7 +42,7 @@ use envoy_types::pb::envoy::service::auth::v3::{
 };
 use envoy_types::pb::google::protobuf::UInt32Value;
 use keymeter::Config;
-use keymeter::keys::{KeyEntry, KeyList};
+use keymeter::keys::KeyEntry;
 use keymeter::proto::v1::{ReportRequest, ReportResponse, UsageRecord};
 use prost::Message;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
@@ -346,14 +346,7 @@ fn content_refusal_on(path: &str) -> Code {
 async fn keymeter_with_key_file(max_message_bytes: usize) -> Keymeter {
     let dir = TestDir::new("hostile-keys");
     let keys = dir.path().join("keys.json");
-    keymeter::keys::sync::write_key_list(
-        &keys,
-        &KeyList {
-            keys: vec![KeyEntry::ok("app-1", GOOD)],
-            saved_at: None,
-        },
-    )
-    .unwrap();
+    crate::support::keymeter::write_keys(&keys, vec![KeyEntry::ok("app-1", GOOD)]);
     let mut config = Config::for_local_broker("127.0.0.1", free_port());
     config.keys.file = Some(keys);
     config.listen.max_message_bytes = max_message_bytes;

@@ -40,7 +40,7 @@ struct Running {
 async fn start(name: &str, listen: &str) -> Running {
     let dir = TestDir::new(name);
     let keys = dir.path().join("keys.json");
-    binary::write_keys(&keys, vec![KeyEntry::ok("app-1", KEY)]);
+    crate::support::keymeter::write_keys(&keys, vec![KeyEntry::ok("app-1", KEY)]);
     let (grpc, admin) = (free_port(), free_port());
     let config = write_config(dir.path(), grpc, admin, listen, &keys);
     let mut process = ChildGuard::spawn(name, binary::command(&config), dir.path());

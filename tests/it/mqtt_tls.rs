@@ -157,14 +157,7 @@ async fn a_refused_broker_leaves_checks_answering_from_the_key_store() {
     let broker = Mosquitto::start_with_tls(&pki).await;
     let dir = crate::support::TestDir::new("failstatic");
     let keys = dir.path().join("keys.json");
-    keymeter::keys::sync::write_key_list(
-        &keys,
-        &keymeter::keys::KeyList {
-            keys: vec![KeyEntry::ok("app-1", "sk-local")],
-            saved_at: None,
-        },
-    )
-    .unwrap();
+    crate::support::keymeter::write_keys(&keys, vec![KeyEntry::ok("app-1", "sk-local")]);
     let mut config = tls_config(broker.tls_port().unwrap(), Some(&pki.other_ca_cert));
     config.keys.file = Some(keys);
     let keymeter = Keymeter::start_ready(config).await;

@@ -24,7 +24,7 @@ async fn binary_reloads_on_sighup_logs_json_and_stops_on_sigterm() {
     )
     .await;
     let keys_file = dir.path().join("keys.json");
-    binary::write_keys(&keys_file, vec![KeyEntry::ok("local", "sk-from-file")]);
+    crate::support::keymeter::write_keys(&keys_file, vec![KeyEntry::ok("local", "sk-from-file")]);
     let config = dir.path().join("keymeter.toml");
     std::fs::write(
         &config,
@@ -64,7 +64,7 @@ async fn binary_reloads_on_sighup_logs_json_and_stops_on_sigterm() {
     assert_eq!(status(grpc, "sk-from-file").await, 200);
     assert_eq!(status(grpc, "sk-added-later").await, 401);
 
-    binary::write_keys(
+    crate::support::keymeter::write_keys(
         &keys_file,
         vec![
             KeyEntry::ok("local", "sk-from-file"),
@@ -146,7 +146,7 @@ async fn a_second_keymeter_on_the_same_outbox_exits_naming_the_first() {
     let dir = TestDir::new("outbox-lock");
     let outbox = dir.path().join("outbox");
     let keys_file = dir.path().join("keys.json");
-    binary::write_keys(&keys_file, vec![KeyEntry::ok("local", "sk-lock-test")]);
+    crate::support::keymeter::write_keys(&keys_file, vec![KeyEntry::ok("local", "sk-lock-test")]);
     let rest = format!(
         "[keys]\nfile = \"{}\"\n[outbox]\ndir = \"{}\"\n",
         keys_file.display(),

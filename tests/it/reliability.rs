@@ -52,7 +52,7 @@ fn keymeter_binary(
     outbox: &str,
 ) -> Command {
     let keys = dir.path().join("keys.json");
-    binary::write_keys(&keys, vec![KeyEntry::ok("app-1", GOOD)]);
+    crate::support::keymeter::write_keys(&keys, vec![KeyEntry::ok("app-1", GOOD)]);
     let config = binary::write_config(
         dir.path(),
         (grpc, admin),

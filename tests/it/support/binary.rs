@@ -6,18 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use keymeter::keys::{KeyEntry, KeyList};
-
 use super::ChildGuard;
-
-/// Writes `keys` as a key list (keys file or snapshot) at `path`.
-pub fn write_keys(path: &Path, keys: Vec<KeyEntry>) {
-    let list = KeyList {
-        keys,
-        saved_at: None,
-    };
-    keymeter::keys::sync::write_key_list(path, &list).unwrap();
-}
 
 /// Writes `keymeter.toml` into `dir`: `[listen]` on `grpc` and `admin` (loopback),
 /// `[mqtt]` to a plain-text broker on `broker_port` plus the `mqtt_extra` lines, then

@@ -170,6 +170,15 @@ impl Drop for Keymeter {
     }
 }
 
+/// Writes `keys` as a key list (keys file or snapshot) at `path`.
+pub fn write_keys(path: &std::path::Path, keys: Vec<keymeter::keys::KeyEntry>) {
+    let list = keymeter::keys::KeyList {
+        keys,
+        saved_at: None,
+    };
+    keymeter::keys::sync::write_key_list(path, &list).unwrap();
+}
+
 /// A billing-system stand-in (a real MQTT client) on the broker at `port`, serving `keys`.
 pub async fn billing(port: u16, keys: Vec<keymeter::keys::KeyEntry>) -> BillingStandIn {
     BillingStandIn::start(StandInOptions {
