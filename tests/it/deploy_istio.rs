@@ -5,7 +5,6 @@
 //! So the Istio manifests cannot drift from the tested Envoy config or rot.
 
 use std::collections::BTreeSet;
-use std::process::Command;
 
 use crate::support::yaml::{self, DurationSyntax, Manifest};
 use serde_yaml::Value;
@@ -485,7 +484,8 @@ static_resources:
     serde_yaml::to_string(&bootstrap).expect("serialize bootstrap")
 }
 
-/// `envoy --mode validate` on `yaml`: whether Envoy accepted it, and its output.
+/// `yaml` written to `dir/name` and put to `envoy --mode validate`: whether Envoy
+/// accepted it, the file, and what Envoy said when it refused.
 fn envoy_validate(
     dir: &crate::support::TestDir,
     name: &str,
@@ -493,24 +493,8 @@ fn envoy_validate(
 ) -> (bool, std::path::PathBuf, String) {
     let path = dir.path().join(name);
     std::fs::write(&path, yaml).expect("write bootstrap");
-    let out = Command::new(crate::support::envoy_bin())
-        .args([
-            "--mode",
-            "validate",
-            "--disable-hot-restart",
-            "-l",
-            "warning",
-            "-c",
-        ])
-        .arg(&path)
-        .output()
-        .expect("run envoy --mode validate");
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), path, log)
+    let verdict = crate::support::envoy::envoy_accepts(&path);
+    (verdict.is_ok(), path, verdict.err().unwrap_or_default())
 }
 
 #[test]
