@@ -77,6 +77,19 @@ fn reply(req: &RecordedRequest) -> Reply {
     }
 }
 
+/// Envoy with the shipped config, or with it minus its `header_to_metadata` filter
+/// (usage then reaches keymeter only as response headers in the access log).
+async fn start_envoy(ports: EnvoyPorts, header_to_metadata: bool) -> Envoy {
+    if header_to_metadata {
+        Envoy::start(ports).await
+    } else {
+        Envoy::start_with_config(
+            crate::support::envoy::render_deploy_config_without_header_to_metadata(ports),
+        )
+        .await
+    }
+}
+
 struct Rig {
     broker: Mosquitto,
     billing: BillingStandIn,
@@ -100,14 +113,7 @@ impl Rig {
             keymeter_grpc: keymeter.grpc_port(),
             backend: backend.port(),
         };
-        let envoy = if header_to_metadata {
-            Envoy::start(ports).await
-        } else {
-            Envoy::start_with_config(
-                crate::support::envoy::render_deploy_config_without_header_to_metadata(ports),
-            )
-            .await
-        };
+        let envoy = start_envoy(ports, header_to_metadata).await;
         Rig {
             broker,
             billing,
@@ -586,14 +592,7 @@ async fn non_utf8_usage_headers_are_rejected_and_the_stream_carries_on() {
             keymeter_grpc: keymeter.grpc_port(),
             backend: backend.port(),
         };
-        let envoy = if header_to_metadata {
-            Envoy::start(ports).await
-        } else {
-            Envoy::start_with_config(
-                crate::support::envoy::render_deploy_config_without_header_to_metadata(ports),
-            )
-            .await
-        };
+        let envoy = start_envoy(ports, header_to_metadata).await;
         for path in ["/good/1", "/bad/1", "/good/2"] {
             let r = http_client()
                 .post(envoy.url(path))
