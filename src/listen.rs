@@ -20,7 +20,10 @@ use tokio::time::Sleep;
 use tokio_stream::Stream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
+use prometheus_client::metrics::counter::Counter;
+
 use crate::log_limit::LogLimiter;
+use crate::metrics::label::Listener;
 
 /// A new gRPC connection that has not sent [`HANDSHAKE_MIN_BYTES`] by then is closed:
 /// Envoy sends its preface at once, so only a stuck or idle client is cut, and it
@@ -84,18 +87,21 @@ impl ConnectionCap {
 #[derive(Debug)]
 pub struct Acceptor {
     listener: TcpListener,
-    /// `grpc` or `admin`: names the listener and its `listen.*_max_connections` key.
-    name: &'static str,
+    /// Names the listener and its `listen.*_max_connections` key.
+    name: Listener,
+    /// `keymeter_connections_refused_total{listener}`.
+    refused: Counter,
     backoff: Option<Pin<Box<Sleep>>>,
     error_log: LogLimiter,
     refused_log: LogLimiter,
 }
 
 impl Acceptor {
-    pub fn new(listener: TcpListener, name: &'static str) -> Self {
+    pub fn new(listener: TcpListener, name: Listener, refused: Counter) -> Self {
         Acceptor {
             listener,
             name,
+            refused,
             backoff: None,
             error_log: LogLimiter::new(LOG_INTERVAL),
             refused_log: LogLimiter::new(LOG_INTERVAL),
@@ -120,7 +126,7 @@ impl Acceptor {
                 Err(e) => {
                     if let Some(suppressed) = self.error_log.admit() {
                         tracing::error!(
-                            listener = self.name,
+                            listener = self.name.as_str(),
                             error = %e,
                             also_failed_since_last_log = suppressed,
                             "cannot accept connections (out of file descriptors?); retrying"
@@ -137,20 +143,21 @@ impl Acceptor {
     }
 
     /// Turns away a connection over the cap at once, with a reset (the client sees
-    /// `connection reset`, and Envoy tries another keymeter), and logs it.
+    /// `connection reset`, and Envoy tries another keymeter), counts and logs it.
     pub fn refuse(&mut self, stream: TcpStream, max: usize) {
+        self.refused.inc();
         let peer = stream.peer_addr().ok();
         // A zero linger makes close() send RST and keep no TIME_WAIT state.
         let _ = stream.set_zero_linger();
         drop(stream);
         if let Some(suppressed) = self.refused_log.admit() {
             tracing::warn!(
-                listener = self.name,
+                listener = self.name.as_str(),
                 max_connections = max,
                 peer = ?peer,
                 also_refused_since_last_log = suppressed,
                 "connection refused: the listener has its maximum of open connections (listen.{}_max_connections)",
-                self.name
+                self.name.as_str()
             );
         }
     }
@@ -167,9 +174,15 @@ pub struct GrpcIncoming {
 }
 
 impl GrpcIncoming {
-    pub fn new(listener: TcpListener, cap: ConnectionCap, handshake_timeout: Duration) -> Self {
+    /// `refused` counts the connections turned away over the cap.
+    pub fn new(
+        listener: TcpListener,
+        cap: ConnectionCap,
+        handshake_timeout: Duration,
+        refused: Counter,
+    ) -> Self {
         GrpcIncoming {
-            acceptor: Acceptor::new(listener, "grpc"),
+            acceptor: Acceptor::new(listener, Listener::Grpc, refused),
             cap,
             handshake_timeout,
         }
@@ -350,7 +363,8 @@ mod tests {
         const TIMEOUT: Duration = Duration::from_millis(200);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut incoming = GrpcIncoming::new(listener, ConnectionCap::new(8), TIMEOUT);
+        let mut incoming =
+            GrpcIncoming::new(listener, ConnectionCap::new(8), TIMEOUT, Counter::default());
         let _silent = TcpStream::connect(addr).await.unwrap();
         let mut talker = TcpStream::connect(addr).await.unwrap();
         let mut silent = incoming.next().await.unwrap().unwrap();
@@ -377,8 +391,12 @@ mod tests {
         use tokio_stream::StreamExt;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut incoming =
-            GrpcIncoming::new(listener, ConnectionCap::new(1), GRPC_HANDSHAKE_TIMEOUT);
+        let mut incoming = GrpcIncoming::new(
+            listener,
+            ConnectionCap::new(1),
+            GRPC_HANDSHAKE_TIMEOUT,
+            Counter::default(),
+        );
         let _first = TcpStream::connect(addr).await.unwrap();
         let admitted = incoming.next().await.unwrap().unwrap();
         let mut second = TcpStream::connect(addr).await.unwrap();

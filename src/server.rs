@@ -17,6 +17,7 @@ use crate::config::{Config, FsyncMode, GrpcTlsConfig, PeerAllowList};
 use crate::keys::{KeyStore, sync};
 use crate::listen;
 use crate::metrics::Metrics;
+use crate::metrics::label::Listener;
 use crate::mqtt;
 use crate::outbox::{FsyncPolicy, Outbox, OutboxConfig};
 use crate::peers::PeerGate;
@@ -257,6 +258,7 @@ pub async fn run(
         listeners.grpc,
         listen::ConnectionCap::new(l.grpc_max_connections),
         listen::GRPC_HANDSHAKE_TIMEOUT,
+        metrics.connections_refused(Listener::Grpc),
     );
     // Local enforcement: the key list pushed into Envoy's api_key_auth filter (ECDS).
     let xds_server = config.xds.enabled.then(|| {

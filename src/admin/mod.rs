@@ -28,6 +28,7 @@ use crate::clock::now_ms;
 use crate::keys::KeyStore;
 use crate::listen::Acceptor;
 use crate::metrics::Metrics;
+use crate::metrics::label::Listener;
 use crate::mqtt::MqttStatus;
 use crate::outbox::Outbox;
 
@@ -126,13 +127,14 @@ pub async fn serve(
     limits: AdminLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let refused = state.metrics.connections_refused(Listener::Admin);
     let router = router(state);
     let slots = Slots::new(limits.max_connections);
     let connections = TaskTracker::new();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
-    let mut acceptor = Acceptor::new(listener, "admin");
+    let mut acceptor = Acceptor::new(listener, Listener::Admin, refused);
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => break,

@@ -213,6 +213,16 @@ label_enum! {
     }
 }
 
+label_enum! {
+    /// keymeter's two listeners: the `listener` label of
+    /// `keymeter_connections_refused_total`, and the `listen.<listener>_max_connections`
+    /// key that caps each.
+    pub enum Listener {
+        Grpc => "grpc",
+        Admin => "admin",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     label_enum! {

@@ -32,8 +32,8 @@ pub const MAX_MODULE_LABELS: usize = 64;
 pub const OTHER_MODULE: &str = "_other";
 
 use label::{
-    Guarded, Ignored, ListRejection, Lost, MetadataProblem, NotBilled, Published, Refusal,
-    Rejection, SkipReason, Skipped, Source,
+    Guarded, Ignored, ListRejection, Listener, Lost, MetadataProblem, NotBilled, Published,
+    Refusal, Rejection, SkipReason, Skipped, Source,
 };
 
 /// Check outcomes, one counter each.
@@ -161,6 +161,7 @@ pub struct Metrics {
     publish_refused: Family<Labels, Counter>,
     pub ready: Gauge,
     grpc_peers_refused: Family<Labels, Counter>,
+    connections_refused: Family<Labels, Counter>,
     pub access_log_streams: Gauge,
     pub access_log_streams_opened: Counter,
     pub access_log_stream_errors: Counter,
@@ -351,6 +352,12 @@ impl Metrics {
             "gRPC calls refused because the client certificate is not allowed for the service (listen.grpc_tls.allow), by service",
             grpc_peers_refused.clone(),
         );
+        let connections_refused = Family::<Labels, Counter>::default();
+        registry.register(
+            "connections_refused",
+            "Connections reset at once because the listener had its listen.<listener>_max_connections open, by listener",
+            connections_refused.clone(),
+        );
         let access_log_streams_opened = Counter::default();
         registry.register(
             "access_log_streams_opened",
@@ -523,6 +530,7 @@ impl Metrics {
             publish_refused,
             ready,
             grpc_peers_refused,
+            connections_refused,
             access_log_streams,
             access_log_streams_opened,
             access_log_stream_errors,
@@ -594,6 +602,11 @@ impl Metrics {
             let _ = self
                 .grpc_peers_refused
                 .get_or_create(&vec![("service", service.as_str())]);
+        }
+        for listener in Listener::ALL {
+            let _ = self
+                .connections_refused
+                .get_or_create(&vec![("listener", listener.as_str())]);
         }
         for why in Skipped::ALL {
             let _ = self
@@ -719,6 +732,13 @@ impl Metrics {
         self.grpc_peers_refused
             .get_or_create(&vec![("service", service.as_str())])
             .inc();
+    }
+
+    /// The counter of connections `listener` turns away for its connection cap.
+    pub fn connections_refused(&self, listener: Listener) -> Counter {
+        self.connections_refused
+            .get_or_create(&vec![("listener", listener.as_str())])
+            .clone()
     }
 
     /// `n` access-log entries skipped for `why`.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::support::keymeter::{check_request, http_status, try_check};
+use crate::support::keymeter::{check_request, http_status, metric, try_check};
 use crate::support::{ChildGuard, Paused, TestDir, binary, free_port};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use keymeter::keys::KeyEntry;
@@ -582,6 +582,8 @@ async fn the_grpc_port_caps_connections_and_closes_silent_ones() {
         Err(std::io::ErrorKind::ConnectionReset),
         "over the cap: reset"
     );
+    let refused = "keymeter_connections_refused_total{listener=\"grpc\"}";
+    assert_eq!(metric(k.admin, refused).await, 1.0, "counted");
     println!(
         "a connection over the cap was reset after {:?}",
         started.elapsed()

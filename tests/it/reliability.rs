@@ -8,8 +8,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::support::fsync_fault::{FsyncFault, FsyncMode};
-use crate::support::keymeter::{billing, check, http_status, metric_value};
-use crate::support::{ChildGuard, Mosquitto, TestDir, binary, free_port, http_client, wait_until};
+use crate::support::keymeter::{billing, check, http_status, metric};
+use crate::support::{ChildGuard, Mosquitto, TestDir, binary, free_port, wait_until};
 use keymeter::keys::KeyEntry;
 use keymeter::proto::v1::usage_client::UsageClient;
 use keymeter::proto::v1::{ReportRequest, UsageRecord};
@@ -65,19 +65,6 @@ fn keymeter_binary(
         ),
     );
     binary::command(&config)
-}
-
-/// One sample of the `/metrics` of the keymeter whose admin port is `admin`.
-async fn metric(admin: u16, sample: &str) -> f64 {
-    let text = http_client()
-        .get(format!("http://127.0.0.1:{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    metric_value(&text, sample)
 }
 
 /// The JSON log line of `process` whose message contains `needle`.

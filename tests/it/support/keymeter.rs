@@ -263,6 +263,20 @@ pub fn metric_sum(text: &str, family: &str) -> f64 {
         .sum()
 }
 
+/// One sample of the `/metrics` of the keymeter whose admin port is `admin` (a keymeter
+/// binary the test started itself).
+pub async fn metric(admin: u16, sample: &str) -> f64 {
+    let text = http_client()
+        .get(format!("http://127.0.0.1:{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metric_value(&text, sample)
+}
+
 /// Parses one sample's value out of Prometheus text.
 pub fn metric_value(text: &str, sample: &str) -> f64 {
     text.lines()
