@@ -19,6 +19,7 @@ const OVERRIDES: &[(&str, &[&str], Kind)] = &[
     ("KEYMETER_MQTT_USERNAME", &["mqtt", "username"], Kind::Str),
     ("KEYMETER_MQTT_PASSWORD", &["mqtt", "password"], Kind::Str),
     ("KEYMETER_MQTT_CLIENT_ID", &["mqtt", "client_id"], Kind::Str),
+    ("KEYMETER_MQTT_PROTOCOL", &["mqtt", "protocol"], Kind::Str),
     (
         "KEYMETER_MQTT_TLS_ENABLED",
         &["mqtt", "tls", "enabled"],

@@ -336,6 +336,11 @@ mod tests {
         })
         .unwrap();
         assert_eq!(c.outbox.dir, Path::new("/data/outbox"));
+        let c = Config::parse(MINIMAL, Path::new("t"), |v| {
+            (v == "KEYMETER_MQTT_PROTOCOL").then(|| "5".to_string())
+        })
+        .unwrap();
+        assert_eq!(c.mqtt.protocol, MqttProtocol::V5);
         let e = Config::parse(MINIMAL, Path::new("t"), |v| {
             (v == "KEYMETER_MQTT_PORT").then(|| "abc".to_string())
         })

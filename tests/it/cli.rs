@@ -29,8 +29,18 @@ fn help_lists_the_config_flag_dev_mode_and_env_overrides() {
     let o = keymeter(&["--help"], &[]);
     assert!(o.status.success());
     let out = String::from_utf8_lossy(&o.stdout);
-    for needle in ["--config", "dev", "KEYMETER_MQTT_PASSWORD"] {
+    for needle in ["--config", "dev", "KEYMETER_CONFIG"] {
         assert!(out.contains(needle), "--help mentions {needle}:\n{out}");
+    }
+    // Every environment override, in --help and in the README's list.
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    for var in keymeter::config::env_override_names() {
+        assert!(out.contains(var), "--help mentions {var}:\n{out}");
+        assert!(
+            readme.contains(&format!("`{var}`")),
+            "the README lists {var}"
+        );
     }
 }
 
