@@ -156,8 +156,8 @@ impl Acceptor {
                 max_connections = max,
                 peer = ?peer,
                 also_refused_since_last_log = suppressed,
-                "connection refused: the listener has its maximum of open connections (listen.{}_max_connections)",
-                self.name.as_str()
+                "connection refused: the listener has its maximum of open connections ({})",
+                self.name.cap_key()
             );
         }
     }
@@ -181,8 +181,19 @@ impl GrpcIncoming {
         handshake_timeout: Duration,
         refused: Counter,
     ) -> Self {
+        GrpcIncoming::named(listener, Listener::Grpc, cap, handshake_timeout, refused)
+    }
+
+    /// Like [`GrpcIncoming::new`], for the listener `name`.
+    pub fn named(
+        listener: TcpListener,
+        name: Listener,
+        cap: ConnectionCap,
+        handshake_timeout: Duration,
+        refused: Counter,
+    ) -> Self {
         GrpcIncoming {
-            acceptor: Acceptor::new(listener, Listener::Grpc, refused),
+            acceptor: Acceptor::new(listener, name, refused),
             cap,
             handshake_timeout,
         }

@@ -51,6 +51,9 @@ const AUTHZ_SERVICE: &str = "envoy.service.auth.v3.Authorization";
 pub struct Listeners {
     pub grpc: TcpListener,
     pub admin: TcpListener,
+    /// The Report API's own listener (`listen.report`); without it the Report API is
+    /// served on `grpc`.
+    pub report: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -59,6 +62,10 @@ impl Listeners {
         Ok(Listeners {
             grpc: TcpListener::bind(config.listen.grpc).await?,
             admin: TcpListener::bind(config.listen.admin).await?,
+            report: match config.listen.report {
+                Some(addr) => Some(TcpListener::bind(addr).await?),
+                None => None,
+            },
         })
     }
 }
@@ -310,23 +317,52 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| RunError::Reflection(e.to_string()))?;
+    let mut builder = builder.layer(PeerGate::new(allow, metrics.clone()));
+    let report = UsageServer::new(report).max_decoding_message_size(max_message);
+    // The Report API on its own listener (same TLS, allow-lists and limits), or beside
+    // the Check and the access log.
+    let (report_here, report_apart) = match listeners.report {
+        None => (Some(report), None),
+        Some(listener) => {
+            let addr = listener.local_addr().ok();
+            tracing::info!(report = ?addr, "the Report API has its own listener (listen.report)");
+            let incoming = listen::GrpcIncoming::named(
+                listener,
+                Listener::Report,
+                listen::ConnectionCap::new(l.grpc_max_connections),
+                listen::GRPC_HANDSHAKE_TIMEOUT,
+                metrics.connections_refused(Listener::Report),
+            );
+            let server = builder
+                .add_service(health_service.clone())
+                .add_service(reflection.clone())
+                .add_service(report)
+                .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
+            (None, Some(server))
+        }
+    };
     let grpc = builder
-        .layer(PeerGate::new(allow, metrics.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(CheckServer::new(authz, max_message))
         .add_service(access_log)
-        .add_service(UsageServer::new(report).max_decoding_message_size(max_message))
+        .add_optional_service(report_here)
         .add_optional_service(xds_server)
         .serve_with_incoming_shutdown(incoming, token.clone().cancelled_owned());
+    let servers = async {
+        match report_apart {
+            Some(report) => tokio::try_join!(grpc, report).map(|_| ()),
+            None => grpc.await,
+        }
+    };
 
-    tokio::pin!(grpc);
+    tokio::pin!(servers);
     let result = tokio::select! {
-        r = &mut grpc => r,
+        r = &mut servers => r,
         _ = shutdown => {
             // Graceful: stop accepting, let in-flight Checks finish.
             token.cancel();
-            grpc.await
+            servers.await
         }
     };
     tracing::info!("shutting down");

@@ -32,6 +32,7 @@ const OVERRIDES: &[(&str, &[&str], Kind)] = &[
     ),
     ("KEYMETER_GRPC_LISTEN", &["listen", "grpc"], Kind::Str),
     ("KEYMETER_ADMIN_LISTEN", &["listen", "admin"], Kind::Str),
+    ("KEYMETER_REPORT_LISTEN", &["listen", "report"], Kind::Str),
     ("KEYMETER_KEYS_FILE", &["keys", "file"], Kind::Str),
     ("KEYMETER_KEYS_SNAPSHOT", &["keys", "snapshot"], Kind::Str),
     ("KEYMETER_OUTBOX_DIR", &["outbox", "dir"], Kind::Str),

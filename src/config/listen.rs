@@ -15,6 +15,11 @@ pub struct ListenConfig {
     pub grpc: SocketAddr,
     /// Admin HTTP: /healthz, /readyz, /metrics.
     pub admin: SocketAddr,
+    /// The Report API on its own address instead of `grpc` (with the same TLS and
+    /// allow-lists), so that the network can admit jobs to it without letting them
+    /// reach the Check and the access log (a NetworkPolicy selects ports, not
+    /// methods).
+    pub report: Option<SocketAddr>,
     /// TLS (and optionally mTLS) on the gRPC listener; plain when absent.
     pub grpc_tls: Option<GrpcTlsConfig>,
     /// Plaintext gRPC on an address other than loopback: whoever reaches it can bill
@@ -47,6 +52,7 @@ impl Default for ListenConfig {
             // wider is an explicit choice (mTLS, or `allow_plaintext`).
             grpc: SocketAddr::from(([127, 0, 0, 1], 9191)),
             admin: SocketAddr::from(([0, 0, 0, 0], 9192)),
+            report: None,
             grpc_tls: None,
             allow_plaintext: false,
             max_message_bytes: 4 << 20,
@@ -116,15 +122,33 @@ impl ListenConfig {
                     "needs listen.grpc_tls.client_ca_file: without client certificates there are no identities to allow",
                 ));
             }
-        } else if !self.grpc.ip().is_loopback() && !self.allow_plaintext {
+        } else {
+            let grpc_listeners = [
+                ("listen.grpc", Some(self.grpc)),
+                ("listen.report", self.report),
+            ];
+            for (key, addr) in grpc_listeners {
+                if let Some(addr) = addr
+                    && !addr.ip().is_loopback()
+                    && !self.allow_plaintext
+                {
+                    return Err(ConfigError::invalid(
+                        key,
+                        format!(
+                            "{addr} is not loopback and [listen.grpc_tls] is not set: whoever reaches a plaintext gRPC port can bill any key. \
+                             Configure mTLS (listen.grpc_tls with client_ca_file), listen on loopback (Envoy or a sidecar in the same pod), \
+                             or set listen.allow_plaintext = true where the network is otherwise closed (NetworkPolicy)"
+                        ),
+                    ));
+                }
+            }
+        }
+        if let Some(report) = self.report
+            && (report == self.grpc || report == self.admin)
+        {
             return Err(ConfigError::invalid(
-                "listen.grpc",
-                format!(
-                    "{} is not loopback and [listen.grpc_tls] is not set: whoever reaches a plaintext gRPC port can bill any key. \
-                     Configure mTLS (listen.grpc_tls with client_ca_file), listen on loopback (Envoy or a sidecar in the same pod), \
-                     or set listen.allow_plaintext = true where the network is otherwise closed (NetworkPolicy)",
-                    self.grpc
-                ),
+                "listen.report",
+                "must differ from listen.grpc and listen.admin (leave it out to serve the Report API on listen.grpc)",
             ));
         }
         if self.max_message_bytes < 256 << 10 {

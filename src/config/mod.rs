@@ -389,6 +389,28 @@ mod tests {
     }
 
     #[test]
+    fn a_report_listener_is_checked_like_the_grpc_one() {
+        let c = parse(&format!("{MINIMAL}[listen]\nreport = \"127.0.0.1:9193\"\n")).unwrap();
+        assert_eq!(
+            c.listen.report,
+            Some(SocketAddr::from(([127, 0, 0, 1], 9193)))
+        );
+        assert_eq!(parse(MINIMAL).unwrap().listen.report, None);
+        for bad in [
+            "report = \"127.0.0.1:9191\"",
+            "report = \"0.0.0.0:9192\"\nallow_plaintext = true",
+            "report = \"0.0.0.0:9193\"",
+        ] {
+            let e = parse(&format!("{MINIMAL}[listen]\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("listen.report"), "{bad}: {e}");
+        }
+        let open = "report = \"0.0.0.0:9193\"\nallow_plaintext = true";
+        assert!(parse(&format!("{MINIMAL}[listen]\n{open}\n")).is_ok());
+    }
+
+    #[test]
     fn xds_is_off_by_default_and_its_bad_values_are_named() {
         let c = parse(MINIMAL).unwrap();
         assert!(!c.xds.enabled);
@@ -441,6 +463,7 @@ mod tests {
             client_ca_file: Some("ca".into()),
             allow: PeerAllowList::default(),
         });
+        full.listen.report = Some(SocketAddr::from(([127, 0, 0, 1], 9193)));
         full.mqtt.tls.ca_file = Some("ca".into());
         full.mqtt.tls.client_cert_file = Some("c".into());
         full.mqtt.tls.client_key_file = Some("k".into());

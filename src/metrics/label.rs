@@ -214,12 +214,23 @@ label_enum! {
 }
 
 label_enum! {
-    /// keymeter's two listeners: the `listener` label of
-    /// `keymeter_connections_refused_total`, and the `listen.<listener>_max_connections`
-    /// key that caps each.
+    /// keymeter's listeners: the `listener` label of
+    /// `keymeter_connections_refused_total`.
     pub enum Listener {
         Grpc => "grpc",
         Admin => "admin",
+        /// `listen.report`, when the Report API has its own.
+        Report => "report",
+    }
+}
+
+impl Listener {
+    /// The configuration key of the listener's connection cap.
+    pub fn cap_key(self) -> &'static str {
+        match self {
+            Listener::Grpc | Listener::Report => "listen.grpc_max_connections",
+            Listener::Admin => "listen.admin_max_connections",
+        }
     }
 }
 

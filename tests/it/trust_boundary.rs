@@ -4,6 +4,7 @@
 //! - A forged access-log entry that bills a key to another app is refused.
 //! - The Report API is no key oracle, shares the Check's brute-force guard, and
 //!   refuses timestamps outside its window.
+//! - With `listen.report` the Report API has a port of its own that serves nothing else.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -321,5 +322,79 @@ async fn a_retried_report_records_nothing_new_even_after_a_restart() {
         .collect();
     assert_eq!(usages.iter().filter(|u| **u == 10).count(), 1, "{usages:?}");
     assert_eq!(usages.iter().filter(|u| **u == 40).count(), 1, "{usages:?}");
+    keymeter.stop().await;
+}
+
+/// With `listen.report`, the Report API answers only on its own port, and that port
+/// serves nothing that moves money for Envoy: a NetworkPolicy can then admit jobs to
+/// it without letting them reach the Check or the access log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_report_api_on_its_own_port_is_apart_from_the_check_and_the_access_log() {
+    let broker = Mosquitto::start().await;
+    let billing = billing(broker.port(), keys()).await;
+    let mut config = Config::for_local_broker("127.0.0.1", broker.port());
+    config.listen.report = Some("127.0.0.1:0".parse().unwrap());
+    let keymeter = Keymeter::start_ready(config).await;
+    let url = |port: u16| format!("http://127.0.0.1:{port}");
+
+    // The Report API: on its port, not on the gRPC port.
+    let mut jobs = UsageClient::connect(url(keymeter.report_port()))
+        .await
+        .unwrap();
+    let ids = jobs
+        .report(report(Some(GOOD), vec![record(5, 0)]))
+        .await
+        .expect("the Report API answers on listen.report")
+        .into_inner()
+        .record_ids;
+    assert_eq!(ids.len(), 1);
+    let mut envoys_port = UsageClient::connect(url(keymeter.grpc_port()))
+        .await
+        .unwrap();
+    let status = envoys_port
+        .report(report(Some(GOOD), vec![record(6, 0)]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+
+    // The Check and the access log: on the gRPC port, not on the Report API's.
+    assert_eq!(
+        keymeter
+            .check(&[("api-key", GOOD)])
+            .await
+            .status
+            .unwrap()
+            .code,
+        0
+    );
+    let check =
+        crate::support::keymeter::try_check(keymeter.report_port(), &[("api-key", GOOD)]).await;
+    assert!(check.is_none(), "no Check on the Report API's port");
+    let mut forger = AccessLogServiceClient::connect(url(keymeter.report_port()))
+        .await
+        .unwrap();
+    let message = StreamAccessLogsMessage {
+        identifier: None,
+        log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries {
+            log_entry: vec![entry("/forged", "app-1", GOOD, "999")],
+        })),
+    };
+    let status = forger
+        .stream_access_logs(tokio_stream::iter(vec![message]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+
+    // Only the job's record reached the billing system.
+    let reports = billing.wait_for_reports(1, WAIT).await;
+    assert_eq!(
+        billing
+            .wait_for_reports(2, Duration::from_millis(500))
+            .await
+            .len(),
+        1
+    );
+    assert_eq!(reports[0]["usage"], 5);
+    keymeter.assert_no_record_unaccounted().await;
     keymeter.stop().await;
 }

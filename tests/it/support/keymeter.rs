@@ -23,6 +23,7 @@ pub struct Keymeter {
     dirs: Vec<super::TestDir>,
     grpc_port: u16,
     admin_port: u16,
+    report_port: Option<u16>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), keymeter::RunError>>>,
 }
@@ -52,13 +53,25 @@ impl Keymeter {
         let grpc_port = grpc.local_addr().unwrap().port();
         let admin_port = admin.local_addr().unwrap().port();
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(keymeter::run(Listeners { grpc, admin }, config, async {
+        // A Report API of its own (`listen.report` set) gets a loopback port 0 too.
+        let report = match config.listen.report {
+            Some(_) => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            None => None,
+        };
+        let report_port = report.as_ref().map(|r| r.local_addr().unwrap().port());
+        let listeners = Listeners {
+            grpc,
+            admin,
+            report,
+        };
+        let task = tokio::spawn(keymeter::run(listeners, config, async {
             let _ = stopped.await;
         }));
         Keymeter {
             dirs: scratch.into_iter().collect(),
             grpc_port,
             admin_port,
+            report_port,
             stop: Some(stop),
             task: Some(task),
         }
@@ -84,6 +97,11 @@ impl Keymeter {
 
     pub fn admin_port(&self) -> u16 {
         self.admin_port
+    }
+
+    /// The Report API's own port, when `listen.report` was set.
+    pub fn report_port(&self) -> u16 {
+        self.report_port.expect("listen.report is set")
     }
 
     /// Graceful stop; returns what `run` returned.
