@@ -190,7 +190,13 @@ fn record_skipped(metrics: &Metrics, skipped: &[Skipped], total: usize) {
 /// (first start); an unreadable or corrupt one is logged and ignored, since the
 /// billing system will send a fresh list once connected.
 pub fn load_snapshot(store: &KeyStore, metrics: &Metrics, path: &Path) {
-    let bytes = match std::fs::read(path) {
+    // keymeter writes the snapshot itself, never as a symlink: one planted at its name
+    // (to feed in another list) is refused, as the write side refuses to follow one.
+    let read = crate::files::open_read(path).and_then(|mut f| {
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut bytes).map(|_| bytes)
+    });
+    let bytes = match read {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             tracing::info!(path = %path.display(), "no key snapshot yet");
@@ -633,6 +639,29 @@ mod tests {
         assert!(store.is_loaded());
         assert!(store.view().get("k2").unwrap().blocked);
         assert_eq!(store.billing_entries(), list.keys);
+    }
+
+    #[test]
+    fn a_symlink_at_the_snapshot_path_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let planted = dir.path().join("planted.json");
+        let list = KeyList {
+            keys: vec![KeyEntry::ok("a", "k-planted")],
+            saved_at: Some(1),
+        };
+        write_key_list(&planted, &list).unwrap();
+        let path = dir.path().join("keys.snapshot.json");
+        std::os::unix::fs::symlink(&planted, &path).unwrap();
+        let store = KeyStore::new();
+        let metrics = Metrics::new();
+        load_snapshot(&store, &metrics, &path);
+        assert!(!store.is_loaded());
+        assert!(store.view().get("k-planted").is_none());
+        assert!(
+            metrics
+                .render()
+                .contains("keymeter_key_updates_rejected_total{reason=\"snapshot_unreadable\"} 1")
+        );
     }
 
     #[test]
