@@ -49,9 +49,11 @@ COPY --from=builder /out/usr/local/bin/keymeter /usr/local/bin/keymeter
 COPY --from=builder --chown=65532:65532 /out/var/lib/keymeter /var/lib/keymeter
 # distroless' `nonroot` user, numerically, so runAsNonRoot can verify it.
 USER 65532:65532
-# 9191: gRPC (ext_authz Check, access log, keymeter.v1.Usage Report API, grpc.health.v1)
+# 9191: gRPC (ext_authz Check, access log, grpc.health.v1; the keymeter.v1.Usage Report
+#       API too unless listen.report is set)
 # 9192: admin HTTP (/healthz, /readyz, /metrics)
-EXPOSE 9191 9192
+# 9193: the Report API on its own port, when listen.report is set (deploy/kubernetes)
+EXPOSE 9191 9192 9193
 # Graceful stop: in-flight Checks finish, unsent records stay in the outbox on disk.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/keymeter"]

@@ -444,6 +444,21 @@ fn the_configmap_is_a_valid_keymeter_config_matching_ports_and_volumes() {
         }
         assert_eq!(config.listen.grpc.port(), 9191);
         assert_eq!(config.listen.admin.port(), 9192);
+        // The Report API on a port of its own, so that the NetworkPolicy can admit
+        // jobs to it without admitting them to the Check and the access log.
+        let report = config.listen.report.unwrap_or_else(|| {
+            panic!("{what}: listen.report is set (the Report API apart from Envoy's port)")
+        });
+        assert!(
+            report.ip().is_unspecified(),
+            "listen.report = {report}: must listen on 0.0.0.0 in a pod"
+        );
+        assert_eq!(
+            u64::from(report.port()),
+            workload.container_port("report"),
+            "{what}: container port `report` differs from listen.report"
+        );
+        assert_eq!(report.port(), 9193);
 
         assert!(config.mqtt.tls.enabled, "TLS to the broker is on");
         assert!(!config.mqtt.tls.insecure_skip_verify);
@@ -731,6 +746,10 @@ fn services_select_the_pods_and_speak_grpc() {
             let listen: SocketAddr = match port_name {
                 "grpc" => config.listen.grpc,
                 "admin" => config.listen.admin,
+                "report" => config
+                    .listen
+                    .report
+                    .unwrap_or_else(|| panic!("Service {name}: port report without listen.report")),
                 other => panic!("Service {name}: unexpected port {other}"),
             };
             assert_eq!(
@@ -742,6 +761,18 @@ fn services_select_the_pods_and_speak_grpc() {
         if name == "keymeter" {
             let admin = yaml::item_named(ports, "admin", "Service port");
             assert_eq!(yaml::text(admin, "appProtocol"), "http");
+            // The jobs' way in: gRPC too (HTTP/2 through a mesh), on its own port.
+            let report = yaml::item_named(ports, "report", "Service port");
+            assert_eq!(
+                yaml::text(report, "appProtocol"),
+                "grpc",
+                "Service {name}: report port appProtocol"
+            );
+            assert_eq!(
+                yaml::number(report, "port"),
+                9193,
+                "Service {name}: the Report API on 9193"
+            );
         }
     }
 }
@@ -945,7 +976,7 @@ fn the_image_runs_as_the_pods_user_and_exposes_their_ports() {
                 .collect::<Vec<_>>()
         })
         .collect();
-    let container_ports: BTreeSet<u64> = ["grpc", "admin"]
+    let container_ports: BTreeSet<u64> = ["grpc", "admin", "report"]
         .iter()
         .map(|n| workload.container_port(n))
         .collect();
