@@ -1156,23 +1156,94 @@ fn rule_ports(workload: &Workload, rule: &Value) -> BTreeSet<(u64, String)> {
         .collect()
 }
 
+/// The one NetworkPolicy of deploy/kubernetes.
+fn network_policy(docs: &[Manifest]) -> &Manifest {
+    let policies: Vec<&Manifest> = docs
+        .iter()
+        .filter(|d| d.kind() == "NetworkPolicy")
+        .collect();
+    assert_eq!(policies.len(), 1, "one NetworkPolicy in {DIR}");
+    policies[0]
+}
+
+/// Whether a label selector selects an object with `labels` (an absent selector
+/// selects nothing, an empty one everything), as the API server evaluates it.
+fn selects(selector: &Value, labels: &BTreeMap<String, String>) -> bool {
+    let by_label = yaml::string_map_or_empty(selector, "matchLabels")
+        .iter()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let by_expression = yaml::list_or_empty(selector, "matchExpressions")
+        .iter()
+        .all(|e| {
+            let value = labels.get(yaml::text(e, "key"));
+            let values: Vec<&str> = yaml::list_or_empty(e, "values")
+                .iter()
+                .map(|v| v.as_str().expect("a string value"))
+                .collect();
+            match yaml::text(e, "operator") {
+                "In" => value.is_some_and(|v| values.contains(&v.as_str())),
+                "NotIn" => value.is_none_or(|v| !values.contains(&v.as_str())),
+                "Exists" => value.is_some(),
+                "DoesNotExist" => value.is_none(),
+                other => panic!("selector operator {other}"),
+            }
+        });
+    by_label && by_expression
+}
+
+/// Labels of a namespace or pod, for [`admitted_ports`].
+type Labels<'a> = &'a [(&'a str, &'a str)];
+
+/// The ports (resolved against the container ports) that the NetworkPolicy lets a
+/// pod with `pod_labels` reach, in a namespace named `namespace` with `ns_labels`
+/// (besides `kubernetes.io/metadata.name`, which Kubernetes sets). A peer without a
+/// namespaceSelector means keymeter's own namespace, POD_NAMESPACE.
+fn admitted_ports(
+    spec: &Value,
+    workload: &Workload,
+    namespace: &str,
+    ns_labels: Labels,
+    pod_labels: Labels,
+) -> BTreeSet<u64> {
+    let mut ns: BTreeMap<String, String> = ns_labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    ns.insert("kubernetes.io/metadata.name".into(), namespace.into());
+    let pod: BTreeMap<String, String> = pod_labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let admits = |peer: &Value| {
+        let namespace_ok = match yaml::lookup(peer, "namespaceSelector") {
+            Some(selector) => selects(selector, &ns),
+            None => namespace == POD_NAMESPACE,
+        };
+        let pod_ok = yaml::lookup(peer, "podSelector").is_none_or(|s| selects(s, &pod));
+        namespace_ok && pod_ok
+    };
+    yaml::list(spec, "ingress")
+        .iter()
+        .filter(|rule| yaml::list_or_empty(rule, "from").iter().any(admits))
+        .flat_map(|rule| rule_ports(workload, rule))
+        .map(|(port, _)| port)
+        .collect()
+}
+
 /// The NetworkPolicy admits the gRPC port only from Envoy (Istio gateways and
-/// sidecars, pods labelled `keymeter.io/client`), the admin port only from the
+/// sidecars, pods labelled `keymeter.io/client: envoy`), the Report API's port only
+/// from pods labelled `keymeter.io/client: report`, the admin port only from the
 /// `monitoring` namespace, and lets keymeter reach only DNS, the broker that the
 /// ConfigMap names (its namespace and port) and istiod. Every field exists in
 /// `networking.k8s.io/v1`, and it selects the keymeter pods of both workloads.
 #[test]
 fn network_policy_admits_envoy_and_monitoring_and_reaches_only_dns_and_the_broker() {
     let docs = docs();
-    let policies: Vec<&Manifest> = docs
-        .iter()
-        .filter(|d| d.kind() == "NetworkPolicy")
-        .collect();
-    assert_eq!(policies.len(), 1, "one NetworkPolicy in {DIR}");
-    let policy = &policies[0].value;
+    let policy_doc = network_policy(&docs);
+    let policy = &policy_doc.value;
     assert_eq!(yaml::text(policy, "apiVersion"), "networking.k8s.io/v1");
     assert!(
-        kustomization_resources(&docs).contains(&policies[0].file),
+        kustomization_resources(&docs).contains(&policy_doc.file),
         "kustomization.yaml applies the NetworkPolicy"
     );
     let spec = yaml::node(policy, "spec");
@@ -1202,6 +1273,10 @@ fn network_policy_admits_envoy_and_monitoring_and_reaches_only_dns_and_the_broke
     let config = workload_config(&docs, &workload, POD_NAME, POD_NAMESPACE);
     let grpc = (u64::from(config.listen.grpc.port()), "TCP".to_string());
     let admin = (u64::from(config.listen.admin.port()), "TCP".to_string());
+    let report = (
+        u64::from(config.listen.report.expect("listen.report").port()),
+        "TCP".to_string(),
+    );
     let mut ingress: BTreeMap<(u64, String), Vec<(String, String)>> = BTreeMap::new();
     for rule in yaml::list(spec, "ingress") {
         assert_fields(rule, "ingress rule");
@@ -1217,19 +1292,23 @@ fn network_policy_admits_envoy_and_monitoring_and_reaches_only_dns_and_the_broke
                 .extend(from.iter().map(peer));
         }
     }
+    let mut open: Vec<(u64, String)> = vec![grpc.clone(), admin.clone(), report.clone()];
+    open.sort();
     assert_eq!(
         ingress.keys().cloned().collect::<Vec<_>>(),
-        [grpc.clone(), admin.clone()],
-        "only keymeter's gRPC and admin ports are open"
+        open,
+        "only keymeter's gRPC, admin and Report API ports are open"
     );
     let envoy_label = "keymeter.io/client";
     let grpc_peers = &ingress[&grpc];
-    for (namespace, pods) in grpc_peers {
-        assert_ne!(
-            (namespace.as_str(), pods.is_empty()),
-            ("<any>", true),
-            "gRPC open to every pod"
-        );
+    for (port, peers) in [(&grpc, grpc_peers), (&report, &ingress[&report])] {
+        for (namespace, pods) in peers {
+            assert_ne!(
+                (namespace.as_str(), pods.is_empty()),
+                ("<any>", true),
+                "port {port:?} open to every pod"
+            );
+        }
     }
     assert!(
         grpc_peers.iter().any(|(ns, _)| ns == "istio-system"),
@@ -1244,8 +1323,17 @@ fn network_policy_admits_envoy_and_monitoring_and_reaches_only_dns_and_the_broke
     assert!(
         grpc_peers
             .iter()
-            .any(|(ns, pods)| ns == "<any>" && *pods == format!("{envoy_label} In (envoy,report)")),
+            .any(|(ns, pods)| ns == "<any>" && *pods == format!("{envoy_label}=envoy")),
         "pods labelled {envoy_label}: envoy, in any namespace: {grpc_peers:?}"
+    );
+    assert!(
+        !grpc_peers.iter().any(|(_, pods)| pods.contains("report")),
+        "Report API jobs are not admitted to the gRPC port: {grpc_peers:?}"
+    );
+    assert_eq!(
+        ingress[&report],
+        [("<any>".to_string(), format!("{envoy_label}=report"))],
+        "the Report API's port only from pods labelled {envoy_label}: report"
     );
     assert_eq!(
         ingress[&admin],
@@ -1293,5 +1381,127 @@ fn network_policy_admits_envoy_and_monitoring_and_reaches_only_dns_and_the_broke
     assert_eq!(
         egress, expected,
         "egress: DNS, the broker, istiod, nothing else"
+    );
+}
+
+/// What the NetworkPolicy admits, evaluated for example callers as the API server
+/// would match them: a job labelled `keymeter.io/client: report` reaches the Report
+/// API's port and not the gRPC one (where it could stream access-log entries, which
+/// are billing records, or call the Check); Envoy (a standalone one, an Istio gateway,
+/// a sidecar) reaches the gRPC port and not the Report API's; a sidecar-injected
+/// namespace is not admitted to the Report API wholesale. The ports are the
+/// ConfigMap's `listen.*`, which equal the container ports (checked above).
+#[test]
+fn network_policy_admits_report_jobs_to_the_report_port_alone_and_envoy_to_grpc() {
+    let docs = docs();
+    let spec = yaml::node(&network_policy(&docs).value, "spec");
+    let workload = default_workload(&docs);
+    let config = workload_config(&docs, &workload, POD_NAME, POD_NAMESPACE);
+    let grpc = u64::from(config.listen.grpc.port());
+    let admin = u64::from(config.listen.admin.port());
+    let report = u64::from(config.listen.report.expect("listen.report").port());
+    let label = "keymeter.io/client";
+    let injected = [("istio-injection", "enabled")];
+    let revision = [("istio.io/rev", "1-24")];
+    // (who, namespace, namespace labels, pod labels, the ports it reaches)
+    let cases: [(&str, &str, Labels, Labels, &[u64]); 10] = [
+        (
+            "a Report API job",
+            "billing-jobs",
+            &[],
+            &[(label, "report")],
+            &[report],
+        ),
+        (
+            "a Report API job in keymeter's namespace",
+            POD_NAMESPACE,
+            &[],
+            &[(label, "report")],
+            &[report],
+        ),
+        (
+            "a standalone Envoy",
+            "edge",
+            &[],
+            &[(label, "envoy")],
+            &[grpc],
+        ),
+        (
+            "the Istio ingress gateway",
+            "istio-system",
+            &[],
+            &[("istio", "ingressgateway")],
+            &[grpc],
+        ),
+        (
+            "a sidecar in an injected namespace",
+            "paid-api",
+            &injected,
+            &[("app", "paid-api")],
+            &[grpc],
+        ),
+        (
+            "a sidecar in a revision-labelled namespace",
+            "paid-api",
+            &revision,
+            &[("app", "paid-api")],
+            &[grpc],
+        ),
+        (
+            "Prometheus",
+            "monitoring",
+            &[],
+            &[("app.kubernetes.io/name", "prometheus")],
+            &[admin],
+        ),
+        (
+            "an unlabelled pod",
+            "default",
+            &[],
+            &[("app", "anything")],
+            &[],
+        ),
+        (
+            "an unlabelled pod in keymeter's namespace",
+            POD_NAMESPACE,
+            &[],
+            &[("app", "anything")],
+            &[],
+        ),
+        (
+            "a pod with another value of the label",
+            "default",
+            &[],
+            &[(label, "admin")],
+            &[],
+        ),
+    ];
+    for (who, namespace, ns_labels, pod_labels, expected) in cases {
+        let got = admitted_ports(spec, &workload, namespace, ns_labels, pod_labels);
+        assert_eq!(
+            got,
+            expected.iter().copied().collect::<BTreeSet<u64>>(),
+            "{who} ({namespace}, {pod_labels:?}) reaches ports {got:?}"
+        );
+    }
+    // A job does not reach the gRPC port whatever else its pod is labelled with
+    // (outside sidecar-injected namespaces, which are admitted to it for their
+    // sidecars; there Istio's AuthorizationPolicy decides by identity, as the README
+    // says).
+    let job = admitted_ports(
+        spec,
+        &workload,
+        "billing-jobs",
+        &[],
+        &[(label, "report"), ("app", "nightly")],
+    );
+    assert!(
+        !job.contains(&grpc),
+        "a job must not reach the gRPC port: {job:?}"
+    );
+    let readme = yaml::repo_text(&format!("{DIR}/README.md"));
+    assert!(
+        readme.contains(&format!("`{label}: report`")) && readme.contains("`report` (9193"),
+        "{DIR}/README.md documents the jobs' label and port"
     );
 }
