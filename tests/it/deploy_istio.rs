@@ -13,6 +13,8 @@ const EXT_AUTHZ_PROVIDER: &str = "keymeter-ext-authz";
 const ALS_PROVIDER: &str = "keymeter-als";
 /// keymeter's gRPC port (`listen.grpc` default): Check and AccessLogService.
 const KEYMETER_GRPC_PORT: u64 = 9191;
+/// The Report API's own port in deploy/kubernetes (`listen.report`).
+const KEYMETER_REPORT_PORT: u64 = 9193;
 /// The backend header contract (README, `usage.headers.*` defaults).
 const USAGE_HEADERS: [&str; 5] = [
     "x-billing-module",
@@ -629,9 +631,9 @@ fn path_matches(pattern: &str, path: &str) -> bool {
 }
 
 /// keymeter's own AuthorizationPolicy (action ALLOW) lets only the paid API's
-/// sidecars (and the gateway) call the Check and the access-log stream, only the
-/// billing jobs call the Report API, and nobody else anything on the gRPC port; the
-/// admin port serves GETs of its routes. It selects keymeter's pods as labelled in
+/// sidecars (and the gateway) call the Check and the access-log stream on the gRPC
+/// port, only the billing jobs call the Report API on its own port (`listen.report`),
+/// and nobody else anything on either; the admin port serves GETs of its routes. It selects keymeter's pods as labelled in
 /// deploy/kubernetes, in the namespace of the providers' host, on keymeter's ports,
 /// with the gRPC paths of the services keymeter implements.
 #[test]
@@ -675,8 +677,9 @@ fn keymeter_lets_in_only_the_paid_apis_sidecars_and_report_jobs() {
             .map(|(_, p)| *p)
             .unwrap()
     };
-    let (grpc, admin) = (port("grpc"), port("admin"));
+    let (grpc, admin, report_port) = (port("grpc"), port("admin"), port("report"));
     assert_eq!(grpc, KEYMETER_GRPC_PORT);
+    assert_eq!(report_port, KEYMETER_REPORT_PORT);
     assert_eq!(yaml::node(&grpc_provider, "port").as_u64(), Some(grpc));
 
     // What: each rule, flattened.
@@ -723,10 +726,10 @@ fn keymeter_lets_in_only_the_paid_apis_sidecars_and_report_jobs() {
     let custom = &policy_with_action(&docs, "CUSTOM").value;
     let paid_api_namespace = yaml::text(custom, "metadata.namespace");
     for rule in &rules {
-        if rule.ports.contains(&grpc) {
+        if rule.ports.contains(&grpc) || rule.ports.contains(&report_port) {
             assert!(
                 !rule.principals.is_empty(),
-                "the gRPC port only for named identities: {rule:?}"
+                "the gRPC ports only for named identities: {rule:?}"
             );
             assert_eq!(rule.methods, ["POST".to_string()].into(), "gRPC is POST");
             assert!(!rule.paths.is_empty(), "gRPC rules name their methods");
@@ -734,8 +737,13 @@ fn keymeter_lets_in_only_the_paid_apis_sidecars_and_report_jobs() {
                 !(takes(rule, &report) && (takes(rule, &check) || takes(rule, &access_log))),
                 "one rule for Envoy, another for the Report API: {rule:?}"
             );
+            assert_eq!(rule.ports.len(), 1, "one gRPC port per rule: {rule:?}");
         } else {
-            assert_eq!(rule.ports, [admin].into(), "only the gRPC and admin ports");
+            assert_eq!(
+                rule.ports,
+                [admin].into(),
+                "only the gRPC, Report API and admin ports"
+            );
             assert_eq!(rule.methods, ["GET".to_string()].into());
         }
     }
@@ -746,6 +754,11 @@ fn keymeter_lets_in_only_the_paid_apis_sidecars_and_report_jobs() {
         "the same callers stream the access log"
     );
     assert_eq!(envoy[0].paths, [check.clone(), access_log.clone()].into());
+    assert_eq!(
+        envoy[0].ports,
+        [grpc].into(),
+        "Envoy's services on the gRPC port (listen.grpc)"
+    );
     assert!(
         envoy[0]
             .principals
@@ -760,6 +773,11 @@ fn keymeter_lets_in_only_the_paid_apis_sidecars_and_report_jobs() {
         jobs[0].paths,
         [format!("/{}/*", usage_server::SERVICE_NAME)].into(),
         "the Report API's service and nothing else"
+    );
+    assert_eq!(
+        jobs[0].ports,
+        [report_port].into(),
+        "the Report API on its own port (listen.report), where nothing of Envoy's is served"
     );
     assert!(
         jobs[0].principals.is_disjoint(&envoy[0].principals),
