@@ -12,6 +12,11 @@ Then (KEYMETER_ADDR defaults to 127.0.0.1:9191, what `keymeter dev` listens on):
     PYTHONPATH=gen API_KEY=sk-test-0001 python3 examples/report_client.py \
         batch embeddings 1200 job-42
 
+KEYMETER_ADDR is keymeter's Report API address: listen.grpc unless listen.report is
+set, then only listen.report. In deploy/kubernetes that is
+keymeter.billing.svc.cluster.local:9193 (the Service port `report`), and the job's pod
+must be labelled keymeter.io/client: report for the NetworkPolicy to let it in.
+
 Prints the record id. The same idempotency key (here job-42) in a retry returns the
 same record id and records nothing new. With mTLS on keymeter's gRPC port, use
 grpc.secure_channel with grpc.ssl_channel_credentials(root, key, chain) instead.

@@ -6,6 +6,12 @@
 //!   cargo run --example report_client -- batch embeddings 1200 job-42
 //! ```
 //!
+//! `KEYMETER_ADDR` (default `127.0.0.1:9191`, what `keymeter dev` listens on) is
+//! keymeter's Report API address: `listen.grpc` unless `listen.report` is set, then only
+//! `listen.report`. In `deploy/kubernetes` that is
+//! `keymeter.billing.svc.cluster.local:9193` (the Service port `report`), and the job's
+//! pod must be labelled `keymeter.io/client: report` for the NetworkPolicy to let it in.
+//!
 //! Prints the record id. A retry with the same idempotency key (`job-42`) returns the
 //! same id and records nothing new. In your own crate, generate the client from
 //! `proto/keymeter/v1/usage.proto` with `tonic-build` (or call the service through
