@@ -144,7 +144,7 @@ impl ListenConfig {
             }
         }
         if let Some(report) = self.report
-            && (report == self.grpc || report == self.admin)
+            && (overlap(report, self.grpc) || overlap(report, self.admin))
         {
             return Err(ConfigError::invalid(
                 "listen.report",
@@ -183,4 +183,12 @@ impl ListenConfig {
             100..=600_000,
         )
     }
+}
+
+/// Whether binding both addresses would take the same socket: the same port on the
+/// same address, or on any address when one of them is the wildcard.
+fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }

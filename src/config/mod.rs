@@ -398,6 +398,7 @@ mod tests {
         assert_eq!(parse(MINIMAL).unwrap().listen.report, None);
         for bad in [
             "report = \"127.0.0.1:9191\"",
+            "report = \"0.0.0.0:9191\"\nallow_plaintext = true",
             "report = \"0.0.0.0:9192\"\nallow_plaintext = true",
             "report = \"0.0.0.0:9193\"",
         ] {
