@@ -89,6 +89,13 @@ pub fn open_read(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
+/// Reads a whole file like `std::fs::read`, failing on a symlink.
+pub fn read(path: &Path) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    io::Read::read_to_end(&mut open_read(path)?, &mut bytes)?;
+    Ok(bytes)
+}
+
 /// Opens an existing file for writing (e.g. to truncate it), failing on a symlink.
 pub fn open_write(path: &Path) -> io::Result<File> {
     OpenOptions::new()

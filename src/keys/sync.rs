@@ -192,11 +192,7 @@ fn record_skipped(metrics: &Metrics, skipped: &[Skipped], total: usize) {
 pub fn load_snapshot(store: &KeyStore, metrics: &Metrics, path: &Path) {
     // keymeter writes the snapshot itself, never as a symlink: one planted at its name
     // (to feed in another list) is refused, as the write side refuses to follow one.
-    let read = crate::files::open_read(path).and_then(|mut f| {
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut f, &mut bytes).map(|_| bytes)
-    });
-    let bytes = match read {
+    let bytes = match crate::files::read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             tracing::info!(path = %path.display(), "no key snapshot yet");

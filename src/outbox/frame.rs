@@ -258,13 +258,11 @@ pub(super) struct Acked {
 /// (replay everything on disk), which can only re-publish, never lose.
 pub(super) fn read_acked(dir: &Path) -> io::Result<Acked> {
     let path = dir.join(WATERMARK_FILE);
-    let mut file = match crate::files::open_read(&path) {
-        Ok(file) => file,
+    let text = match crate::files::read(&path) {
+        Ok(text) => text,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Acked::default()),
         Err(e) => return Err(e),
     };
-    let mut text = Vec::new();
-    file.read_to_end(&mut text)?;
     match parse_acked(&text) {
         Some(acked) => Ok(acked),
         None => {
