@@ -23,6 +23,7 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 use prometheus_client::metrics::counter::Counter;
 
 use crate::log_limit::LogLimiter;
+use crate::metrics::Metrics;
 use crate::metrics::label::Listener;
 
 /// A new gRPC connection that has not sent [`HANDSHAKE_MIN_BYTES`] by then is closed:
@@ -97,11 +98,12 @@ pub struct Acceptor {
 }
 
 impl Acceptor {
-    pub fn new(listener: TcpListener, name: Listener, refused: Counter) -> Self {
+    /// The acceptor of listener `name`, counting its refusals in `metrics`.
+    pub fn new(listener: TcpListener, name: Listener, metrics: &Metrics) -> Self {
         Acceptor {
             listener,
             name,
-            refused,
+            refused: metrics.connections_refused(name),
             backoff: None,
             error_log: LogLimiter::new(LOG_INTERVAL),
             refused_log: LogLimiter::new(LOG_INTERVAL),
@@ -174,26 +176,17 @@ pub struct GrpcIncoming {
 }
 
 impl GrpcIncoming {
-    /// `refused` counts the connections turned away over the cap.
+    /// The connections of listener `name`; those turned away over the cap are counted
+    /// in `metrics`.
     pub fn new(
-        listener: TcpListener,
-        cap: ConnectionCap,
-        handshake_timeout: Duration,
-        refused: Counter,
-    ) -> Self {
-        GrpcIncoming::named(listener, Listener::Grpc, cap, handshake_timeout, refused)
-    }
-
-    /// Like [`GrpcIncoming::new`], for the listener `name`.
-    pub fn named(
         listener: TcpListener,
         name: Listener,
         cap: ConnectionCap,
         handshake_timeout: Duration,
-        refused: Counter,
+        metrics: &Metrics,
     ) -> Self {
         GrpcIncoming {
-            acceptor: Acceptor::new(listener, name, refused),
+            acceptor: Acceptor::new(listener, name, metrics),
             cap,
             handshake_timeout,
         }
@@ -374,8 +367,13 @@ mod tests {
         const TIMEOUT: Duration = Duration::from_millis(200);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut incoming =
-            GrpcIncoming::new(listener, ConnectionCap::new(8), TIMEOUT, Counter::default());
+        let mut incoming = GrpcIncoming::new(
+            listener,
+            Listener::Grpc,
+            ConnectionCap::new(8),
+            TIMEOUT,
+            &Metrics::new(),
+        );
         let _silent = TcpStream::connect(addr).await.unwrap();
         let mut talker = TcpStream::connect(addr).await.unwrap();
         let mut silent = incoming.next().await.unwrap().unwrap();
@@ -404,9 +402,10 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let mut incoming = GrpcIncoming::new(
             listener,
+            Listener::Grpc,
             ConnectionCap::new(1),
             GRPC_HANDSHAKE_TIMEOUT,
-            Counter::default(),
+            &Metrics::new(),
         );
         let _first = TcpStream::connect(addr).await.unwrap();
         let admitted = incoming.next().await.unwrap().unwrap();

@@ -263,9 +263,10 @@ pub async fn run(
     );
     let incoming = listen::GrpcIncoming::new(
         listeners.grpc,
+        Listener::Grpc,
         listen::ConnectionCap::new(l.grpc_max_connections),
         listen::GRPC_HANDSHAKE_TIMEOUT,
-        metrics.connections_refused(Listener::Grpc),
+        &metrics,
     );
     // Local enforcement: the key list pushed into Envoy's api_key_auth filter (ECDS).
     let xds_server = config.xds.enabled.then(|| {
@@ -326,12 +327,12 @@ pub async fn run(
         Some(listener) => {
             let addr = listener.local_addr().ok();
             tracing::info!(report = ?addr, "the Report API has its own listener (listen.report)");
-            let incoming = listen::GrpcIncoming::named(
+            let incoming = listen::GrpcIncoming::new(
                 listener,
                 Listener::Report,
                 listen::ConnectionCap::new(l.grpc_max_connections),
                 listen::GRPC_HANDSHAKE_TIMEOUT,
-                metrics.connections_refused(Listener::Report),
+                &metrics,
             );
             let server = builder
                 .add_service(health_service.clone())

@@ -127,14 +127,13 @@ pub async fn serve(
     limits: AdminLimits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let refused = state.metrics.connections_refused(Listener::Admin);
+    let mut acceptor = Acceptor::new(listener, Listener::Admin, &state.metrics);
     let router = router(state);
     let slots = Slots::new(limits.max_connections);
     let connections = TaskTracker::new();
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
-    let mut acceptor = Acceptor::new(listener, Listener::Admin, refused);
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => break,
