@@ -221,11 +221,20 @@ pub async fn run(
 
     let grpc_addr = listeners.grpc.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
+    let report_addr = listeners
+        .report
+        .as_ref()
+        .map(|r| r.local_addr())
+        .transpose()?;
     let l = &config.listen;
-    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, service = AUTHZ_SERVICE,
-        grpc_max_connections = l.grpc_max_connections,
+    tracing::info!(grpc = %grpc_addr, admin = %admin_addr, report = ?report_addr,
+        service = AUTHZ_SERVICE, grpc_max_connections = l.grpc_max_connections,
         admin_max_connections = l.admin_max_connections, "keymeter listening");
-    listen::fit_open_file_limit((l.grpc_max_connections + l.admin_max_connections) as u64);
+    // The Report API's own listener has a cap of grpc_max_connections too.
+    let grpc_listeners = 1 + usize::from(report_addr.is_some());
+    listen::fit_open_file_limit(
+        (grpc_listeners * l.grpc_max_connections + l.admin_max_connections) as u64,
+    );
 
     let admin_task = tracker.spawn(admin::serve(
         listeners.admin,
@@ -310,8 +319,12 @@ pub async fn run(
         let mutual = tls.client_ca_file.is_some();
         tracing::info!(mutual, envoy = ?tls.allow.envoy, report = ?tls.allow.report, "gRPC listener uses TLS");
         allow = tls.allow.clone();
-    } else if !grpc_addr.ip().is_loopback() {
-        tracing::warn!(grpc = %grpc_addr, "gRPC listener is plaintext on a non-loopback address (listen.allow_plaintext): whoever reaches it can bill any key; keep it behind a NetworkPolicy or use mTLS");
+    } else {
+        for addr in std::iter::once(grpc_addr).chain(report_addr) {
+            if !addr.ip().is_loopback() {
+                tracing::warn!(listener = %addr, "gRPC listener is plaintext on a non-loopback address (listen.allow_plaintext): whoever reaches it can bill any key; keep it behind a NetworkPolicy or use mTLS");
+            }
+        }
     }
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
@@ -325,8 +338,7 @@ pub async fn run(
     let (report_here, report_apart) = match listeners.report {
         None => (Some(report), None),
         Some(listener) => {
-            let addr = listener.local_addr().ok();
-            tracing::info!(report = ?addr, "the Report API has its own listener (listen.report)");
+            tracing::info!(report = ?report_addr, "the Report API has its own listener (listen.report)");
             let incoming = listen::GrpcIncoming::new(
                 listener,
                 Listener::Report,
